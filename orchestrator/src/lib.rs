@@ -1,0 +1,1 @@
+//! The saga orchestrator (built in the next steps of the roadmap).

@@ -1,0 +1,478 @@
+//! The inventory participant: products, stock, and per-saga reservations.
+//!
+//! `InventoryStore` holds the SQL; `InventoryGrpc` parses requests into
+//! domain types, calls the store and maps the results to protobuf.
+//!
+//! Reserve writes the saga's reservation row *first*: a second Reserve for
+//! the same saga waits on that row's unique key and then replays the first
+//! result, instead of racing for stock. Product rows are then locked in
+//! product-id order, so multi-item reservations never deadlock each other.
+
+use proto::inventory::v1 as pb;
+use sqlx::{PgPool, Row};
+use tonic::{Request, Response, Status};
+
+use crate::domain::{Cents, Id, Items, MAX_NAME_BYTES, MAX_PRICE_OR_STOCK, bounded_text, new_id};
+use crate::error::Error;
+use crate::record::{Locked, RecordTable, lock_or_tombstone};
+
+/// A product row.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Product {
+    /// The product.
+    pub product_id: String,
+    /// Display name.
+    pub name: String,
+    /// Price of one unit in cents.
+    pub price_cents: i64,
+    /// Units available for new reservations.
+    pub stock: i64,
+    /// Units held by active reservations.
+    pub reserved: i64,
+}
+
+/// A successful reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reserved {
+    /// Its identifier.
+    pub reservation_id: String,
+    /// Its price in cents.
+    pub total_amount_cents: i64,
+}
+
+/// What a Release did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    /// This call put the units back.
+    Released,
+    /// They had been put back before.
+    AlreadyReleased,
+    /// There was no reservation; a tombstone was written.
+    Tombstoned,
+}
+
+/// A saga's reservation record, as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReservationRecord {
+    /// None for a tombstone.
+    pub reservation_id: Option<String>,
+    /// `ACTIVE`, `RELEASED` or `TOMBSTONE`.
+    pub state: String,
+    /// Product ids and quantities, sorted by product id.
+    pub items: (Vec<String>, Vec<i64>),
+    /// Price at reservation time.
+    pub total_amount_cents: i64,
+}
+
+impl ReservationRecord {
+    /// The answer a Reserve replay gets from this record.
+    fn replay(self, saga_id: &Id, items: &Items) -> Result<Reserved, Error> {
+        match self.state.as_str() {
+            "ACTIVE" if self.items == items.sorted_columns() => Ok(Reserved {
+                reservation_id: self.reservation_id.unwrap_or_default(),
+                total_amount_cents: self.total_amount_cents,
+            }),
+            "ACTIVE" => Err(Error::invalid(format!(
+                "saga {saga_id} already holds a reservation for other items; a saga_id reserves once"
+            ))),
+            "RELEASED" => Err(Error::FailedPrecondition(format!(
+                "saga {saga_id} was compensated: its reservation was released and cannot be made again"
+            ))),
+            _ => Err(Error::FailedPrecondition(format!(
+                "saga {saga_id} was compensated before its Reserve arrived (tombstone); nothing reserved"
+            ))),
+        }
+    }
+}
+
+/// Inventory persistence on PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct InventoryStore {
+    pool: PgPool,
+}
+
+impl InventoryStore {
+    /// A store on an already migrated pool.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Creates the product or replaces its name, price and available stock.
+    pub async fn upsert_product(
+        &self,
+        product_id: &Id,
+        name: &str,
+        price: Cents,
+        stock: Cents,
+    ) -> Result<Product, Error> {
+        Ok(sqlx::query_as(
+            "INSERT INTO products (product_id, name, price_cents, stock) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (product_id) DO UPDATE
+                SET name = EXCLUDED.name, price_cents = EXCLUDED.price_cents,
+                    stock = EXCLUDED.stock, updated_at = now()
+             RETURNING product_id, name, price_cents, stock, reserved",
+        )
+        .bind(product_id.as_str())
+        .bind(name)
+        .bind(price.get())
+        .bind(stock.get())
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Reads one product.
+    pub async fn product(&self, product_id: &Id) -> Result<Product, Error> {
+        sqlx::query_as(
+            "SELECT product_id, name, price_cents, stock, reserved FROM products WHERE product_id = $1",
+        )
+        .bind(product_id.as_str())
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("unknown product {product_id}")))
+    }
+
+    /// Up to `limit` products with ids after `after`, in id order.
+    pub async fn products(&self, after: &str, limit: i64) -> Result<Vec<Product>, Error> {
+        Ok(sqlx::query_as(
+            "SELECT product_id, name, price_cents, stock, reserved FROM products
+             WHERE product_id > $1 ORDER BY product_id LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Reads a saga's reservation record, if any.
+    pub async fn reservation(&self, saga_id: &Id) -> Result<Option<ReservationRecord>, Error> {
+        let Some(row) = sqlx::query(
+            "SELECT reservation_id, state, total_amount_cents FROM reservations WHERE saga_id = $1",
+        )
+        .bind(saga_id.as_str())
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let items: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT product_id, quantity FROM reservation_items WHERE saga_id = $1 ORDER BY product_id",
+        )
+        .bind(saga_id.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Some(ReservationRecord {
+            reservation_id: row.try_get("reservation_id")?,
+            state: row.try_get("state")?,
+            items: items.into_iter().unzip(),
+            total_amount_cents: row.try_get("total_amount_cents")?,
+        }))
+    }
+
+    /// Takes `items` out of available stock for the saga, all or nothing.
+    #[tracing::instrument(skip_all, fields(saga_id = %saga_id))]
+    pub async fn reserve(&self, saga_id: &Id, items: &Items) -> Result<Reserved, Error> {
+        // Fast path for replays and tombstones: no lock taken.
+        if let Some(record) = self.reservation(saga_id).await? {
+            return record.replay(saga_id, items);
+        }
+        let (product_ids, quantities) = items.sorted_columns();
+        let reservation_id = new_id("rsv");
+        let mut tx = self.pool.begin().await?;
+        let claimed = sqlx::query(
+            "INSERT INTO reservations (saga_id, reservation_id, state) VALUES ($1, $2, 'ACTIVE')
+             ON CONFLICT (saga_id) DO NOTHING",
+        )
+        .bind(saga_id.as_str())
+        .bind(&reservation_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if claimed == 0 {
+            // A concurrent call for this saga committed first: answer as a replay.
+            tx.rollback().await?;
+            let record = self.reservation(saga_id).await?.ok_or_else(|| {
+                Error::Database(sqlx::Error::Protocol("reservation vanished".into()))
+            })?;
+            return record.replay(saga_id, items);
+        }
+
+        let products: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT product_id, stock, price_cents FROM products
+             WHERE product_id = ANY($1) ORDER BY product_id FOR UPDATE",
+        )
+        .bind(&product_ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let total = price(&product_ids, &quantities, &products)?;
+
+        sqlx::query(
+            "UPDATE products p SET stock = p.stock - r.quantity, reserved = p.reserved + r.quantity,
+                    updated_at = now()
+             FROM unnest($1::text[], $2::bigint[]) AS r(product_id, quantity)
+             WHERE p.product_id = r.product_id",
+        )
+        .bind(&product_ids)
+        .bind(&quantities)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "WITH items AS (
+                 INSERT INTO reservation_items (saga_id, product_id, quantity, price_cents)
+                 SELECT $1, r.product_id, r.quantity, p.price_cents
+                 FROM unnest($2::text[], $3::bigint[]) AS r(product_id, quantity)
+                 JOIN products p USING (product_id)
+             )
+             UPDATE reservations SET total_amount_cents = $4 WHERE saga_id = $1",
+        )
+        .bind(saga_id.as_str())
+        .bind(&product_ids)
+        .bind(&quantities)
+        .bind(total)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        tracing::info!(%reservation_id, total_amount_cents = total, "reserved");
+        Ok(Reserved {
+            reservation_id,
+            total_amount_cents: total,
+        })
+    }
+
+    /// Puts the saga's reserved units back, or writes a tombstone.
+    #[tracing::instrument(skip_all, fields(saga_id = %saga_id))]
+    pub async fn release(&self, saga_id: &Id) -> Result<ReleaseOutcome, Error> {
+        let mut tx = self.pool.begin().await?;
+        let outcome = match lock_or_tombstone(&mut tx, RecordTable::Reservations, saga_id).await? {
+            Locked::Tombstoned => ReleaseOutcome::Tombstoned,
+            Locked::Existing(state) if state == "ACTIVE" => {
+                sqlx::query(
+                    "SELECT 1 FROM products WHERE product_id IN
+                         (SELECT product_id FROM reservation_items WHERE saga_id = $1)
+                     ORDER BY product_id FOR UPDATE",
+                )
+                .bind(saga_id.as_str())
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "UPDATE products p SET stock = p.stock + ri.quantity,
+                            reserved = p.reserved - ri.quantity, updated_at = now()
+                     FROM reservation_items ri
+                     WHERE ri.saga_id = $1 AND p.product_id = ri.product_id",
+                )
+                .bind(saga_id.as_str())
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "UPDATE reservations SET state = 'RELEASED', released_at = now() WHERE saga_id = $1",
+                )
+                .bind(saga_id.as_str())
+                .execute(&mut *tx)
+                .await?;
+                ReleaseOutcome::Released
+            }
+            Locked::Existing(state) if state == "RELEASED" => ReleaseOutcome::AlreadyReleased,
+            Locked::Existing(_) => ReleaseOutcome::Tombstoned,
+        };
+        tx.commit().await?;
+        tracing::info!(?outcome, "release");
+        Ok(outcome)
+    }
+}
+
+/// Checks every requested product against the locked rows and prices the
+/// reservation. All shortfalls are reported at once.
+fn price(
+    product_ids: &[String],
+    quantities: &[i64],
+    locked: &[(String, i64, i64)],
+) -> Result<i64, Error> {
+    let mut total: i64 = 0;
+    let mut short = Vec::new();
+    for (product_id, &quantity) in product_ids.iter().zip(quantities) {
+        let Some((_, stock, price_cents)) = locked.iter().find(|(id, _, _)| id == product_id)
+        else {
+            return Err(Error::NotFound(format!("unknown product {product_id}")));
+        };
+        if *stock < quantity {
+            short.push(format!(
+                "product {product_id}: {quantity} requested, {stock} available (short by {})",
+                quantity - stock
+            ));
+        }
+        total = quantity
+            .checked_mul(*price_cents)
+            .and_then(|line| total.checked_add(line))
+            .ok_or_else(|| Error::invalid("order total overflows 64-bit cents"))?;
+    }
+    if short.is_empty() {
+        Ok(total)
+    } else {
+        Err(Error::FailedPrecondition(format!(
+            "out of stock: {}",
+            short.join("; ")
+        )))
+    }
+}
+
+/// The gRPC face of [`InventoryStore`].
+#[derive(Debug, Clone)]
+pub struct InventoryGrpc {
+    store: InventoryStore,
+}
+
+impl InventoryGrpc {
+    /// Serves `store`.
+    pub fn new(store: InventoryStore) -> Self {
+        Self { store }
+    }
+}
+
+const DEFAULT_PAGE_SIZE: i32 = 100;
+const MAX_PAGE_SIZE: i32 = 1000;
+
+fn product_pb(p: Product) -> pb::Product {
+    pb::Product {
+        product_id: p.product_id,
+        name: p.name,
+        price_cents: p.price_cents,
+        stock: p.stock,
+        reserved: p.reserved,
+    }
+}
+
+fn parse_items(items: Vec<pb::Item>) -> Result<Items, Error> {
+    Items::parse(items.into_iter().map(|i| (i.product_id, i.quantity)))
+}
+
+#[tonic::async_trait]
+impl pb::inventory_service_server::InventoryService for InventoryGrpc {
+    async fn reserve(
+        &self,
+        request: Request<pb::ReserveRequest>,
+    ) -> Result<Response<pb::ReserveResponse>, Status> {
+        let request = request.into_inner();
+        let saga_id = Id::parse("saga_id", request.saga_id)?;
+        let items = parse_items(request.items)?;
+        let reserved = self.store.reserve(&saga_id, &items).await?;
+        Ok(Response::new(pb::ReserveResponse {
+            reservation_id: reserved.reservation_id,
+            total_amount_cents: reserved.total_amount_cents,
+        }))
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let saga_id = Id::parse("saga_id", request.into_inner().saga_id)?;
+        let outcome = match self.store.release(&saga_id).await? {
+            ReleaseOutcome::Released => pb::ReleaseOutcome::Released,
+            ReleaseOutcome::AlreadyReleased => pb::ReleaseOutcome::AlreadyReleased,
+            ReleaseOutcome::Tombstoned => pb::ReleaseOutcome::Tombstoned,
+        };
+        Ok(Response::new(pb::ReleaseResponse {
+            saga_id: saga_id.into_inner(),
+            outcome: outcome.into(),
+        }))
+    }
+
+    async fn get_stock(
+        &self,
+        request: Request<pb::GetStockRequest>,
+    ) -> Result<Response<pb::GetStockResponse>, Status> {
+        let product_id = Id::parse("product_id", request.into_inner().product_id)?;
+        let p = self.store.product(&product_id).await?;
+        Ok(Response::new(pb::GetStockResponse {
+            product_id: p.product_id,
+            stock: p.stock,
+            reserved: p.reserved,
+            price_cents: p.price_cents,
+            name: p.name,
+        }))
+    }
+
+    async fn list_products(
+        &self,
+        request: Request<pb::ListProductsRequest>,
+    ) -> Result<Response<pb::ListProductsResponse>, Status> {
+        let request = request.into_inner();
+        let page_size = match request.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n @ 1..=MAX_PAGE_SIZE => n,
+            n => {
+                return Err(Error::invalid(format!(
+                    "page_size is {n}; it must be between 1 and {MAX_PAGE_SIZE} (0 for {DEFAULT_PAGE_SIZE})"
+                ))
+                .into());
+            }
+        };
+        // The token is the last product id of the previous page.
+        let mut products = self
+            .store
+            .products(&request.page_token, i64::from(page_size) + 1)
+            .await?;
+        let next_page_token = if products.len() > page_size as usize {
+            products.truncate(page_size as usize);
+            products
+                .last()
+                .map(|p| p.product_id.clone())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListProductsResponse {
+            products: products.into_iter().map(product_pb).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn upsert_product(
+        &self,
+        request: Request<pb::UpsertProductRequest>,
+    ) -> Result<Response<pb::UpsertProductResponse>, Status> {
+        let request = request.into_inner();
+        let product_id = Id::parse("product_id", request.product_id)?;
+        let name = bounded_text("name", request.name, MAX_NAME_BYTES)?;
+        let price = Cents::parse("price_cents", request.price_cents, MAX_PRICE_OR_STOCK)?;
+        let stock = Cents::parse("stock", request.stock, MAX_PRICE_OR_STOCK)?;
+        let product = self
+            .store
+            .upsert_product(&product_id, &name, price, stock)
+            .await?;
+        Ok(Response::new(pb::UpsertProductResponse {
+            product: Some(product_pb(product)),
+        }))
+    }
+
+    async fn get_reservation(
+        &self,
+        request: Request<pb::GetReservationRequest>,
+    ) -> Result<Response<pb::GetReservationResponse>, Status> {
+        let saga_id = Id::parse("saga_id", request.into_inner().saga_id)?;
+        let record = self
+            .store
+            .reservation(&saga_id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("saga {saga_id} has no reservation")))?;
+        let state = match record.state.as_str() {
+            "ACTIVE" => pb::ReservationState::Active,
+            "RELEASED" => pb::ReservationState::Released,
+            _ => pb::ReservationState::Tombstone,
+        };
+        let (product_ids, quantities) = record.items;
+        Ok(Response::new(pb::GetReservationResponse {
+            saga_id: saga_id.into_inner(),
+            reservation_id: record.reservation_id.unwrap_or_default(),
+            state: state.into(),
+            items: product_ids
+                .into_iter()
+                .zip(quantities)
+                .map(|(product_id, quantity)| pb::Item {
+                    product_id,
+                    quantity: quantity as i32,
+                })
+                .collect(),
+            total_amount_cents: record.total_amount_cents,
+        }))
+    }
+}

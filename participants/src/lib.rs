@@ -1,0 +1,28 @@
+//! The three participants of the order saga: inventory (Reserve / Release),
+//! payment (Charge / Refund) and fulfillment (Ship / CancelShipment).
+//!
+//! Layout:
+//! - [`cli`]: flag parsing, logging and signal helpers for the binaries.
+//! - [`domain`]: validated input types and the system's input limits.
+//! - [`inventory`], [`payment`], [`fulfillment`]: each a store (the SQL) and
+//!   its gRPC face.
+//! - `record`: the per-saga idempotency record and its tombstones.
+//! - [`fault`]: fault injection (registry, tower layer, control service).
+//! - [`server`]: database connection, migrations, and serving on a listener.
+//! - [`error`]: the one error type and its mapping to `tonic::Status`.
+//!
+//! Every action is idempotent per saga_id and every compensation is safe to
+//! run before its action: see the module docs of the stores.
+
+pub mod cli;
+pub mod domain;
+pub mod error;
+pub mod fault;
+pub mod fulfillment;
+pub mod inventory;
+pub mod payment;
+mod record;
+pub mod server;
+
+pub use error::Error;
+pub use server::{Participant, ServeOptions, connect, connect_pool, serve};

@@ -1,0 +1,114 @@
+//! `participant inventory|payment|fulfillment`: runs one participant as its
+//! own process. Parses flags, sets up logging, and calls the library.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use participants::{Participant, ServeOptions};
+use tokio::net::TcpListener;
+
+/// Runs one participant of the order saga as a gRPC server on PostgreSQL.
+///
+/// Examples:
+///   participant inventory   --listen 127.0.0.1:50061 --database-url postgres://postgres@127.0.0.1/inventory
+///   participant payment     --database-url postgres://postgres@127.0.0.1/payment --fault-injection
+///   participant fulfillment --database-url postgres://postgres@127.0.0.1/fulfillment
+#[derive(Debug, Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Cli {
+    #[command(subcommand)]
+    participant: Kind,
+}
+
+#[derive(Debug, Subcommand)]
+enum Kind {
+    /// Products, stock and reservations (Reserve / Release).
+    Inventory(Args),
+    /// Accounts and charges (Charge / Refund).
+    Payment(Args),
+    /// Shipments (Ship / CancelShipment).
+    Fulfillment(Args),
+}
+
+#[derive(Debug, clap::Args)]
+struct Args {
+    /// Address to listen on [default: 127.0.0.1:50061 for inventory, :50062
+    /// for payment, :50063 for fulfillment].
+    #[arg(long, env = "PARTICIPANT_LISTEN")]
+    listen: Option<SocketAddr>,
+
+    /// PostgreSQL URL of this participant's own database; its tables are
+    /// created at start.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+
+    /// Serve fault.v1.FaultInjection, so tests can make RPCs fail, slow down
+    /// or lose their reply. Never in production.
+    #[arg(long, env = "PARTICIPANT_FAULT_INJECTION")]
+    fault_injection: bool,
+
+    /// How long to keep trying to reach the database at start.
+    #[arg(long, env = "PARTICIPANT_CONNECT_TIMEOUT", default_value = "10s", value_parser = participants::cli::parse_duration)]
+    connect_timeout: Duration,
+}
+
+fn main() -> ExitCode {
+    let cli: Cli = match participants::cli::parse_args("participant") {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    participants::cli::init_logging();
+    let (participant, args) = match cli.participant {
+        Kind::Inventory(args) => (Participant::Inventory, args),
+        Kind::Payment(args) => (Participant::Payment, args),
+        Kind::Fulfillment(args) => (Participant::Fulfillment, args),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("participant: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(participant, args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("participant {}: {message}", participant.name());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(participant: Participant, args: Args) -> Result<(), String> {
+    let listen = args.listen.unwrap_or(participant.default_listen());
+    let pool = participants::connect(participant, &args.database_url, args.connect_timeout)
+        .await
+        .map_err(|e| format!("cannot use the database: {e}"))?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let address = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(
+        participant = participant.name(),
+        %address,
+        fault_injection = args.fault_injection,
+        "listening"
+    );
+    let options = ServeOptions {
+        fault_injection: args.fault_injection,
+    };
+    participants::serve(
+        participant,
+        pool.clone(),
+        listener,
+        options,
+        participants::cli::shutdown_signal(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    pool.close().await;
+    tracing::info!(participant = participant.name(), "stopped");
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! The per-saga idempotency record every participant keeps: one row per
+//! saga_id with a state column. A compensation locks it, or, when the action
+//! never arrived, writes a TOMBSTONE row that makes the late action fail.
+
+use sqlx::{AssertSqlSafe, PgConnection};
+
+use crate::domain::Id;
+use crate::error::Error;
+
+/// A table holding one idempotency record per saga.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RecordTable {
+    Reservations,
+    Charges,
+    Shipments,
+}
+
+impl RecordTable {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Reservations => "reservations",
+            Self::Charges => "charges",
+            Self::Shipments => "shipments",
+        }
+    }
+}
+
+/// What a compensation found when it took the saga's record.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Locked {
+    /// A record existed and is now locked until the transaction ends; the
+    /// string is its state.
+    Existing(String),
+    /// There was no record: this call wrote a tombstone.
+    Tombstoned,
+}
+
+/// Locks the saga's record in `table` for the rest of the transaction, or
+/// writes a tombstone if there is none.
+///
+/// An action for the same saga may commit between our SELECT and our INSERT;
+/// the INSERT then conflicts, and the next SELECT (a new snapshot under READ
+/// COMMITTED) finds and locks that record. Two rounds are always enough.
+pub(crate) async fn lock_or_tombstone(
+    tx: &mut PgConnection,
+    table: RecordTable,
+    saga_id: &Id,
+) -> Result<Locked, Error> {
+    let select = format!(
+        "SELECT state FROM {} WHERE saga_id = $1 FOR UPDATE",
+        table.name()
+    );
+    let insert = format!(
+        "INSERT INTO {} (saga_id, state) VALUES ($1, 'TOMBSTONE') ON CONFLICT (saga_id) DO NOTHING",
+        table.name()
+    );
+    for _ in 0..2 {
+        let state: Option<String> = sqlx::query_scalar(AssertSqlSafe(select.as_str()))
+            .bind(saga_id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(state) = state {
+            return Ok(Locked::Existing(state));
+        }
+        let inserted = sqlx::query(AssertSqlSafe(insert.as_str()))
+            .bind(saga_id.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if inserted == 1 {
+            return Ok(Locked::Tombstoned);
+        }
+    }
+    // Unreachable in practice: a row that made our INSERT conflict is visible
+    // to the next SELECT. Answer a retryable conflict rather than panic.
+    Err(Error::Database(sqlx::Error::Protocol(format!(
+        "record for saga {saga_id} in {} neither visible nor insertable",
+        table.name()
+    ))))
+}

@@ -1,0 +1,7 @@
+//! Integration tests over real gRPC and real PostgreSQL, one binary. Each
+//! test gets fresh databases and in-process servers from the `harness`.
+
+mod faults;
+mod fulfillment;
+mod inventory;
+mod payment;
