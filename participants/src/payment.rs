@@ -145,8 +145,14 @@ impl PaymentStore {
         .fetch_optional(&mut *tx)
         .await?;
         if debited.is_none() {
+            let balance: Option<i64> =
+                sqlx::query_scalar("SELECT balance_cents FROM accounts WHERE customer_id = $1")
+                    .bind(customer_id.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?;
             tx.rollback().await?;
-            let balance = self.balance(customer_id).await?;
+            let balance =
+                balance.ok_or_else(|| Error::NotFound(format!("unknown account {customer_id}")))?;
             return Err(Error::FailedPrecondition(format!(
                 "insufficient funds: account {customer_id} has {balance} cents, the charge needs {} (short by {})",
                 amount.get(),

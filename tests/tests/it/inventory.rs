@@ -336,13 +336,29 @@ async fn release_racing_reserve_never_leaks_stock() {
         let saga_id = format!("saga-{i}");
         async move {
             let reserve_call = reserver.reserve(reserve(&saga_id, &[("apple", 2)]));
-            let release_call = releaser.release(ReleaseRequest {
+            // Stagger the Releases so that some arrive before, some during
+            // and some after their Reserve.
+            let delay = std::time::Duration::from_millis(2 * i);
+            let release_request = ReleaseRequest {
                 saga_id: saga_id.clone(),
-            });
+            };
+            let release_call = async move {
+                tokio::time::sleep(delay).await;
+                releaser.release(release_request).await
+            };
             let (reserved, released) = tokio::join!(reserve_call, release_call);
-            released.expect("release always succeeds");
-            if let Err(status) = reserved {
-                assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+            let outcome = released
+                .expect("release always succeeds")
+                .into_inner()
+                .outcome();
+            // A Reserve that succeeded was released; one that a tombstone
+            // beat was refused.
+            match (&reserved, outcome) {
+                (Ok(_), ReleaseOutcome::Released) => {}
+                (Err(status), ReleaseOutcome::Tombstoned) => {
+                    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+                }
+                other => panic!("inconsistent race outcome: {other:?}"),
             }
         }
     });
