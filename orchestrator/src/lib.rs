@@ -1,1 +1,5 @@
-//! The saga orchestrator (built in the next steps of the roadmap).
+//! The saga orchestrator for orders.
+//!
+//! Layout:
+//! - [`saga`]: the pure state machine (no I/O, no clock).
+pub mod saga;

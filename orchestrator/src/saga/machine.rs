@@ -1,0 +1,582 @@
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Whether a call is a step's forward action or its undo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    /// Reserve, Charge, Ship.
+    Action,
+    /// Release, Refund, CancelShipment.
+    Compensation,
+}
+
+impl Kind {
+    /// `ACTION` or `COMPENSATION`, as stored in the journal.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Action => "ACTION",
+            Self::Compensation => "COMPENSATION",
+        }
+    }
+}
+
+/// Where a saga stands, as the API reports it. The names are the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Status {
+    Pending,
+    ReservingInventory,
+    ChargingPayment,
+    Shipping,
+    Completed,
+    Compensating,
+    Failed,
+    Cancelling,
+    Cancelled,
+    NeedsAttention,
+}
+
+impl Status {
+    /// Every status, in lifecycle order.
+    pub const ALL: [Status; 10] = [
+        Self::Pending,
+        Self::ReservingInventory,
+        Self::ChargingPayment,
+        Self::Shipping,
+        Self::Completed,
+        Self::Compensating,
+        Self::Failed,
+        Self::Cancelling,
+        Self::Cancelled,
+        Self::NeedsAttention,
+    ];
+
+    /// The contract name, e.g. `RESERVING_INVENTORY`; also the stored value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::ReservingInventory => "RESERVING_INVENTORY",
+            Self::ChargingPayment => "CHARGING_PAYMENT",
+            Self::Shipping => "SHIPPING",
+            Self::Completed => "COMPLETED",
+            Self::Compensating => "COMPENSATING",
+            Self::Failed => "FAILED",
+            Self::Cancelling => "CANCELLING",
+            Self::Cancelled => "CANCELLED",
+            Self::NeedsAttention => "NEEDS_ATTENTION",
+        }
+    }
+
+    /// Parses a contract name (also accepts the `ORDER_STATUS_` prefix and
+    /// lower case).
+    pub fn parse(text: &str) -> Option<Self> {
+        let upper = text.trim().to_ascii_uppercase();
+        let name = upper.strip_prefix("ORDER_STATUS_").unwrap_or(&upper);
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// COMPLETED, FAILED or CANCELLED: nothing will ever happen again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+
+    /// Terminal, or NEEDS_ATTENTION: nothing happens without an operator.
+    pub fn is_settled(self) -> bool {
+        self.is_terminal() || self == Self::NeedsAttention
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One step of a saga: a forward action, its compensation, and the status
+/// the saga shows while the action runs.
+#[derive(Debug)]
+pub struct StepDef {
+    /// Name in the journal, e.g. `reserve_inventory`.
+    pub name: &'static str,
+    /// The action's gRPC method, e.g. `inventory.v1.InventoryService/Reserve`.
+    pub action: &'static str,
+    /// The compensation's gRPC method.
+    pub compensation: &'static str,
+    /// Status while the action runs.
+    pub status: Status,
+}
+
+/// A saga: its steps in forward order. The last step is the pivot: once it
+/// succeeded the saga is complete and is never compensated.
+#[derive(Debug)]
+pub struct Definition {
+    /// The steps, in forward order; at least one.
+    pub steps: &'static [StepDef],
+}
+
+/// The order saga: reserve inventory → charge payment → ship (the pivot).
+pub const ORDER_SAGA: Definition = Definition {
+    steps: &[
+        StepDef {
+            name: "reserve_inventory",
+            action: "inventory.v1.InventoryService/Reserve",
+            compensation: "inventory.v1.InventoryService/Release",
+            status: Status::ReservingInventory,
+        },
+        StepDef {
+            name: "charge_payment",
+            action: "payment.v1.PaymentService/Charge",
+            compensation: "payment.v1.PaymentService/Refund",
+            status: Status::ChargingPayment,
+        },
+        StepDef {
+            name: "ship_order",
+            action: "fulfillment.v1.FulfillmentService/Ship",
+            compensation: "fulfillment.v1.FulfillmentService/CancelShipment",
+            status: Status::Shipping,
+        },
+    ],
+};
+
+/// Attempt budgets. An action whose budget is spent makes the saga
+/// compensate; a compensation whose budget is spent makes it NEEDS_ATTENTION.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Attempts per action (at least 1).
+    pub action_attempts: u32,
+    /// Attempts per compensation before an operator is needed (at least 1).
+    pub compensation_attempts: u32,
+}
+
+/// Why a saga is being (or was) compensated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Cause {
+    /// A step was rejected or ran out of attempts: ends FAILED.
+    Failure,
+    /// The client cancelled: ends CANCELLED.
+    Cancel,
+    /// An operator aborted: ends FAILED.
+    Abort,
+}
+
+/// The phase of the saga's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Recorded; the first action may already be on the wire.
+    Pending,
+    /// Running the action of `step`.
+    Forward { step: usize },
+    /// Running the compensation of `step`.
+    Compensating { step: usize },
+    /// The pivot succeeded.
+    Completed,
+    /// Compensated after a failure or an abort.
+    Failed,
+    /// Compensated after a cancel.
+    Cancelled,
+    /// The compensation of `step` ran out of attempts.
+    NeedsAttention { step: usize },
+}
+
+/// What the saga knows about one step.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepState {
+    /// The action may have been sent: it must be compensated on abort.
+    pub attempted: bool,
+    /// Action attempts whose outcome was recorded.
+    pub action_attempts: u32,
+    /// The action succeeded.
+    pub succeeded: bool,
+    /// Compensation attempts whose outcome was recorded.
+    pub compensation_attempts: u32,
+    /// The compensation succeeded.
+    pub compensated: bool,
+    /// Attempts (of the kind running now) that an operator retry forgave:
+    /// the budget counts from here.
+    pub forgiven: u32,
+}
+
+/// The whole durable state of one saga.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SagaState {
+    /// The phase.
+    pub phase: Phase,
+    /// One entry per step of the definition.
+    pub steps: Vec<StepState>,
+    /// Why the saga compensates; set when compensation begins.
+    pub cause: Option<Cause>,
+    /// A cancel or abort asked for while a call was in flight; acted on when
+    /// its outcome arrives.
+    pub stop_requested: Option<Cause>,
+    /// The last attempt failed retryably and the next one is waiting for its
+    /// backoff (no call is in flight).
+    pub waiting_retry: bool,
+    /// Why the saga failed, was cancelled or needs attention.
+    pub failure_reason: Option<String>,
+    /// The last error a participant answered.
+    pub last_error: Option<String>,
+    /// Outputs of succeeded actions (reservation_id, total_amount_cents, ...).
+    pub outputs: BTreeMap<String, String>,
+}
+
+/// How a call ended, as classified by the participant adapter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// OK, with the outputs later steps (and the API) need.
+    Succeeded(Vec<(String, String)>),
+    /// A transient failure (UNAVAILABLE, DEADLINE_EXCEEDED, ...): retry.
+    Retryable(String),
+    /// A business rejection: do not retry the action; compensate.
+    Rejected(String),
+}
+
+/// Something that happened to a saga.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A call to a participant ended.
+    CallFinished {
+        step: usize,
+        kind: Kind,
+        attempt: u32,
+        outcome: Outcome,
+    },
+    /// The client asked to cancel.
+    CancelRequested { reason: Option<String> },
+    /// An operator asked to resume now with a fresh attempt budget.
+    OperatorRetry,
+    /// An operator asked to force compensation.
+    OperatorAbort { reason: String },
+}
+
+/// What the executor does next for a saga.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Send this call now.
+    Call {
+        step: usize,
+        kind: Kind,
+        attempt: u32,
+    },
+    /// Send this call after a backoff (the executor picks the delay and
+    /// stores the deadline with the transition).
+    RetryLater {
+        step: usize,
+        kind: Kind,
+        attempt: u32,
+    },
+}
+
+/// Why an event cannot be applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// Cancel or abort after the pivot succeeded.
+    #[error("the order is COMPLETED: it shipped and can no longer be cancelled or compensated")]
+    AlreadyCompleted,
+    /// Retry or abort of a saga that has finished.
+    #[error("the saga is {0}: there is nothing to {1}")]
+    Settled(Status, &'static str),
+    /// Abort of a saga that is already compensating.
+    #[error("the saga is already compensating ({0}); use retry to resume it")]
+    AlreadyCompensating(Status),
+}
+
+impl SagaState {
+    /// A new saga of `definition`. Its first action counts as attempted from
+    /// the start: the executor sends it as soon as the saga is recorded.
+    pub fn new(definition: &Definition) -> Self {
+        let mut steps = vec![StepState::default(); definition.steps.len()];
+        steps[0].attempted = true;
+        Self {
+            phase: Phase::Pending,
+            steps,
+            cause: None,
+            stop_requested: None,
+            waiting_retry: false,
+            failure_reason: None,
+            last_error: None,
+            outputs: BTreeMap::new(),
+        }
+    }
+
+    /// The status the API reports.
+    pub fn status(&self, definition: &Definition) -> Status {
+        match self.phase {
+            Phase::Pending | Phase::Forward { .. }
+                if self.stop_requested == Some(Cause::Cancel) =>
+            {
+                Status::Cancelling
+            }
+            Phase::Pending | Phase::Forward { .. } if self.stop_requested == Some(Cause::Abort) => {
+                Status::Compensating
+            }
+            Phase::Pending => Status::Pending,
+            Phase::Forward { step } => definition.steps[step].status,
+            Phase::Compensating { .. } if self.cause == Some(Cause::Cancel) => Status::Cancelling,
+            Phase::Compensating { .. } => Status::Compensating,
+            Phase::Completed => Status::Completed,
+            Phase::Failed => Status::Failed,
+            Phase::Cancelled => Status::Cancelled,
+            Phase::NeedsAttention { .. } => Status::NeedsAttention,
+        }
+    }
+
+    /// The step being run or compensated, if any.
+    pub fn current(&self) -> Option<(usize, Kind)> {
+        match self.phase {
+            Phase::Pending => Some((0, Kind::Action)),
+            Phase::Forward { step } => Some((step, Kind::Action)),
+            Phase::Compensating { step } | Phase::NeedsAttention { step } => {
+                Some((step, Kind::Compensation))
+            }
+            Phase::Completed | Phase::Failed | Phase::Cancelled => None,
+        }
+    }
+
+    /// Attempts recorded for the current step and kind.
+    pub fn current_attempts(&self) -> u32 {
+        match self.current() {
+            Some((step, Kind::Action)) => self.steps[step].action_attempts,
+            Some((step, Kind::Compensation)) => self.steps[step].compensation_attempts,
+            None => 0,
+        }
+    }
+
+    /// What the executor must do next; None when the saga is settled
+    /// (terminal or NEEDS_ATTENTION). Derived from the state alone, so a
+    /// replica that takes a saga over after a crash resumes it exactly.
+    pub fn next_command(&self) -> Option<Command> {
+        let (step, kind) = match self.phase {
+            Phase::Pending => (0, Kind::Action),
+            Phase::Forward { step } => (step, Kind::Action),
+            Phase::Compensating { step } => (step, Kind::Compensation),
+            _ => return None,
+        };
+        let attempt = self.current_attempts() + 1;
+        Some(if self.waiting_retry {
+            Command::RetryLater {
+                step,
+                kind,
+                attempt,
+            }
+        } else {
+            Command::Call {
+                step,
+                kind,
+                attempt,
+            }
+        })
+    }
+
+    /// Applies `event`; returns the next state. The input is untouched, so
+    /// a caller whose write loses a race can re-apply to the fresh state.
+    pub fn apply(
+        &self,
+        definition: &Definition,
+        policy: &Policy,
+        event: &Event,
+    ) -> Result<SagaState, Error> {
+        let mut next = self.clone();
+        match event {
+            Event::CallFinished {
+                step,
+                kind,
+                attempt,
+                outcome,
+            } => next.on_call_finished(definition, policy, *step, *kind, *attempt, outcome),
+            Event::CancelRequested { reason } => next.on_stop(
+                definition,
+                Cause::Cancel,
+                match reason {
+                    Some(reason) if !reason.is_empty() => {
+                        format!("cancelled by the client: {reason}")
+                    }
+                    _ => "cancelled by the client".to_owned(),
+                },
+            )?,
+            Event::OperatorAbort { reason } => next.on_stop(
+                definition,
+                Cause::Abort,
+                format!("aborted by an operator: {reason}"),
+            )?,
+            Event::OperatorRetry => next.on_operator_retry(definition)?,
+        }
+        Ok(next)
+    }
+
+    fn on_call_finished(
+        &mut self,
+        definition: &Definition,
+        policy: &Policy,
+        step: usize,
+        kind: Kind,
+        attempt: u32,
+        outcome: &Outcome,
+    ) {
+        // Only the outcome of the call the state is waiting for counts: a
+        // late reply (a call sent before a cancel switched the saga to
+        // compensation, or before a takeover) is absorbed; the executor
+        // still journals it.
+        if self.current() != Some((step, kind))
+            || self.current_attempts() + 1 != attempt
+            || matches!(self.phase, Phase::NeedsAttention { .. })
+        {
+            return;
+        }
+        self.waiting_retry = false;
+        let name = definition.steps[step].name;
+        match kind {
+            Kind::Action => {
+                self.steps[step].action_attempts = attempt;
+                match outcome {
+                    Outcome::Succeeded(outputs) => {
+                        self.steps[step].succeeded = true;
+                        self.outputs.extend(outputs.iter().cloned());
+                        if step + 1 == definition.steps.len() {
+                            // The pivot succeeded: a pending cancel lost the race.
+                            self.phase = Phase::Completed;
+                            self.stop_requested = None;
+                        } else if let Some(cause) = self.stop_requested {
+                            self.begin_compensation(cause);
+                        } else {
+                            self.phase = Phase::Forward { step: step + 1 };
+                            self.steps[step + 1].attempted = true;
+                        }
+                    }
+                    Outcome::Retryable(detail) => {
+                        self.last_error = Some(detail.clone());
+                        let used = attempt.saturating_sub(self.steps[step].forgiven);
+                        if let Some(cause) = self.stop_requested {
+                            self.begin_compensation(cause);
+                        } else if used < policy.action_attempts {
+                            self.phase = Phase::Forward { step };
+                            self.waiting_retry = true;
+                        } else {
+                            self.failure_reason =
+                                Some(format!("{name} failed after {used} attempts: {detail}"));
+                            self.begin_compensation(Cause::Failure);
+                        }
+                    }
+                    Outcome::Rejected(detail) => {
+                        self.last_error = Some(detail.clone());
+                        if let Some(cause) = self.stop_requested {
+                            self.begin_compensation(cause);
+                        } else {
+                            self.failure_reason = Some(format!("{name} rejected: {detail}"));
+                            self.begin_compensation(Cause::Failure);
+                        }
+                    }
+                }
+            }
+            Kind::Compensation => {
+                self.steps[step].compensation_attempts = attempt;
+                match outcome {
+                    Outcome::Succeeded(_) => {
+                        self.steps[step].compensated = true;
+                        self.continue_compensation();
+                    }
+                    // Compensations must eventually succeed: a rejection is
+                    // retried like a transient failure.
+                    Outcome::Retryable(detail) | Outcome::Rejected(detail) => {
+                        self.last_error = Some(detail.clone());
+                        let used = attempt.saturating_sub(self.steps[step].forgiven);
+                        if used < policy.compensation_attempts {
+                            self.waiting_retry = true;
+                        } else {
+                            self.phase = Phase::NeedsAttention { step };
+                            let cause = self.failure_reason.take().unwrap_or_default();
+                            self.failure_reason = Some(format!(
+                                "{cause}; then compensation {name} failed {used} times: {detail}"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Switches to compensating every attempted step, newest first.
+    fn begin_compensation(&mut self, cause: Cause) {
+        self.cause = Some(cause);
+        for step in &mut self.steps {
+            step.forgiven = 0;
+        }
+        self.stop_requested = None;
+        self.waiting_retry = false;
+        self.continue_compensation();
+    }
+
+    /// Moves to the newest attempted step not yet compensated, or ends.
+    fn continue_compensation(&mut self) {
+        let next = (0..self.steps.len())
+            .rev()
+            .find(|&j| self.steps[j].attempted && !self.steps[j].compensated);
+        self.phase = match (next, self.cause) {
+            (Some(step), _) => Phase::Compensating { step },
+            (None, Some(Cause::Cancel)) => Phase::Cancelled,
+            (None, _) => Phase::Failed,
+        };
+    }
+
+    fn on_stop(
+        &mut self,
+        definition: &Definition,
+        cause: Cause,
+        reason: String,
+    ) -> Result<(), Error> {
+        let status = self.status(definition);
+        match self.phase {
+            Phase::Completed => Err(Error::AlreadyCompleted),
+            Phase::Failed | Phase::Cancelled if cause == Cause::Cancel => Ok(()),
+            Phase::Failed | Phase::Cancelled => Err(Error::Settled(status, "abort")),
+            Phase::Compensating { .. } | Phase::NeedsAttention { .. } if cause == Cause::Cancel => {
+                Ok(())
+            }
+            Phase::Compensating { .. } | Phase::NeedsAttention { .. } => {
+                Err(Error::AlreadyCompensating(status))
+            }
+            Phase::Pending | Phase::Forward { .. } => {
+                if self.stop_requested.is_some() {
+                    // The first request wins; repeating it changes nothing.
+                    return if cause == Cause::Abort {
+                        Err(Error::AlreadyCompensating(status))
+                    } else {
+                        Ok(())
+                    };
+                }
+                self.failure_reason = Some(reason);
+                if self.waiting_retry {
+                    // No call in flight: compensate now.
+                    self.begin_compensation(cause);
+                } else {
+                    // Let the call in flight finish; its outcome triggers
+                    // the compensation.
+                    self.stop_requested = Some(cause);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn on_operator_retry(&mut self, definition: &Definition) -> Result<(), Error> {
+        match self.phase {
+            Phase::Completed | Phase::Failed | Phase::Cancelled => {
+                Err(Error::Settled(self.status(definition), "retry"))
+            }
+            Phase::NeedsAttention { step } => {
+                self.steps[step].forgiven = self.steps[step].compensation_attempts;
+                self.phase = Phase::Compensating { step };
+                self.waiting_retry = false;
+                Ok(())
+            }
+            Phase::Pending | Phase::Forward { .. } | Phase::Compensating { .. } => {
+                if let Some((step, _)) = self.current() {
+                    self.steps[step].forgiven = self.current_attempts();
+                }
+                // Skip the backoff: the next attempt goes out now.
+                self.waiting_retry = false;
+                Ok(())
+            }
+        }
+    }
+}
