@@ -2,4 +2,17 @@
 //!
 //! Layout:
 //! - [`saga`]: the pure state machine (no I/O, no clock).
+//! - [`store`]: saga rows and their journal, behind a trait; PostgreSQL.
+//! - [`error`]: the one error type and its mapping to `tonic::Status`.
+
+pub mod api;
+pub mod clients;
+pub mod config;
+pub mod error;
+pub mod executor;
 pub mod saga;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+
+pub use error::Error;

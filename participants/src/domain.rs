@@ -186,27 +186,29 @@ pub fn bounded_text(field: &str, value: String, max: usize) -> Result<String, Er
     }
 }
 
-/// A new identifier: `prefix`, then 32 hex digits: 48 bits of milliseconds
-/// since the epoch (so ids sort by creation time) and 80 random bits.
-pub fn new_id(prefix: &str) -> String {
+/// 64 random bits from the standard library's randomly seeded hasher: fine
+/// for ids, jitter and choosing which calls a fault hits (not for secrets).
+pub fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     use std::sync::atomic::{AtomicU64, Ordering};
-    use std::time::{SystemTime, UNIX_EPOCH};
-
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let millis = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
     // RandomState is seeded from the OS once per process and perturbed per
     // instance; hashing a process-wide counter makes every call distinct.
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    hasher.write_u64(millis);
-    let high = hasher.finish();
-    hasher.write_u64(high);
-    let low = hasher.finish();
-    let random = (u128::from(high) << 64 | u128::from(low)) & ((1u128 << 80) - 1);
+    hasher.finish()
+}
+
+/// A new identifier: `prefix`, then 32 hex digits: 48 bits of milliseconds
+/// since the epoch (so ids sort by creation time) and 80 random bits.
+pub fn new_id(prefix: &str) -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let random = (u128::from(random_u64()) << 64 | u128::from(random_u64())) & ((1u128 << 80) - 1);
     format!("{prefix}_{:012x}{random:020x}", millis & 0xffff_ffff_ffff)
 }
 

@@ -115,7 +115,7 @@ impl FaultRegistry {
         let mut armed = self.armed();
         let method = *armed.keys().find(|m| **m == method)?;
         let fault = armed.get_mut(method)?;
-        if fault.percent < 100 && random_below(100) >= u64::from(fault.percent) {
+        if fault.percent < 100 && crate::domain::random_u64() % 100 >= u64::from(fault.percent) {
             return None;
         }
         let hit = fault.clone();
@@ -128,15 +128,6 @@ impl FaultRegistry {
         }
         Some(hit)
     }
-}
-
-/// A uniformly distributed number below `bound`, from the standard library's
-/// randomly seeded hasher: plenty for choosing which calls fail.
-fn random_below(bound: u64) -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(0);
-    hasher.finish() % bound
 }
 
 /// Applies a registry's faults to the calls that pass through; with no

@@ -1,0 +1,380 @@
+//! The gRPC edge: `saga.v1.OrderService`. Requests are parsed into domain
+//! types here (nothing unchecked goes further in), and every error leaves
+//! through the one `From<Error> for Status`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use participants::domain::{Id, Items, MAX_ID_BYTES, bounded_text, new_id};
+use proto::saga::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::error::Error;
+use crate::executor::Executor;
+use crate::saga::{Event, ORDER_SAGA, SagaState, Status as SagaStatus};
+use crate::store::{JournalEntry, ListFilter, NewSaga, OrderItem, SagaRecord};
+
+/// Longest cancel or abort reason accepted, in bytes.
+const MAX_REASON_BYTES: usize = 512;
+const DEFAULT_PAGE_SIZE: i32 = 50;
+const MAX_PAGE_SIZE: i32 = 1000;
+/// How often WatchOrder re-reads a saga driven by another replica.
+const WATCH_POLL: Duration = Duration::from_millis(500);
+
+/// The protobuf form of a status.
+pub fn status_pb(status: SagaStatus) -> pb::OrderStatus {
+    match status {
+        SagaStatus::Pending => pb::OrderStatus::Pending,
+        SagaStatus::ReservingInventory => pb::OrderStatus::ReservingInventory,
+        SagaStatus::ChargingPayment => pb::OrderStatus::ChargingPayment,
+        SagaStatus::Shipping => pb::OrderStatus::Shipping,
+        SagaStatus::Completed => pb::OrderStatus::Completed,
+        SagaStatus::Compensating => pb::OrderStatus::Compensating,
+        SagaStatus::Failed => pb::OrderStatus::Failed,
+        SagaStatus::Cancelling => pb::OrderStatus::Cancelling,
+        SagaStatus::Cancelled => pb::OrderStatus::Cancelled,
+        SagaStatus::NeedsAttention => pb::OrderStatus::NeedsAttention,
+    }
+}
+
+/// A status filter from protobuf; UNSPECIFIED means none.
+pub fn status_filter(value: i32) -> Result<Option<SagaStatus>, Error> {
+    let status = pb::OrderStatus::try_from(value)
+        .map_err(|_| Error::invalid(format!("status {value} is not an OrderStatus")))?;
+    Ok(match status {
+        pb::OrderStatus::Unspecified => None,
+        other => SagaStatus::parse(other.as_str_name()),
+    })
+}
+
+/// Seconds since the epoch as a protobuf timestamp.
+pub fn timestamp(seconds: f64) -> prost_types::Timestamp {
+    let whole = seconds.floor();
+    prost_types::Timestamp {
+        seconds: whole as i64,
+        nanos: ((seconds - whole) * 1e9) as i32,
+    }
+}
+
+/// Parses a page size (0 means the default).
+pub fn page_size(value: i32) -> Result<i64, Error> {
+    match value {
+        0 => Ok(i64::from(DEFAULT_PAGE_SIZE)),
+        n @ 1..=MAX_PAGE_SIZE => Ok(i64::from(n)),
+        n => Err(Error::invalid(format!(
+            "page size {n} must be between 1 and {MAX_PAGE_SIZE} (0 for {DEFAULT_PAGE_SIZE})"
+        ))),
+    }
+}
+
+/// Parses a page token (the last id of the previous page).
+pub fn page_token(token: String) -> Result<Option<String>, Error> {
+    if token.is_empty() {
+        Ok(None)
+    } else {
+        Ok(Some(Id::parse("page_token", token)?.into_inner()))
+    }
+}
+
+/// An optional id filter: empty means none.
+fn optional_id(field: &str, value: String) -> Result<Option<String>, Error> {
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        Ok(Some(Id::parse(field, value)?.into_inner()))
+    }
+}
+
+/// The journal in protobuf form, plus the call in flight if there is one.
+pub fn history_pb(saga: &SagaRecord, journal: Vec<JournalEntry>) -> Vec<pb::JournalEntry> {
+    let mut history: Vec<pb::JournalEntry> = journal
+        .into_iter()
+        .map(|entry| pb::JournalEntry {
+            step: entry.step,
+            kind: match entry.kind.as_str() {
+                "ACTION" => pb::StepKind::Action,
+                "COMPENSATION" => pb::StepKind::Compensation,
+                "CONTROL" => pb::StepKind::Control,
+                _ => pb::StepKind::Unspecified,
+            }
+            .into(),
+            attempt: u32::try_from(entry.attempt).unwrap_or(0),
+            outcome: match entry.outcome.as_str() {
+                "SUCCEEDED" => pb::StepOutcome::Succeeded,
+                "RETRYABLE_FAILURE" => pb::StepOutcome::RetryableFailure,
+                "REJECTED" => pb::StepOutcome::Rejected,
+                "ACCEPTED" => pb::StepOutcome::Accepted,
+                _ => pb::StepOutcome::Unspecified,
+            }
+            .into(),
+            detail: entry.detail,
+            started_at: Some(timestamp(entry.started_at)),
+            finished_at: entry.finished_at.map(timestamp),
+            rpc: entry.rpc,
+            actor: entry.actor,
+        })
+        .collect();
+    // The call the saga waits for is not journalled until it ends; show it.
+    if let Some((step, kind)) = saga.state.current()
+        && !saga.status.is_settled()
+        && !saga.state.waiting_retry
+    {
+        {
+            let definition = &ORDER_SAGA.steps[step];
+            history.push(pb::JournalEntry {
+                step: definition.name.to_owned(),
+                kind: match kind {
+                    crate::saga::Kind::Action => pb::StepKind::Action,
+                    crate::saga::Kind::Compensation => pb::StepKind::Compensation,
+                }
+                .into(),
+                attempt: saga.state.current_attempts() + 1,
+                outcome: pb::StepOutcome::InFlight.into(),
+                detail: String::new(),
+                started_at: Some(timestamp(saga.updated_at)),
+                finished_at: None,
+                rpc: match kind {
+                    crate::saga::Kind::Action => definition.action,
+                    crate::saga::Kind::Compensation => definition.compensation,
+                }
+                .to_owned(),
+                actor: saga.lease_owner.clone().unwrap_or_default(),
+            });
+        }
+    }
+    history
+}
+
+/// The protobuf form of an order's items.
+pub fn items_pb(items: &[OrderItem]) -> Vec<pb::OrderItem> {
+    items
+        .iter()
+        .map(|i| pb::OrderItem {
+            product_id: i.product_id.clone(),
+            quantity: i.quantity,
+        })
+        .collect()
+}
+
+/// `saga.v1.OrderService`.
+#[derive(Debug, Clone)]
+pub struct OrderApi {
+    executor: Arc<Executor>,
+}
+
+impl OrderApi {
+    /// The service over `executor`.
+    pub fn new(executor: Arc<Executor>) -> Self {
+        Self { executor }
+    }
+
+    async fn load(&self, order_id: String) -> Result<SagaRecord, Error> {
+        let order_id = Id::parse("order_id", order_id)?;
+        self.executor
+            .store()
+            .load(order_id.as_str())
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no order {order_id}")))
+    }
+
+    async fn place(&self, request: pb::PlaceOrderRequest) -> Result<pb::PlaceOrderResponse, Error> {
+        let customer_id = Id::parse("customer_id", request.customer_id)?;
+        let items = Items::parse(
+            request
+                .items
+                .into_iter()
+                .map(|i| (i.product_id, i.quantity)),
+        )?;
+        let idempotency_key = match request.idempotency_key {
+            key if key.is_empty() => None,
+            key => Some(bounded_text("idempotency_key", key, MAX_ID_BYTES)?),
+        };
+        let permit = self.executor.admit()?;
+        let saga = NewSaga {
+            saga_id: new_id("ord"),
+            idempotency_key,
+            customer_id: customer_id.into_inner(),
+            items: items
+                .as_slice()
+                .iter()
+                .map(|item| OrderItem {
+                    product_id: item.product_id.as_str().to_owned(),
+                    quantity: item.quantity.get(),
+                })
+                .collect(),
+            state: SagaState::new(&ORDER_SAGA),
+        };
+        let config = self.executor.config();
+        let (record, created) = self
+            .executor
+            .store()
+            .create(&saga, &config.replica_id, config.lease_ttl)
+            .await?;
+        let response = pb::PlaceOrderResponse {
+            order_id: record.saga_id.clone(),
+            status: status_pb(record.status).into(),
+        };
+        if created {
+            tracing::info!(saga_id = %record.saga_id, customer_id = %record.customer_id, "order placed");
+            self.executor.spawn(record, permit);
+        }
+        Ok(response)
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchOrderResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::order_service_server::OrderService for OrderApi {
+    async fn place_order(
+        &self,
+        request: Request<pb::PlaceOrderRequest>,
+    ) -> Result<Response<pb::PlaceOrderResponse>, Status> {
+        Ok(Response::new(self.place(request.into_inner()).await?))
+    }
+
+    async fn get_order_status(
+        &self,
+        request: Request<pb::GetOrderStatusRequest>,
+    ) -> Result<Response<pb::GetOrderStatusResponse>, Status> {
+        let saga = self.load(request.into_inner().order_id).await?;
+        let journal = self.executor.store().journal(&saga.saga_id).await?;
+        Ok(Response::new(pb::GetOrderStatusResponse {
+            history: history_pb(&saga, journal),
+            order_id: saga.saga_id.clone(),
+            customer_id: saga.customer_id.clone(),
+            items: items_pb(&saga.items),
+            status: status_pb(saga.status).into(),
+            failure_reason: saga.state.failure_reason.clone().unwrap_or_default(),
+            total_amount_cents: saga.total_amount_cents(),
+            created_at: Some(timestamp(saga.created_at)),
+            updated_at: Some(timestamp(saga.updated_at)),
+            cancel_requested: saga.status == SagaStatus::Cancelling
+                || saga.status == SagaStatus::Cancelled,
+        }))
+    }
+
+    async fn cancel_order(
+        &self,
+        request: Request<pb::CancelOrderRequest>,
+    ) -> Result<Response<pb::CancelOrderResponse>, Status> {
+        let request = request.into_inner();
+        let order_id = Id::parse("order_id", request.order_id)?;
+        let reason = bounded_text("reason", request.reason, MAX_REASON_BYTES)?;
+        let detail = if reason.is_empty() {
+            "cancel requested".to_owned()
+        } else {
+            format!("cancel requested: {reason}")
+        };
+        let event = Event::CancelRequested {
+            reason: (!reason.is_empty()).then_some(reason),
+        };
+        let saga = self
+            .executor
+            .request(order_id.as_str(), &event, "cancel", "client", &detail)
+            .await?;
+        Ok(Response::new(pb::CancelOrderResponse {
+            order_id: saga.saga_id,
+            status: status_pb(saga.status).into(),
+        }))
+    }
+
+    type WatchOrderStream = WatchStream;
+
+    async fn watch_order(
+        &self,
+        request: Request<pb::WatchOrderRequest>,
+    ) -> Result<Response<Self::WatchOrderStream>, Status> {
+        // Subscribe before the first read, so no change can slip between.
+        let mut updates = self.executor.subscribe();
+        let mut stopping = self.executor.stopping();
+        let saga = self.load(request.into_inner().order_id).await?;
+        let store = self.executor.store().clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let message = |saga: &SagaRecord| pb::WatchOrderResponse {
+                order_id: saga.saga_id.clone(),
+                status: status_pb(saga.status).into(),
+                failure_reason: saga.state.failure_reason.clone().unwrap_or_default(),
+                updated_at: Some(timestamp(saga.updated_at)),
+            };
+            let saga_id = saga.saga_id.clone();
+            let mut last = saga.status;
+            if tx.send(Ok(message(&saga))).await.is_err() || last.is_settled() {
+                return;
+            }
+            let mut poll = tokio::time::interval(WATCH_POLL);
+            loop {
+                tokio::select! {
+                    update = updates.recv() => match update {
+                        Ok(update) if update.saga_id != saga_id => continue,
+                        _ => {}
+                    },
+                    _ = poll.tick() => {}
+                    _ = tx.closed() => return,
+                    _ = stopping.changed() => {
+                        let _ = tx.send(Err(Status::unavailable("the orchestrator is shutting down; watch again"))).await;
+                        return;
+                    }
+                }
+                let saga = match store.load(&saga_id).await {
+                    Ok(Some(saga)) => saga,
+                    Ok(None) => return,
+                    Err(error) => {
+                        let _ = tx.send(Err(error.into())).await;
+                        return;
+                    }
+                };
+                if saga.status != last {
+                    last = saga.status;
+                    if tx.send(Ok(message(&saga))).await.is_err() || last.is_settled() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_orders(
+        &self,
+        request: Request<pb::ListOrdersRequest>,
+    ) -> Result<Response<pb::ListOrdersResponse>, Status> {
+        let request = request.into_inner();
+        let limit = page_size(request.page_size)?;
+        let filter = ListFilter {
+            status: status_filter(request.status)?,
+            customer_id: optional_id("customer_id", request.customer_id)?,
+            product_id: optional_id("product_id", request.product_id)?,
+            before_id: page_token(request.page_token)?,
+            limit: limit + 1,
+            ..ListFilter::default()
+        };
+        let mut sagas = self.executor.store().list(&filter).await?;
+        let next_page_token = if sagas.len() as i64 > limit {
+            sagas.truncate(limit as usize);
+            sagas.last().map(|s| s.saga_id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListOrdersResponse {
+            orders: sagas
+                .iter()
+                .map(|saga| pb::OrderSummary {
+                    order_id: saga.saga_id.clone(),
+                    customer_id: saga.customer_id.clone(),
+                    status: status_pb(saga.status).into(),
+                    total_amount_cents: saga.total_amount_cents(),
+                    failure_reason: saga.state.failure_reason.clone().unwrap_or_default(),
+                    created_at: Some(timestamp(saga.created_at)),
+                    updated_at: Some(timestamp(saga.updated_at)),
+                })
+                .collect(),
+            next_page_token,
+        }))
+    }
+}

@@ -1,0 +1,298 @@
+//! The participant clients (the design's `participants` module): one thin
+//! adapter per participant that turns a saga command into an RPC and the
+//! RPC's `tonic::Status` into an [`Outcome`]. The error codes are the
+//! protocol: transient codes are retried, everything else is a rejection.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use proto::fulfillment::v1 as fulfillment;
+use proto::inventory::v1 as inventory;
+use proto::payment::v1 as payment;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+use crate::error::Error;
+use crate::saga::{Kind, Outcome};
+use crate::store::OrderItem;
+
+/// One call the executor asks a participant to make.
+#[derive(Debug, Clone, Copy)]
+pub struct StepCall<'a> {
+    /// The saga; the participant's idempotency key.
+    pub saga_id: &'a str,
+    /// Index of the step in the order saga.
+    pub step: usize,
+    /// Action or compensation.
+    pub kind: Kind,
+    /// The paying customer.
+    pub customer_id: &'a str,
+    /// What was ordered.
+    pub items: &'a [OrderItem],
+    /// Outputs of the steps that succeeded so far.
+    pub outputs: &'a BTreeMap<String, String>,
+}
+
+/// Calls participants for saga steps. A trait because it is a real
+/// boundary: gRPC in production, in-process servers in tests.
+#[tonic::async_trait]
+pub trait StepCalls: Send + Sync + 'static {
+    /// Makes the call and classifies how it ended. Never fails: every
+    /// failure is an outcome the state machine decides on.
+    async fn call(&self, call: StepCall<'_>) -> Outcome;
+}
+
+/// Where the participants listen.
+#[derive(Debug, Clone)]
+pub struct ParticipantUrls {
+    /// inventory.v1.InventoryService.
+    pub inventory: String,
+    /// payment.v1.PaymentService.
+    pub payment: String,
+    /// fulfillment.v1.FulfillmentService.
+    pub fulfillment: String,
+}
+
+/// [`StepCalls`] over gRPC, with a deadline per call.
+#[derive(Debug, Clone)]
+pub struct GrpcParticipants {
+    inventory: inventory::inventory_service_client::InventoryServiceClient<Channel>,
+    payment: payment::payment_service_client::PaymentServiceClient<Channel>,
+    fulfillment: fulfillment::fulfillment_service_client::FulfillmentServiceClient<Channel>,
+    timeout: Duration,
+}
+
+fn channel(name: &str, url: &str) -> Result<Channel, Error> {
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| Error::invalid(format!("--{name}-url {url:?} is not a URL: {e}")))?;
+    // Lazy: the orchestrator starts even while a participant is down; calls
+    // made meanwhile fail UNAVAILABLE and are retried.
+    Ok(endpoint
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .connect_lazy())
+}
+
+impl GrpcParticipants {
+    /// Clients for the three participants; `timeout` bounds every call.
+    pub fn new(urls: &ParticipantUrls, timeout: Duration) -> Result<Self, Error> {
+        Ok(Self {
+            inventory: inventory::inventory_service_client::InventoryServiceClient::new(channel(
+                "inventory",
+                &urls.inventory,
+            )?),
+            payment: payment::payment_service_client::PaymentServiceClient::new(channel(
+                "payment",
+                &urls.payment,
+            )?),
+            fulfillment: fulfillment::fulfillment_service_client::FulfillmentServiceClient::new(
+                channel("fulfillment", &urls.fulfillment)?,
+            ),
+            timeout,
+        })
+    }
+
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        // Tells the participant when to give up too.
+        request.set_timeout(self.timeout);
+        request
+    }
+
+    async fn send(&self, call: StepCall<'_>) -> Result<Vec<(String, String)>, Status> {
+        let saga_id = call.saga_id.to_owned();
+        match (call.step, call.kind) {
+            (0, Kind::Action) => {
+                let reply = self
+                    .inventory
+                    .clone()
+                    .reserve(
+                        self.request(inventory::ReserveRequest {
+                            saga_id,
+                            items: call
+                                .items
+                                .iter()
+                                .map(|i| inventory::Item {
+                                    product_id: i.product_id.clone(),
+                                    quantity: i.quantity,
+                                })
+                                .collect(),
+                        }),
+                    )
+                    .await?
+                    .into_inner();
+                Ok(vec![
+                    ("reservation_id".into(), reply.reservation_id),
+                    (
+                        "total_amount_cents".into(),
+                        reply.total_amount_cents.to_string(),
+                    ),
+                ])
+            }
+            (0, Kind::Compensation) => {
+                let reply = self
+                    .inventory
+                    .clone()
+                    .release(self.request(inventory::ReleaseRequest { saga_id }))
+                    .await?
+                    .into_inner();
+                Ok(vec![(
+                    "release".into(),
+                    reply.outcome().as_str_name().into(),
+                )])
+            }
+            (1, Kind::Action) => {
+                let amount_cents = call
+                    .outputs
+                    .get("total_amount_cents")
+                    .and_then(|t| t.parse().ok())
+                    .ok_or_else(|| {
+                        Status::failed_precondition("no order total: the reservation has no output")
+                    })?;
+                let reply = self
+                    .payment
+                    .clone()
+                    .charge(self.request(payment::ChargeRequest {
+                        saga_id,
+                        customer_id: call.customer_id.to_owned(),
+                        amount_cents,
+                    }))
+                    .await?
+                    .into_inner();
+                Ok(vec![("charge_id".into(), reply.charge_id)])
+            }
+            (1, Kind::Compensation) => {
+                let reply = self
+                    .payment
+                    .clone()
+                    .refund(self.request(payment::RefundRequest { saga_id }))
+                    .await?
+                    .into_inner();
+                Ok(vec![(
+                    "refund".into(),
+                    reply.outcome().as_str_name().into(),
+                )])
+            }
+            (2, Kind::Action) => {
+                let reply = self
+                    .fulfillment
+                    .clone()
+                    .ship(
+                        self.request(fulfillment::ShipRequest {
+                            saga_id,
+                            items: call
+                                .items
+                                .iter()
+                                .map(|i| fulfillment::Item {
+                                    product_id: i.product_id.clone(),
+                                    quantity: i.quantity,
+                                })
+                                .collect(),
+                        }),
+                    )
+                    .await?
+                    .into_inner();
+                Ok(vec![("shipment_id".into(), reply.shipment_id)])
+            }
+            (2, Kind::Compensation) => {
+                let reply = self
+                    .fulfillment
+                    .clone()
+                    .cancel_shipment(self.request(fulfillment::CancelShipmentRequest { saga_id }))
+                    .await?
+                    .into_inner();
+                Ok(vec![(
+                    "cancel_shipment".into(),
+                    reply.outcome().as_str_name().into(),
+                )])
+            }
+            (step, kind) => Err(Status::internal(format!(
+                "the order saga has no step {step} ({kind:?})"
+            ))),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl StepCalls for GrpcParticipants {
+    async fn call(&self, call: StepCall<'_>) -> Outcome {
+        // The client does not enforce a deadline by itself, and a server
+        // whose deadline passed answers CANCELLED: our own timer decides.
+        match tokio::time::timeout(self.timeout, self.send(call)).await {
+            Ok(Ok(outputs)) => Outcome::Succeeded(outputs),
+            Ok(Err(status)) => classify(&status),
+            Err(_) => Outcome::Retryable(format!(
+                "DEADLINE_EXCEEDED: no answer within {:?}",
+                self.timeout
+            )),
+        }
+    }
+}
+
+/// The gRPC name of a code, e.g. `UNAVAILABLE`.
+pub fn code_name(code: Code) -> &'static str {
+    proto::google::rpc::Code::try_from(code as i32)
+        .map(|c| c.as_str_name())
+        .unwrap_or("UNKNOWN")
+}
+
+/// Transient codes are retried; everything else is a business rejection.
+pub fn classify(status: &Status) -> Outcome {
+    let detail = format!("{}: {}", code_name(status.code()), status.message());
+    match status.code() {
+        Code::Unavailable
+        | Code::DeadlineExceeded
+        | Code::ResourceExhausted
+        | Code::Aborted
+        | Code::Internal
+        | Code::Unknown
+        // A server whose deadline ran out answers CANCELLED: the outcome is
+        // unknown, like a timeout.
+        | Code::Cancelled => Outcome::Retryable(detail),
+        _ => Outcome::Rejected(detail),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_codes_are_retried_and_the_rest_rejected() {
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::ResourceExhausted,
+            Code::Aborted,
+            Code::Internal,
+            Code::Unknown,
+            Code::Cancelled,
+        ] {
+            assert!(
+                matches!(classify(&Status::new(code, "x")), Outcome::Retryable(_)),
+                "{code:?}"
+            );
+        }
+        for code in [
+            Code::FailedPrecondition,
+            Code::NotFound,
+            Code::InvalidArgument,
+            Code::AlreadyExists,
+            Code::PermissionDenied,
+        ] {
+            assert!(
+                matches!(classify(&Status::new(code, "x")), Outcome::Rejected(_)),
+                "{code:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn details_name_the_code_and_keep_the_message() {
+        assert_eq!(
+            classify(&Status::failed_precondition("out of stock: p1")),
+            Outcome::Rejected("FAILED_PRECONDITION: out of stock: p1".into())
+        );
+    }
+}

@@ -1,0 +1,86 @@
+//! The orchestrator's one error type, and its one mapping to `tonic::Status`.
+
+use tonic::Status;
+
+use crate::saga;
+
+/// Everything the orchestrator can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Malformed input; nothing was recorded.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// No saga with that id.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request makes no sense in the saga's current status.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Too many sagas in flight; nothing was recorded.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The server is shutting down.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Missing or wrong admin token.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The state machine refused an event.
+    #[error(transparent)]
+    Saga(#[from] saga::Error),
+    /// The database failed or could not be reached.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The embedded migrations could not be applied.
+    #[error("migrating the database failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored saga state could not be read back.
+    #[error("corrupt saga state: {0}")]
+    Corrupt(String),
+    /// The gRPC server failed.
+    #[error("gRPC server error: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+impl Error {
+    /// Shorthand for [`Error::InvalidArgument`].
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::InvalidArgument(message.into())
+    }
+}
+
+impl From<participants::Error> for Error {
+    fn from(error: participants::Error) -> Self {
+        match error {
+            participants::Error::InvalidArgument(message) => Self::InvalidArgument(message),
+            participants::Error::NotFound(message) => Self::NotFound(message),
+            participants::Error::FailedPrecondition(message) => Self::FailedPrecondition(message),
+            participants::Error::Database(e) => Self::Database(e),
+            participants::Error::Migrate(e) => Self::Migrate(e),
+            participants::Error::Transport(e) => Self::Transport(e),
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        match error {
+            Error::InvalidArgument(message) => Status::invalid_argument(message),
+            Error::NotFound(message) => Status::not_found(message),
+            Error::FailedPrecondition(message) => Status::failed_precondition(message),
+            Error::ResourceExhausted(message) => Status::resource_exhausted(message),
+            Error::Unavailable(message) => Status::unavailable(message),
+            Error::Unauthenticated(message) => Status::unauthenticated(message),
+            Error::Saga(e) => Status::failed_precondition(e.to_string()),
+            Error::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => {
+                tracing::warn!(%error, "database unavailable");
+                Status::unavailable("database unavailable, try again")
+            }
+            other => {
+                // The cause goes to the log, never to the client.
+                tracing::error!(error = %other, "internal error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}

@@ -1,0 +1,640 @@
+//! The executor drives sagas: it carries out the state machine's commands
+//! (calls to participants), records each outcome as one transition, waits
+//! out stored backoffs, and keeps the sagas it drives leased.
+//!
+//! - A saga placed here is driven at once, in-process, holding one of
+//!   `max_in_flight` permits (PlaceOrder answers RESOURCE_EXHAUSTED when
+//!   none is left).
+//! - The sweeper claims sagas with work due and no live lease (a replica
+//!   crashed, or handed them back) with `FOR UPDATE SKIP LOCKED`.
+//! - The renewer extends the leases of every saga driven here.
+//! - A transition that loses a race (a cancel or operator request changed
+//!   the row) reloads the row and re-applies the same event; a driver whose
+//!   lease was taken over stops.
+//!
+//! Writes per saga on the happy path: the creation, then one per step
+//! outcome. A call is never written before it is sent: the state already
+//! says which call is next, and a replica that resumes after a crash sends
+//! it again (participants are idempotent).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::Notify;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
+use tracing::Instrument;
+
+use crate::clients::{StepCall, StepCalls};
+use crate::error::Error;
+use crate::saga::{Command, Event, Kind, ORDER_SAGA, Outcome, Policy, SagaState, Status};
+use crate::store::{Commit, JournalEntry, LeaseChange, NextAttempt, SagaRecord, SagaStore};
+
+/// How the executor behaves.
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// This replica's name in leases and the journal.
+    pub replica_id: String,
+    /// Attempt budgets.
+    pub policy: Policy,
+    /// First retry delay (before jitter); doubles per attempt.
+    pub backoff_base: Duration,
+    /// Longest retry delay.
+    pub backoff_cap: Duration,
+    /// How long a lease lasts without renewal.
+    pub lease_ttl: Duration,
+    /// How often the sweeper looks for orphaned or due sagas.
+    pub poll_interval: Duration,
+    /// Most sagas driven at once by this replica.
+    pub max_in_flight: usize,
+}
+
+/// A saga's status changed (for WatchOrder).
+#[derive(Debug, Clone)]
+pub struct StatusUpdate {
+    /// The saga.
+    pub saga_id: String,
+    /// Its new status.
+    pub status: Status,
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn now_epoch() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Exponential backoff with full jitter: a delay uniformly drawn from
+/// `[0, min(cap, base * 2^(attempt-1))]`, `fraction` being the draw in
+/// `[0, 1)`. Pure, so it is tested without randomness.
+pub fn backoff_delay(base: Duration, cap: Duration, attempt: u32, fraction: f64) -> Duration {
+    let exponent = attempt.saturating_sub(1).min(30);
+    let ceiling = base.saturating_mul(1 << exponent).min(cap);
+    ceiling.mul_f64(fraction.clamp(0.0, 1.0))
+}
+
+/// Drives sagas. One per orchestrator process.
+pub struct Executor {
+    store: Arc<dyn SagaStore>,
+    calls: Arc<dyn StepCalls>,
+    config: ExecutorConfig,
+    permits: Arc<Semaphore>,
+    /// Sagas driven here, with the handle that wakes their driver early.
+    driving: Mutex<HashMap<String, Arc<Notify>>>,
+    updates: broadcast::Sender<StatusUpdate>,
+    stopping: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("config", &self.config)
+            .field("in_flight", &self.in_flight())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Executor {
+    /// An executor on `store`, calling participants through `calls`.
+    pub fn new(
+        store: Arc<dyn SagaStore>,
+        calls: Arc<dyn StepCalls>,
+        config: ExecutorConfig,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            calls,
+            permits: Arc::new(Semaphore::new(config.max_in_flight)),
+            config,
+            driving: Mutex::new(HashMap::new()),
+            updates: broadcast::channel(1024).0,
+            stopping: watch::channel(false).0,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ExecutorConfig {
+        &self.config
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn SagaStore> {
+        &self.store
+    }
+
+    /// Sagas driven here now.
+    pub fn in_flight(&self) -> usize {
+        self.config.max_in_flight - self.permits.available_permits()
+    }
+
+    /// Status changes of sagas driven here.
+    pub fn subscribe(&self) -> broadcast::Receiver<StatusUpdate> {
+        self.updates.subscribe()
+    }
+
+    /// Resolves when the executor starts stopping.
+    pub fn stopping(&self) -> watch::Receiver<bool> {
+        self.stopping.subscribe()
+    }
+
+    /// Takes one in-flight slot for a new saga, or refuses at once.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, Error> {
+        if *self.stopping.borrow() {
+            return Err(Error::Unavailable(
+                "the orchestrator is shutting down".into(),
+            ));
+        }
+        self.permits.clone().try_acquire_owned().map_err(|_| {
+            Error::ResourceExhausted(format!(
+                "too many orders in flight (limit {}); try again later",
+                self.config.max_in_flight
+            ))
+        })
+    }
+
+    /// Wakes the driver of `saga_id` if it runs here (after a cancel or an
+    /// operator request changed the saga).
+    pub fn wake(&self, saga_id: &str) -> bool {
+        let driving = self.driving.lock().unwrap_or_else(|e| e.into_inner());
+        match driving.get(saga_id) {
+            Some(notify) => {
+                notify.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Tells WatchOrder streams about a status change.
+    pub fn publish(&self, saga_id: &str, status: Status) {
+        let _ = self.updates.send(StatusUpdate {
+            saga_id: saga_id.to_owned(),
+            status,
+        });
+    }
+
+    /// Applies a client's or operator's request (cancel, retry, abort) to a
+    /// saga, journalled as a CONTROL entry by `actor` with `detail`, and
+    /// makes sure a driver acts on it. Returns the saga after the request;
+    /// a request that changes nothing is not written.
+    pub async fn request(
+        self: &Arc<Self>,
+        saga_id: &str,
+        event: &Event,
+        name: &str,
+        actor: &str,
+        detail: &str,
+    ) -> Result<SagaRecord, Error> {
+        loop {
+            let saga = self
+                .store
+                .load(saga_id)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("no order {saga_id}")))?;
+            let next = saga.state.apply(&ORDER_SAGA, &self.config.policy, event)?;
+            if next == saga.state {
+                return Ok(saga);
+            }
+            let now = now_epoch();
+            let journal = [JournalEntry {
+                step: name.to_owned(),
+                kind: "CONTROL".to_owned(),
+                attempt: 0,
+                outcome: "ACCEPTED".to_owned(),
+                detail: detail.to_owned(),
+                rpc: String::new(),
+                actor: actor.to_owned(),
+                started_at: now,
+                finished_at: Some(now),
+            }];
+            let commit = Commit {
+                saga_id,
+                expected_version: saga.version,
+                state: &next,
+                definition: &ORDER_SAGA,
+                journal: &journal,
+                next_attempt: if next.waiting_retry {
+                    NextAttempt::Keep
+                } else {
+                    NextAttempt::Clear
+                },
+                lease: LeaseChange::Keep,
+            };
+            let Some(version) = self.store.commit(commit).await? else {
+                continue; // the saga moved meanwhile: decide again
+            };
+            let status = next.status(&ORDER_SAGA);
+            tracing::info!(saga_id, request = name, actor, detail, %status, "request accepted");
+            if status != saga.status {
+                self.publish(saga_id, status);
+            }
+            self.resume(saga_id).await;
+            return Ok(SagaRecord {
+                state: next,
+                status,
+                version,
+                ..saga
+            });
+        }
+    }
+
+    /// Gets a driver to look at a saga now: wakes it if it runs here, or
+    /// starts one here if no replica holds the saga's lease. (A driver on
+    /// another replica notices at its next write or wake-up.)
+    async fn resume(self: &Arc<Self>, saga_id: &str) {
+        if self.wake(saga_id) {
+            return;
+        }
+        let Ok(permit) = self.admit() else {
+            return; // the sweeper takes it when a slot frees up
+        };
+        match self
+            .store
+            .claim(saga_id, &self.config.replica_id, self.config.lease_ttl)
+            .await
+        {
+            Ok(Some(saga)) => self.spawn(saga, permit),
+            Ok(None) => {}
+            Err(error) => tracing::warn!(%error, saga_id, "could not claim the saga to resume it"),
+        }
+    }
+
+    /// Drives `saga`, which this replica has leased, on a task of its own.
+    pub fn spawn(self: &Arc<Self>, saga: SagaRecord, permit: OwnedSemaphorePermit) {
+        let notify = Arc::new(Notify::new());
+        {
+            let mut driving = self.driving.lock().unwrap_or_else(|e| e.into_inner());
+            if driving.contains_key(&saga.saga_id) {
+                // Already driven here (a claim raced a local start).
+                return;
+            }
+            driving.insert(saga.saga_id.clone(), notify.clone());
+        }
+        let span = tracing::info_span!("saga", saga_id = %saga.saga_id);
+        let executor = self.clone();
+        tokio::spawn(
+            async move {
+                let saga_id = saga.saga_id.clone();
+                let _ = executor.drive(saga, &notify).await;
+                executor
+                    .driving
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&saga_id);
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Starts the sweeper and the lease renewer. Leases this replica held
+    /// before a restart are released first, so its sagas resume at once.
+    pub async fn start(self: &Arc<Self>) -> Result<(), Error> {
+        let released = self.store.release_leases(&self.config.replica_id).await?;
+        if released > 0 {
+            tracing::info!(
+                released,
+                "resuming sagas this replica held before it stopped"
+            );
+        }
+        tokio::spawn(self.clone().sweep());
+        tokio::spawn(self.clone().renew());
+        Ok(())
+    }
+
+    /// Refuses new orders and tells drivers and watch streams to stop;
+    /// [`Executor::shutdown`] then waits for them.
+    pub fn begin_stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Stops taking work: drivers finish the call they are making, record
+    /// it and stop; then every lease is handed back for other replicas.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.begin_stop();
+        let all = u32::try_from(self.config.max_in_flight).unwrap_or(u32::MAX);
+        match tokio::time::timeout(grace, self.permits.acquire_many(all)).await {
+            Ok(_) => tracing::info!("every saga driver stopped"),
+            Err(_) => tracing::warn!(
+                still_running = self.in_flight(),
+                "saga drivers still running after the grace period; their leases are released anyway"
+            ),
+        }
+        match self.store.release_leases(&self.config.replica_id).await {
+            Ok(released) => tracing::info!(released, "leases handed back"),
+            Err(error) => tracing::warn!(%error, "could not hand leases back; they will expire"),
+        }
+    }
+
+    async fn sweep(self: Arc<Self>) {
+        let mut stopping = self.stopping();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.poll_interval) => {}
+                _ = stopping.changed() => return,
+            }
+            let free = self.permits.available_permits().min(256) as i64;
+            if free == 0 {
+                continue;
+            }
+            match self
+                .store
+                .claim_due(&self.config.replica_id, free, self.config.lease_ttl)
+                .await
+            {
+                Ok(claimed) => {
+                    for saga in claimed {
+                        tracing::info!(saga_id = %saga.saga_id, status = %saga.status, "claimed saga");
+                        match self.permits.clone().try_acquire_owned() {
+                            Ok(permit) => self.spawn(saga, permit),
+                            // Cannot happen with one sweeper; the lease expires
+                            // and the saga is claimed again.
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "sweeper could not claim sagas"),
+            }
+        }
+    }
+
+    async fn renew(self: Arc<Self>) {
+        let mut stopping = self.stopping();
+        let period = self.config.lease_ttl / 3;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = stopping.changed() => return,
+            }
+            let ids: Vec<String> = self
+                .driving
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .cloned()
+                .collect();
+            if let Err(error) = self
+                .store
+                .renew_leases(&self.config.replica_id, &ids, self.config.lease_ttl)
+                .await
+            {
+                tracing::warn!(%error, "could not renew leases");
+            }
+        }
+    }
+
+    /// Reloads a saga; None when this replica no longer holds its lease.
+    async fn reload_owned(&self, saga_id: &str) -> Option<SagaRecord> {
+        loop {
+            match self.store.load(saga_id).await {
+                Ok(Some(saga)) if saga.lease_owner.as_deref() == Some(&self.config.replica_id) => {
+                    return Some(saga);
+                }
+                Ok(_) => {
+                    tracing::info!("lease lost; another replica drives this saga now");
+                    return None;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot reload the saga; retrying");
+                    if self.pause(Duration::from_secs(1)).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sleeps; true when the executor started stopping meanwhile.
+    async fn pause(&self, duration: Duration) -> bool {
+        let mut stopping = self.stopping();
+        if *stopping.borrow() {
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(duration) => false,
+            _ = stopping.changed() => true,
+        }
+    }
+
+    fn retry_delay(&self, attempt: u32) -> Duration {
+        let fraction = (participants::domain::random_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        backoff_delay(
+            self.config.backoff_base,
+            self.config.backoff_cap,
+            attempt,
+            fraction,
+        )
+    }
+
+    async fn drive(&self, mut saga: SagaRecord, notify: &Notify) -> Option<()> {
+        tracing::debug!(status = %saga.status, "driving");
+        let mut stopping = self.stopping();
+        // When a stored backoff ends, in this process's clock.
+        let mut due = due_instant(saga.next_attempt_at);
+        loop {
+            if *stopping.borrow() {
+                return None;
+            }
+            let (step, kind, attempt) = match saga.state.next_command() {
+                None => return Some(()),
+                Some(Command::Call {
+                    step,
+                    kind,
+                    attempt,
+                }) => (step, kind, attempt),
+                Some(Command::RetryLater {
+                    step,
+                    kind,
+                    attempt,
+                }) => {
+                    if let Some(at) = due.filter(|at| *at > Instant::now()) {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(at.into()) => {}
+                            _ = notify.notified() => {}
+                            _ = stopping.changed() => return None,
+                        }
+                        // A cancel or an operator may have changed the saga
+                        // meanwhile, here or on another replica.
+                        let fresh = self.reload_owned(&saga.saga_id).await?;
+                        if fresh.version != saga.version {
+                            due = due_instant(fresh.next_attempt_at);
+                            saga = fresh;
+                        }
+                        continue;
+                    }
+                    (step, kind, attempt)
+                }
+            };
+
+            let definition = &ORDER_SAGA.steps[step];
+            let rpc = match kind {
+                Kind::Action => definition.action,
+                Kind::Compensation => definition.compensation,
+            };
+            let started_at = now_epoch();
+            let outcome = self
+                .calls
+                .call(StepCall {
+                    saga_id: &saga.saga_id,
+                    step,
+                    kind,
+                    customer_id: &saga.customer_id,
+                    items: &saga.items,
+                    outputs: &saga.state.outputs,
+                })
+                .await;
+            let finished_at = now_epoch();
+            let (outcome_name, detail) = match &outcome {
+                Outcome::Succeeded(_) => ("SUCCEEDED", String::new()),
+                Outcome::Retryable(detail) => ("RETRYABLE_FAILURE", detail.clone()),
+                Outcome::Rejected(detail) => ("REJECTED", detail.clone()),
+            };
+            tracing::info!(
+                step = definition.name,
+                kind = kind.as_str(),
+                attempt,
+                outcome = outcome_name,
+                detail,
+                "call finished"
+            );
+            let journal = [JournalEntry {
+                step: definition.name.to_owned(),
+                kind: kind.as_str().to_owned(),
+                attempt: attempt as i32,
+                outcome: outcome_name.to_owned(),
+                detail,
+                rpc: rpc.to_owned(),
+                actor: self.config.replica_id.clone(),
+                started_at,
+                finished_at: Some(finished_at),
+            }];
+            let event = Event::CallFinished {
+                step,
+                kind,
+                attempt,
+                outcome,
+            };
+            match self.record(&mut saga, &event, &journal).await {
+                Some(delay) => due = delay.map(|d| Instant::now() + d),
+                None => return None,
+            }
+        }
+    }
+
+    /// Applies `event` and writes the transition with `journal`, re-applying
+    /// to a fresh read when the row changed meanwhile. Returns the backoff
+    /// to wait before the next call (None inside when there is none), or
+    /// None when this replica lost the saga or is stopping.
+    async fn record(
+        &self,
+        saga: &mut SagaRecord,
+        event: &Event,
+        journal: &[JournalEntry],
+    ) -> Option<Option<Duration>> {
+        let owner = self.config.replica_id.as_str();
+        loop {
+            let next: SagaState = match saga.state.apply(&ORDER_SAGA, &self.config.policy, event) {
+                Ok(next) => next,
+                Err(error) => {
+                    // Call outcomes are always applicable; keep the state.
+                    tracing::error!(%error, "state machine refused a call outcome");
+                    saga.state.clone()
+                }
+            };
+            let status = next.status(&ORDER_SAGA);
+            let delay = next
+                .waiting_retry
+                .then(|| self.retry_delay(next.current_attempts() + 1));
+            let commit = Commit {
+                saga_id: &saga.saga_id,
+                expected_version: saga.version,
+                state: &next,
+                definition: &ORDER_SAGA,
+                journal,
+                next_attempt: delay.map_or(NextAttempt::Clear, NextAttempt::In),
+                lease: if status.is_settled() {
+                    LeaseChange::Release { owner }
+                } else {
+                    LeaseChange::Extend {
+                        owner,
+                        ttl: self.config.lease_ttl,
+                    }
+                },
+            };
+            match self.store.commit(commit).await {
+                Ok(Some(version)) => {
+                    let changed = status != saga.status;
+                    saga.version = version;
+                    saga.state = next;
+                    saga.status = status;
+                    if changed {
+                        self.publish(&saga.saga_id, status);
+                        log_status(saga, delay);
+                    } else if let Some(delay) = delay {
+                        tracing::info!(?delay, "retrying after backoff");
+                    }
+                    return Some(delay);
+                }
+                Ok(None) => {
+                    // The row changed under us: re-apply to what is there now.
+                    *saga = self.reload_owned(&saga.saga_id).await?;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot record the outcome; retrying");
+                    if self.pause(Duration::from_secs(1)).await {
+                        // The call is sent again by whoever resumes the saga.
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn log_status(saga: &SagaRecord, delay: Option<Duration>) {
+    let status = saga.status;
+    let reason = saga.state.failure_reason.as_deref().unwrap_or("");
+    match status {
+        Status::Completed => tracing::info!(%status, "saga completed"),
+        Status::Failed | Status::Cancelled => tracing::info!(%status, reason, "saga ended"),
+        Status::NeedsAttention => tracing::warn!(%status, reason, "saga needs an operator"),
+        Status::Compensating | Status::Cancelling => {
+            tracing::info!(%status, reason, "compensating")
+        }
+        _ => tracing::info!(%status, ?delay, "next step"),
+    }
+}
+
+/// A stored deadline (seconds since the epoch) as an `Instant`.
+fn due_instant(at: Option<f64>) -> Option<Instant> {
+    let wait = at? - now_epoch();
+    (wait > 0.0).then(|| Instant::now() + Duration::from_secs_f64(wait))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_jitters_below_it() {
+        let base = Duration::from_millis(50);
+        let cap = Duration::from_secs(10);
+        assert_eq!(backoff_delay(base, cap, 1, 1.0), Duration::from_millis(50));
+        assert_eq!(backoff_delay(base, cap, 2, 1.0), Duration::from_millis(100));
+        assert_eq!(backoff_delay(base, cap, 4, 1.0), Duration::from_millis(400));
+        assert_eq!(backoff_delay(base, cap, 20, 1.0), cap);
+        assert_eq!(backoff_delay(base, cap, u32::MAX, 1.0), cap);
+        assert_eq!(backoff_delay(base, cap, 3, 0.0), Duration::ZERO);
+        assert_eq!(backoff_delay(base, cap, 3, 0.5), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn stored_deadlines_become_instants() {
+        assert_eq!(due_instant(None), None);
+        assert_eq!(due_instant(Some(now_epoch() - 5.0)), None);
+        let due = due_instant(Some(now_epoch() + 60.0)).unwrap();
+        assert!(due > Instant::now() + Duration::from_secs(50));
+    }
+}

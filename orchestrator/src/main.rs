@@ -1,0 +1,95 @@
+//! `orchestrator serve`: runs the saga orchestrator. Parses flags, sets up
+//! logging, and calls the library.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use orchestrator::clients::GrpcParticipants;
+use orchestrator::config::ServeArgs;
+use tokio::net::TcpListener;
+
+/// The saga orchestrator for orders: places orders, drives each one's saga
+/// (reserve inventory -> charge payment -> ship) over gRPC, retries transient
+/// failures and compensates on failure or cancel, durably in PostgreSQL.
+///
+/// Example:
+///   orchestrator serve --database-url postgres://postgres@127.0.0.1/orchestrator \
+///       --inventory-url http://127.0.0.1:50061 --payment-url http://127.0.0.1:50062 \
+///       --fulfillment-url http://127.0.0.1:50063
+#[derive(Debug, Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve saga.v1.OrderService on PostgreSQL, calling the participants.
+    Serve(Box<ServeArgs>),
+}
+
+fn main() -> ExitCode {
+    let cli: Cli = match participants::cli::parse_args("orchestrator") {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    participants::cli::init_logging();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("orchestrator: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Command::Serve(args) = cli.command;
+    match runtime.block_on(serve(*args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("orchestrator: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    let settings = args.settings().map_err(|e| e.to_string())?;
+    let calls = GrpcParticipants::new(&settings.participants, settings.step_timeout)
+        .map_err(|e| e.to_string())?;
+    let store = orchestrator::server::connect(&args.database_url, args.connect_timeout)
+        .await
+        .map_err(|e| format!("cannot use the database: {e}"))?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let http = match args.http_listen {
+        Some(address) => Some(
+            TcpListener::bind(address)
+                .await
+                .map_err(|e| format!("cannot listen on {address} (--http-listen): {e}"))?,
+        ),
+        None => None,
+    };
+    tracing::info!(
+        address = %listener.local_addr().map_err(|e| e.to_string())?,
+        http = ?args.http_listen,
+        replica = %settings.executor.replica_id,
+        inventory = %settings.participants.inventory,
+        payment = %settings.participants.payment,
+        fulfillment = %settings.participants.fulfillment,
+        "orchestrator listening"
+    );
+    orchestrator::server::serve(
+        Arc::new(store),
+        Arc::new(calls),
+        settings,
+        listener,
+        http,
+        participants::cli::shutdown_signal(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    tracing::info!("orchestrator stopped");
+    Ok(())
+}

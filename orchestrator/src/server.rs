@@ -1,0 +1,92 @@
+//! Starting the orchestrator: connect and migrate its database, start the
+//! executor, and serve the gRPC API (with health and reflection) on a
+//! listener the caller bound, until the caller's shutdown future fires.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::saga::v1::order_service_server::OrderServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::api::OrderApi;
+use crate::clients::StepCalls;
+use crate::config::Settings;
+use crate::error::Error;
+use crate::executor::Executor;
+use crate::store::{PgStore, SagaStore};
+
+const SERVICES: &[&str] = &["saga.v1.OrderService", "grpc.health.v1.Health"];
+
+/// Connects to the orchestrator's database and applies its migrations.
+pub async fn connect(database_url: &str, connect_timeout: Duration) -> Result<PgStore, Error> {
+    let pool = participants::connect_pool(database_url, 32, connect_timeout).await?;
+    PgStore::migrate(pool).await
+}
+
+/// Serves the orchestrator on `listener` (and probes and metrics on
+/// `http_listener`) until `shutdown` completes; then
+/// refuses new work, lets calls in progress finish (up to the grace period)
+/// and hands its leases back.
+pub async fn serve(
+    store: Arc<dyn SagaStore>,
+    calls: Arc<dyn StepCalls>,
+    settings: Settings,
+    listener: TcpListener,
+    http_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let executor = Executor::new(store, calls, settings.executor.clone());
+    executor.start().await?;
+    if let Some(http) = http_listener {
+        tokio::spawn(crate::telemetry::serve_http(http, executor.clone()));
+    }
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for service in SERVICES {
+        health
+            .set_service_status(*service, ServingStatus::Serving)
+            .await;
+    }
+    let reflection = || {
+        SERVICES.iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |builder, name| builder.with_service_name(*name),
+        )
+    };
+    let reflection_v1 = reflection()
+        .with_service_name("grpc.reflection.v1.ServerReflection")
+        .build_v1()
+        .map_err(|e| Error::invalid(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection()
+        .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+        .build_v1alpha()
+        .map_err(|e| Error::invalid(format!("reflection: {e}")))?;
+
+    let stopping = executor.clone();
+    let signal = async move {
+        shutdown.await;
+        for service in SERVICES {
+            health
+                .set_service_status(*service, ServingStatus::NotServing)
+                .await;
+        }
+        // Ends watch streams and refuses new orders, so the server can drain.
+        stopping.begin_stop();
+    };
+    let served = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(OrderServiceServer::new(OrderApi::new(executor.clone())))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+        .await;
+    executor.shutdown(settings.shutdown_grace).await;
+    served?;
+    Ok(())
+}

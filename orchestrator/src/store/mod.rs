@@ -1,0 +1,252 @@
+//! Saga persistence: the saga rows (the order, its state machine, its
+//! lease and retry deadline) and their append-only journal, behind the
+//! [`SagaStore`] trait. [`PgStore`] is the PostgreSQL implementation.
+//!
+//! Every state change is one atomic write of the saga row, checked against
+//! the version the writer read (optimistic concurrency), together with its
+//! journal rows. Timestamps cross this boundary as seconds since the Unix
+//! epoch (`f64`), taken from the database clock where the database decides
+//! (leases, deadlines) and from the caller's where the caller measured
+//! (journal start and finish of a call).
+
+mod postgres;
+
+use std::time::Duration;
+
+pub use postgres::PgStore;
+
+use crate::error::Error;
+use crate::saga::{Definition, SagaState, Status};
+
+/// A product and a quantity of it, as stored with the order.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OrderItem {
+    /// The product.
+    pub product_id: String,
+    /// Units.
+    pub quantity: i32,
+}
+
+/// A saga to record.
+#[derive(Debug, Clone)]
+pub struct NewSaga {
+    /// Its id (the order id).
+    pub saga_id: String,
+    /// The client's idempotency key, if any.
+    pub idempotency_key: Option<String>,
+    /// The paying customer.
+    pub customer_id: String,
+    /// What was ordered.
+    pub items: Vec<OrderItem>,
+    /// The initial state.
+    pub state: SagaState,
+}
+
+/// A saga as stored.
+#[derive(Debug, Clone)]
+pub struct SagaRecord {
+    /// Its id.
+    pub saga_id: String,
+    /// The client's idempotency key, if any.
+    pub idempotency_key: Option<String>,
+    /// The paying customer.
+    pub customer_id: String,
+    /// What was ordered.
+    pub items: Vec<OrderItem>,
+    /// The state machine.
+    pub state: SagaState,
+    /// The status derived from the state when it was written.
+    pub status: Status,
+    /// The row's version, for optimistic concurrency.
+    pub version: i64,
+    /// When the next attempt is due.
+    pub next_attempt_at: Option<f64>,
+    /// The replica driving it.
+    pub lease_owner: Option<String>,
+    /// Until when.
+    pub lease_expires_at: Option<f64>,
+    /// When the order was placed.
+    pub created_at: f64,
+    /// When the row last changed.
+    pub updated_at: f64,
+    /// When it reached a terminal status.
+    pub finished_at: Option<f64>,
+}
+
+impl SagaRecord {
+    /// The order total, known once the reservation succeeded.
+    pub fn total_amount_cents(&self) -> i64 {
+        total_amount_cents(&self.state)
+    }
+}
+
+/// The order total recorded in a state's outputs (0 until reserved).
+pub fn total_amount_cents(state: &SagaState) -> i64 {
+    state
+        .outputs
+        .get("total_amount_cents")
+        .and_then(|total| total.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One journal row: an attempt of a step, or a client or operator request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JournalEntry {
+    /// Step name, or `cancel` / `retry` / `abort` for requests.
+    pub step: String,
+    /// `ACTION`, `COMPENSATION` or `CONTROL`.
+    pub kind: String,
+    /// Attempt number (0 for requests).
+    pub attempt: i32,
+    /// `SUCCEEDED`, `RETRYABLE_FAILURE`, `REJECTED`, or for requests
+    /// `ACCEPTED`.
+    pub outcome: String,
+    /// The participant's message, or who asked and why.
+    pub detail: String,
+    /// The RPC called; empty for requests.
+    pub rpc: String,
+    /// The replica that made the call, or the requester.
+    pub actor: String,
+    /// When it started.
+    pub started_at: f64,
+    /// When it ended.
+    pub finished_at: Option<f64>,
+}
+
+/// When the saga's next attempt is due, as written by a commit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NextAttempt {
+    /// Leave the stored deadline as it is.
+    Keep,
+    /// No deadline: the next call (if any) is due now.
+    Clear,
+    /// Due this long from now (database clock).
+    In(Duration),
+}
+
+/// What a commit does to the lease.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LeaseChange<'a> {
+    /// Leave it; no owner check (client and operator requests).
+    Keep,
+    /// Only if `owner` holds the lease; extend it by `ttl`.
+    Extend { owner: &'a str, ttl: Duration },
+    /// Only if `owner` holds the lease; give it up (the saga is settled or
+    /// the replica is stopping).
+    Release { owner: &'a str },
+}
+
+/// One state change.
+#[derive(Debug, Clone)]
+pub struct Commit<'a> {
+    /// The saga.
+    pub saga_id: &'a str,
+    /// The version the writer read; the write fails if it changed.
+    pub expected_version: i64,
+    /// The new state.
+    pub state: &'a SagaState,
+    /// The definition the state belongs to (to derive its status).
+    pub definition: &'a Definition,
+    /// Journal rows written with it.
+    pub journal: &'a [JournalEntry],
+    /// The retry deadline.
+    pub next_attempt: NextAttempt,
+    /// The lease.
+    pub lease: LeaseChange<'a>,
+}
+
+/// Filters of ListOrders / ListSagas; all optional, combined with AND.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Only this status.
+    pub status: Option<Status>,
+    /// Only this customer.
+    pub customer_id: Option<String>,
+    /// Only orders containing this product.
+    pub product_id: Option<String>,
+    /// Only sagas whose row has not changed for this long.
+    pub unchanged_for: Option<Duration>,
+    /// Only stuck sagas: NEEDS_ATTENTION, or non-terminal and unchanged for
+    /// `stuck_after`.
+    pub stuck_after: Option<Duration>,
+    /// Only sagas with ids below this one (pagination, newest first).
+    pub before_id: Option<String>,
+    /// At most this many.
+    pub limit: i64,
+}
+
+/// Counts for the admin Stats call.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    /// Sagas per status.
+    pub counts: Vec<(Status, i64)>,
+    /// Age of the oldest non-terminal saga, in seconds.
+    pub oldest_active_age: Option<f64>,
+    /// Sagas created in the last minute.
+    pub started_last_minute: i64,
+    /// Sagas finished in the last minute.
+    pub finished_last_minute: i64,
+}
+
+/// Saga persistence. One implementation per database.
+#[tonic::async_trait]
+pub trait SagaStore: Send + Sync + 'static {
+    /// Records a new saga leased to `owner`, or, when its idempotency key
+    /// was used before, returns the first saga. The flag says whether this
+    /// call created it.
+    async fn create(
+        &self,
+        saga: &NewSaga,
+        owner: &str,
+        lease_ttl: Duration,
+    ) -> Result<(SagaRecord, bool), Error>;
+
+    /// Reads a saga.
+    async fn load(&self, saga_id: &str) -> Result<Option<SagaRecord>, Error>;
+
+    /// Applies one state change; returns the new version, or None when the
+    /// version (or the lease) no longer matches and nothing was written.
+    async fn commit(&self, commit: Commit<'_>) -> Result<Option<i64>, Error>;
+
+    /// Leases to `owner` up to `limit` sagas that have work due and no live
+    /// lease (new, crashed, or handed back), skipping rows other replicas
+    /// are claiming.
+    async fn claim_due(
+        &self,
+        owner: &str,
+        limit: i64,
+        lease_ttl: Duration,
+    ) -> Result<Vec<SagaRecord>, Error>;
+
+    /// Leases one saga to `owner` if nobody holds a live lease on it.
+    async fn claim(
+        &self,
+        saga_id: &str,
+        owner: &str,
+        lease_ttl: Duration,
+    ) -> Result<Option<SagaRecord>, Error>;
+
+    /// Extends `owner`'s leases on `saga_ids`; returns the ids it still holds.
+    async fn renew_leases(
+        &self,
+        owner: &str,
+        saga_ids: &[String],
+        lease_ttl: Duration,
+    ) -> Result<Vec<String>, Error>;
+
+    /// Gives up every lease `owner` holds (shutdown, or a restart of the
+    /// same replica); returns how many.
+    async fn release_leases(&self, owner: &str) -> Result<u64, Error>;
+
+    /// A saga's journal, oldest first.
+    async fn journal(&self, saga_id: &str) -> Result<Vec<JournalEntry>, Error>;
+
+    /// Appends request rows (cancel, retry, abort) without a state change.
+    async fn append_journal(&self, saga_id: &str, entries: &[JournalEntry]) -> Result<(), Error>;
+
+    /// Sagas matching `filter`, newest first.
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<SagaRecord>, Error>;
+
+    /// Counts per status and activity of the last minute.
+    async fn stats(&self) -> Result<Stats, Error>;
+}
