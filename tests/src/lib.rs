@@ -7,6 +7,13 @@
 //! handle is dropped, after the service using it has been stopped.
 //! Set `TEST_LOG=1` to see the services' logs.
 
+mod system;
+
+pub use system::{
+    Audit, SpawnedOrchestrator, System, fault, place_request, settled, spawn_orchestrator,
+    spawn_system, spawn_system_with, test_settings,
+};
+
 use std::sync::Once;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

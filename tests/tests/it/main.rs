@@ -1,7 +1,11 @@
 //! Integration tests over real gRPC and real PostgreSQL, one binary. Each
 //! test gets fresh databases and in-process servers from the `harness`.
 
+mod cancel;
+mod chaos;
 mod faults;
 mod fulfillment;
 mod inventory;
+mod orders;
 mod payment;
+mod recovery;
