@@ -423,12 +423,11 @@ impl System {
     /// Checks the design's invariants over every saga in the database and
     /// every seeded product and account; the error says which one broke.
     pub async fn audit(&self) -> Result<Audit> {
-        let sagas: Vec<(String, String, sqlx::types::Json<Vec<ItemRow>>, String, i64)> =
-            sqlx::query_as(
-                "SELECT saga_id, customer_id, items, status, total_amount_cents FROM sagas",
-            )
-            .fetch_all(&self.pool)
-            .await?;
+        let sagas: Vec<SagaRow> = sqlx::query_as(
+            "SELECT saga_id, customer_id, items, status, total_amount_cents FROM sagas",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         let mut audit = Audit::default();
         let mut reserved_by_product: HashMap<String, i64> = HashMap::new();
         let mut spent_by_customer: HashMap<String, i64> = HashMap::new();
@@ -444,7 +443,14 @@ impl System {
         .collect();
         let shipments = states(self.participants.fulfillment.pool(), "shipments").await?;
 
-        for (saga_id, customer_id, items, status, total) in &sagas {
+        for SagaRow {
+            saga_id,
+            customer_id,
+            items,
+            status,
+            total_amount_cents: total,
+        } in &sagas
+        {
             *audit.by_status.entry(status.clone()).or_default() += 1;
             let reservation = reservations.get(saga_id).map(String::as_str);
             let charge = charges.get(saga_id);
@@ -490,7 +496,8 @@ impl System {
         }
 
         if audit.needs_attention.is_empty() {
-            for (product_id, initial) in self.initial_stock.lock().unwrap().clone() {
+            let initial_stock = self.initial_stock.lock().unwrap().clone();
+            for (product_id, initial) in initial_stock {
                 let (stock, reserved) = self.stock(&product_id).await?;
                 let sold = reserved_by_product.get(&product_id).copied().unwrap_or(0);
                 ensure!(
@@ -498,7 +505,8 @@ impl System {
                     "stock of {product_id} not conserved: initial {initial}, now {stock} available + {reserved} reserved, completed orders hold {sold}"
                 );
             }
-            for (customer_id, initial) in self.initial_balance.lock().unwrap().clone() {
+            let initial_balance = self.initial_balance.lock().unwrap().clone();
+            for (customer_id, initial) in initial_balance {
                 let balance = self.balance(&customer_id).await?;
                 let spent = spent_by_customer.get(&customer_id).copied().unwrap_or(0);
                 ensure!(
@@ -522,6 +530,15 @@ impl System {
         );
         Ok(audit)
     }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct SagaRow {
+    saga_id: String,
+    customer_id: String,
+    items: sqlx::types::Json<Vec<ItemRow>>,
+    status: String,
+    total_amount_cents: i64,
 }
 
 #[derive(Debug, Clone, serde::Deserialize)]
