@@ -1,26 +1,64 @@
 #!/usr/bin/env bash
-# Starts the whole system on this machine, on the local PostgreSQL:
-# one database per service (created if missing), every service on its
-# default port, logs to the terminal. Ctrl-C stops everything.
-#   DATABASE_SERVER=postgres://postgres@127.0.0.1:5432 bash deploy/local.sh [--fault-injection]
+# Starts the whole system on this machine, on the local PostgreSQL: one
+# database per service (created if missing), the three participants (with
+# fault injection, so you can make steps fail) and the orchestrator, logs to
+# the terminal. Ctrl-C (or SIGTERM) stops everything cleanly.
+#
+#   bash deploy/local.sh            # release build
+#   bash deploy/local.sh --debug    # debug build (faster to compile)
+#
+# Environment (defaults in brackets):
+#   DATABASE_SERVER   [postgres://postgres@127.0.0.1:5432]
+#   DB_PREFIX         prefix of the database names [none: inventory, payment, ...]
+#   ORCHESTRATOR_PORT [50051]  INVENTORY_PORT [50061]  PAYMENT_PORT [50062]
+#   FULFILLMENT_PORT  [50063]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 server=${DATABASE_SERVER:-postgres://postgres@127.0.0.1:5432}
-extra=("$@")
+prefix=${DB_PREFIX:-}
+orchestrator_port=${ORCHESTRATOR_PORT:-50051}
+inventory_port=${INVENTORY_PORT:-50061}
+payment_port=${PAYMENT_PORT:-50062}
+fulfillment_port=${FULFILLMENT_PORT:-50063}
 
-cargo build --release --bins
-for db in inventory payment fulfillment; do
+if [ "${1:-}" = "--debug" ]; then
+  cargo build --quiet --bins
+  bin=target/debug
+else
+  cargo build --quiet --release --bins
+  bin=target/release
+fi
+
+for service in inventory payment fulfillment orchestrator; do
+  db="${prefix}${service}"
   exists=$(psql "$server/postgres" -Atc "SELECT 1 FROM pg_database WHERE datname = '$db'")
-  [ "$exists" = 1 ] || psql "$server/postgres" -qc "CREATE DATABASE $db"
+  [ "$exists" = 1 ] || psql "$server/postgres" -qc "CREATE DATABASE \"$db\""
 done
 
 pids=()
-trap 'kill -TERM "${pids[@]}" 2>/dev/null; wait' INT TERM EXIT
-./target/release/participant inventory --listen 127.0.0.1:50061 --database-url "$server/inventory" "${extra[@]}" &
+stop() {
+  trap - INT TERM EXIT
+  kill -TERM "${pids[@]}" 2>/dev/null || true
+  wait "${pids[@]}" 2>/dev/null || true
+}
+trap 'stop; exit 0' INT TERM
+trap stop EXIT
+
+for participant in inventory payment fulfillment; do
+  port_var="${participant}_port"
+  "$bin/participant" "$participant" --listen "127.0.0.1:${!port_var}" \
+    --database-url "$server/${prefix}${participant}" --fault-injection &
+  pids+=($!)
+done
+"$bin/orchestrator" serve --listen "127.0.0.1:$orchestrator_port" \
+  --database-url "$server/${prefix}orchestrator" \
+  --inventory-url "http://127.0.0.1:$inventory_port" \
+  --payment-url "http://127.0.0.1:$payment_port" \
+  --fulfillment-url "http://127.0.0.1:$fulfillment_port" &
 pids+=($!)
-./target/release/participant payment --listen 127.0.0.1:50062 --database-url "$server/payment" "${extra[@]}" &
-pids+=($!)
-./target/release/participant fulfillment --listen 127.0.0.1:50063 --database-url "$server/fulfillment" "${extra[@]}" &
-pids+=($!)
+
+# Runs until stopped, or until one service dies (then stops the others).
 wait -n
+echo "local.sh: a service exited; stopping the others" >&2
+exit 1

@@ -1,0 +1,182 @@
+//! The `orchestrator` binary as a process: one-line errors and non-zero
+//! exits for bad flags, bad values and an unreachable database, `--help`,
+//! and SIGTERM handing the leases of sagas in flight back.
+
+use std::process::Command;
+
+use harness::TestDb;
+use harness::process::{Running, free_port, terminate, wait_until_serving};
+use proto::saga::v1::order_service_client::OrderServiceClient;
+
+fn orchestrator(args: &[&str]) -> Command {
+    harness::process::command(
+        env!("CARGO_BIN_EXE_orchestrator"),
+        args,
+        &[
+            "DATABASE_URL",
+            "ORCHESTRATOR_LISTEN",
+            "ORCHESTRATOR_STEP_ATTEMPTS",
+            "ORCHESTRATOR_BACKOFF_BASE",
+            "ORCHESTRATOR_BACKOFF_CAP",
+            "ORCHESTRATOR_REPLICA_ID",
+            "ORCHESTRATOR_ADMIN_TOKEN",
+        ],
+    )
+}
+
+#[track_caller]
+fn assert_one_line_failure(args: &[&str]) -> String {
+    harness::process::assert_one_line_failure(orchestrator(args), args)
+}
+
+#[test]
+fn bad_flags_and_values_are_one_line_and_a_non_zero_exit() {
+    let line = assert_one_line_failure(&["serve", "--bogus"]);
+    assert!(line.contains("--bogus"), "{line}");
+    let line = assert_one_line_failure(&[
+        "serve",
+        "--database-url",
+        "postgres://x/y",
+        "--step-timeout",
+        "soon",
+    ]);
+    assert!(line.contains("soon"), "{line}");
+    let line = assert_one_line_failure(&[
+        "serve",
+        "--database-url",
+        "postgres://x/y",
+        "--step-attempts",
+        "0",
+    ]);
+    assert!(line.contains("--step-attempts"), "{line}");
+    let line = assert_one_line_failure(&[
+        "serve",
+        "--database-url",
+        "postgres://x/y",
+        "--backoff-base",
+        "2s",
+        "--backoff-cap",
+        "1s",
+    ]);
+    assert!(line.contains("--backoff-base"), "{line}");
+    let line = assert_one_line_failure(&[
+        "serve",
+        "--database-url",
+        "postgres://x/y",
+        "--inventory-url",
+        "not a url",
+    ]);
+    assert!(line.contains("inventory"), "{line}");
+    assert_one_line_failure(&["launch"]);
+}
+
+#[test]
+fn an_unreachable_database_is_one_line_and_a_non_zero_exit() {
+    let line = assert_one_line_failure(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        "postgres://postgres@127.0.0.1:1/x",
+        "--connect-timeout",
+        "2s",
+    ]);
+    assert!(line.contains("database"), "{line}");
+}
+
+#[test]
+fn help_documents_every_flag_of_the_design() {
+    let (status, stdout, stderr) = Running::start(orchestrator(&["serve", "--help"])).finish();
+    assert!(status.success(), "{stderr}");
+    for flag in [
+        "--listen",
+        "--database-url",
+        "--inventory-url",
+        "--payment-url",
+        "--fulfillment-url",
+        "--http-listen",
+        "--admin-token",
+        "--step-timeout",
+        "--step-attempts",
+        "--compensation-attempts",
+        "--backoff-base",
+        "--backoff-cap",
+        "--max-in-flight",
+        "--stuck-after",
+    ] {
+        assert!(stdout.contains(flag), "--help mentions {flag}");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_hands_the_leases_of_sagas_in_flight_back() {
+    let db = TestDb::create("cli_orchestrator")
+        .await
+        .expect("test database");
+    let listen = format!("127.0.0.1:{}", free_port());
+    // No participant listens there: the saga keeps retrying Reserve.
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let mut command = orchestrator(&[
+        "serve",
+        "--listen",
+        &listen,
+        "--database-url",
+        db.url(),
+        "--inventory-url",
+        &nowhere,
+        "--payment-url",
+        &nowhere,
+        "--fulfillment-url",
+        &nowhere,
+        "--replica-id",
+        "cli-test-replica",
+        "--backoff-cap",
+        "200ms",
+        "--step-attempts",
+        "1000",
+    ]);
+    command.env("RUST_LOG", "info");
+    let mut process = Running::start(command);
+    let channel = wait_until_serving(
+        &mut process,
+        &format!("http://{listen}"),
+        "saga.v1.OrderService",
+    )
+    .await;
+    let order = OrderServiceClient::new(channel.clone())
+        .place_order(harness::place_request("alice", &[("widget", 1)], ""))
+        .await
+        .expect("place order")
+        .into_inner();
+
+    let pool = sqlx::PgPool::connect(db.url()).await.expect("connect");
+    let owner = || async {
+        sqlx::query_scalar::<_, Option<String>>("SELECT lease_owner FROM sagas WHERE saga_id = $1")
+            .bind(&order.order_id)
+            .fetch_one(&pool)
+            .await
+            .expect("saga row")
+    };
+    assert_eq!(owner().await.as_deref(), Some("cli-test-replica"));
+
+    terminate(process.pid());
+    let (status, _stdout, stderr) = tokio::task::spawn_blocking(move || process.finish())
+        .await
+        .expect("waiting for the process");
+    drop(channel);
+    assert!(status.success(), "exit status {status:?}; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("orchestrator listening"), "{stderr}");
+    assert!(stderr.contains("leases handed back"), "{stderr}");
+    assert_eq!(owner().await, None, "the lease was handed back");
+    let status: String = sqlx::query_scalar("SELECT status FROM sagas WHERE saga_id = $1")
+        .bind(&order.order_id)
+        .fetch_one(&pool)
+        .await
+        .expect("saga row");
+    assert_eq!(
+        status, "RESERVING_INVENTORY",
+        "still retrying its reservation"
+    );
+    pool.close().await;
+}
