@@ -96,6 +96,11 @@ pub struct ServeArgs {
     #[arg(long, env = "ORCHESTRATOR_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Most connections to the database.
+    #[arg(long, env = "ORCHESTRATOR_MAX_CONNECTIONS", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
     /// How long to keep trying to reach the database at start.
     #[arg(long, env = "ORCHESTRATOR_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub connect_timeout: Duration,

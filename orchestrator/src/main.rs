@@ -57,9 +57,13 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let settings = args.settings().map_err(|e| e.to_string())?;
     let calls = GrpcParticipants::new(&settings.participants, settings.step_timeout)
         .map_err(|e| e.to_string())?;
-    let store = orchestrator::server::connect(&args.database_url, args.connect_timeout)
-        .await
-        .map_err(|e| format!("cannot use the database: {e}"))?;
+    let store = orchestrator::server::connect(
+        &args.database_url,
+        args.max_connections,
+        args.connect_timeout,
+    )
+    .await
+    .map_err(|e| format!("cannot use the database: {e}"))?;
     let listener = TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;

@@ -21,9 +21,14 @@ use crate::store::{PgStore, SagaStore};
 
 const SERVICES: &[&str] = &["saga.v1.OrderService", "grpc.health.v1.Health"];
 
-/// Connects to the orchestrator's database and applies its migrations.
-pub async fn connect(database_url: &str, connect_timeout: Duration) -> Result<PgStore, Error> {
-    let pool = participants::connect_pool(database_url, 32, connect_timeout).await?;
+/// Connects to the orchestrator's database with a pool of up to
+/// `max_connections` and applies its migrations.
+pub async fn connect(
+    database_url: &str,
+    max_connections: u32,
+    connect_timeout: Duration,
+) -> Result<PgStore, Error> {
+    let pool = participants::connect_pool(database_url, max_connections, connect_timeout).await?;
     PgStore::migrate(pool).await
 }
 

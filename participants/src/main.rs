@@ -49,6 +49,11 @@ struct Args {
     #[arg(long, env = "PARTICIPANT_FAULT_INJECTION")]
     fault_injection: bool,
 
+    /// Most connections to the database.
+    #[arg(long, env = "PARTICIPANT_MAX_CONNECTIONS", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+
     /// How long to keep trying to reach the database at start.
     #[arg(long, env = "PARTICIPANT_CONNECT_TIMEOUT", default_value = "10s", value_parser = participants::cli::parse_duration)]
     connect_timeout: Duration,
@@ -83,9 +88,14 @@ fn main() -> ExitCode {
 
 async fn run(participant: Participant, args: Args) -> Result<(), String> {
     let listen = args.listen.unwrap_or(participant.default_listen());
-    let pool = participants::connect(participant, &args.database_url, args.connect_timeout)
-        .await
-        .map_err(|e| format!("cannot use the database: {e}"))?;
+    let pool = participants::connect(
+        participant,
+        &args.database_url,
+        args.max_connections,
+        args.connect_timeout,
+    )
+    .await
+    .map_err(|e| format!("cannot use the database: {e}"))?;
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;

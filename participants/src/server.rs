@@ -115,15 +115,17 @@ impl FromStr for Participant {
     }
 }
 
-/// Connects to the participant's database and applies its migrations.
+/// Connects to the participant's database with a pool of up to
+/// `max_connections` and applies its migrations.
 ///
 /// Fails within `connect_timeout` when the server is unreachable.
 pub async fn connect(
     participant: Participant,
     database_url: &str,
+    max_connections: u32,
     connect_timeout: Duration,
 ) -> Result<PgPool, Error> {
-    let pool = connect_pool(database_url, 16, connect_timeout).await?;
+    let pool = connect_pool(database_url, max_connections, connect_timeout).await?;
     participant.migrator().run(&pool).await?;
     Ok(pool)
 }

@@ -37,6 +37,12 @@ pub fn server_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
+/// Pool size of a participant in tests. Two tests run at once, each with a
+/// whole system, on a server that allows 100 connections.
+pub const PARTICIPANT_CONNECTIONS: u32 = 4;
+/// Pool size of an orchestrator in tests.
+pub const ORCHESTRATOR_CONNECTIONS: u32 = 8;
+
 /// Test databases are named `sagatest_<unix seconds>_<label>_<n>`; ones older
 /// than this were left by a killed run and are dropped on the next run.
 const STALE_AFTER: Duration = Duration::from_secs(6 * 3600);
@@ -218,7 +224,13 @@ pub async fn spawn_participant(
     options: ServeOptions,
 ) -> Result<SpawnedParticipant> {
     let db = TestDb::create(participant.name()).await?;
-    let pool = participants::connect(participant, db.url(), Duration::from_secs(10)).await?;
+    let pool = participants::connect(
+        participant,
+        db.url(),
+        PARTICIPANT_CONNECTIONS,
+        Duration::from_secs(10),
+    )
+    .await?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let endpoint = format!("http://{}", listener.local_addr()?);
     let (shutdown, stop) = oneshot::channel::<()>();

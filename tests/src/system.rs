@@ -91,7 +91,12 @@ pub async fn spawn_orchestrator(
     let replica_id = settings.executor.replica_id.clone();
     runtime.spawn(async move {
         let result = async {
-            let store = orchestrator::server::connect(&url, Duration::from_secs(10)).await?;
+            let store = orchestrator::server::connect(
+                &url,
+                crate::ORCHESTRATOR_CONNECTIONS,
+                Duration::from_secs(10),
+            )
+            .await?;
             let calls = GrpcParticipants::new(&settings.participants, settings.step_timeout)?;
             let listener = tokio::net::TcpListener::from_std(listener)
                 .map_err(|e| orchestrator::Error::invalid(e.to_string()))?;
@@ -216,7 +221,10 @@ pub async fn spawn_system_with(adjust: impl FnOnce(&mut Settings)) -> Result<Sys
     let mut settings = test_settings(&participants);
     adjust(&mut settings);
     let orchestrator = spawn_orchestrator(db.url(), settings.clone()).await?;
-    let pool = PgPool::connect(db.url()).await?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(db.url())
+        .await?;
     Ok(System {
         participants,
         orchestrator: Some(orchestrator),

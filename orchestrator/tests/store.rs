@@ -1,0 +1,293 @@
+//! `PgStore` on a real database: the optimistic version check, the lease
+//! check, the journal written only with its transition, the idempotency
+//! key, and the sweeper's claim rules.
+
+use std::time::Duration;
+
+use harness::TestDb;
+use orchestrator::saga::{Event, ORDER_SAGA, Outcome, Policy, SagaState, Status};
+use orchestrator::store::{
+    Commit, JournalEntry, LeaseChange, ListFilter, NewSaga, NextAttempt, OrderItem, PgStore,
+    SagaStore,
+};
+
+const TTL: Duration = Duration::from_secs(30);
+const POLICY: Policy = Policy {
+    action_attempts: 3,
+    compensation_attempts: 3,
+};
+
+async fn store() -> (PgStore, TestDb) {
+    let db = TestDb::create("store").await.expect("database");
+    let store = orchestrator::server::connect(db.url(), 2, Duration::from_secs(5))
+        .await
+        .expect("store");
+    (store, db)
+}
+
+fn new_saga(id: &str, key: Option<&str>) -> NewSaga {
+    NewSaga {
+        saga_id: id.into(),
+        idempotency_key: key.map(Into::into),
+        customer_id: "alice".into(),
+        items: vec![OrderItem {
+            product_id: "widget".into(),
+            quantity: 2,
+        }],
+        state: SagaState::new(&ORDER_SAGA),
+    }
+}
+
+fn entry(step: &str) -> JournalEntry {
+    JournalEntry {
+        step: step.into(),
+        kind: "ACTION".into(),
+        attempt: 1,
+        outcome: "SUCCEEDED".into(),
+        detail: String::new(),
+        rpc: "x/Y".into(),
+        actor: "r1".into(),
+        started_at: 1.0e9,
+        finished_at: Some(1.0e9 + 0.5),
+    }
+}
+
+fn reserved(state: &SagaState) -> SagaState {
+    state
+        .apply(
+            &ORDER_SAGA,
+            &POLICY,
+            &Event::CallFinished {
+                step: 0,
+                kind: orchestrator::saga::Kind::Action,
+                attempt: 1,
+                outcome: Outcome::Succeeded(vec![("total_amount_cents".into(), "500".into())]),
+            },
+        )
+        .unwrap()
+}
+
+fn commit<'a>(
+    id: &'a str,
+    version: i64,
+    state: &'a SagaState,
+    journal: &'a [JournalEntry],
+    lease: LeaseChange<'a>,
+) -> Commit<'a> {
+    Commit {
+        saga_id: id,
+        expected_version: version,
+        state,
+        definition: &ORDER_SAGA,
+        journal,
+        next_attempt: NextAttempt::Clear,
+        lease,
+    }
+}
+
+#[tokio::test]
+async fn a_commit_applies_once_per_version_and_writes_its_journal_only_then() {
+    let (store, _db) = store().await;
+    let (saga, created) = store
+        .create(&new_saga("s1", None), "r1", TTL)
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!(saga.status, Status::Pending);
+    let next = reserved(&saga.state);
+    let journal = [entry("reserve_inventory")];
+    let extend = LeaseChange::Extend {
+        owner: "r1",
+        ttl: TTL,
+    };
+
+    let version = store
+        .commit(commit("s1", saga.version, &next, &journal, extend))
+        .await
+        .unwrap()
+        .expect("the first commit applies");
+    assert_eq!(version, saga.version + 1);
+    // The same expected version again: a lost race, nothing written.
+    let stale = store
+        .commit(commit("s1", saga.version, &next, &journal, extend))
+        .await
+        .unwrap();
+    assert_eq!(stale, None);
+
+    let saga = store.load("s1").await.unwrap().unwrap();
+    assert_eq!(saga.status, Status::ChargingPayment);
+    assert_eq!(saga.total_amount_cents(), 500);
+    assert_eq!(saga.state, next);
+    let journal = store.journal("s1").await.unwrap();
+    assert_eq!(journal.len(), 1, "the stale commit wrote no journal row");
+    assert_eq!(journal[0], entry("reserve_inventory"));
+}
+
+#[tokio::test]
+async fn only_the_lease_owner_commits_and_release_gives_the_lease_up() {
+    let (store, _db) = store().await;
+    let (saga, _) = store
+        .create(&new_saga("s1", None), "r1", TTL)
+        .await
+        .unwrap();
+    let next = reserved(&saga.state);
+    let other = LeaseChange::Extend {
+        owner: "r2",
+        ttl: TTL,
+    };
+    assert_eq!(
+        store
+            .commit(commit("s1", saga.version, &next, &[], other))
+            .await
+            .unwrap(),
+        None,
+        "r2 does not hold the lease"
+    );
+    store
+        .commit(commit(
+            "s1",
+            saga.version,
+            &next,
+            &[],
+            LeaseChange::Release { owner: "r1" },
+        ))
+        .await
+        .unwrap()
+        .expect("the owner commits");
+    let saga = store.load("s1").await.unwrap().unwrap();
+    assert_eq!(saga.lease_owner, None);
+    assert_eq!(saga.lease_expires_at, None);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_records_one_saga() {
+    let (store, _db) = store().await;
+    let (first, created) = store
+        .create(&new_saga("s1", Some("key-1")), "r1", TTL)
+        .await
+        .unwrap();
+    assert!(created);
+    let (second, created) = store
+        .create(&new_saga("s2", Some("key-1")), "r1", TTL)
+        .await
+        .unwrap();
+    assert!(!created);
+    assert_eq!(second.saga_id, first.saga_id);
+    assert!(store.load("s2").await.unwrap().is_none());
+    // No key: every call records a saga.
+    store
+        .create(&new_saga("s3", None), "r1", TTL)
+        .await
+        .unwrap();
+    store
+        .create(&new_saga("s4", None), "r1", TTL)
+        .await
+        .unwrap();
+    let all = store
+        .list(&ListFilter {
+            limit: 10,
+            ..ListFilter::default()
+        })
+        .await
+        .unwrap();
+    let ids: Vec<&str> = all.iter().map(|s| s.saga_id.as_str()).collect();
+    assert_eq!(ids, ["s4", "s3", "s1"], "newest (highest id) first");
+}
+
+#[tokio::test]
+async fn the_sweeper_claims_only_due_sagas_without_a_live_lease() {
+    let (store, _db) = store().await;
+    // Leased to a live replica: not claimable.
+    store
+        .create(&new_saga("live", None), "r1", TTL)
+        .await
+        .unwrap();
+    // Its lease has already expired: claimable.
+    store
+        .create(&new_saga("orphan", None), "dead", Duration::ZERO)
+        .await
+        .unwrap();
+    // Handed back but its retry is not due yet: not claimable.
+    let (later, _) = store
+        .create(&new_saga("later", None), "r1", TTL)
+        .await
+        .unwrap();
+    let mut waiting = later.state.clone();
+    waiting.waiting_retry = true;
+    let mut future = commit(
+        "later",
+        later.version,
+        &waiting,
+        &[],
+        LeaseChange::Release { owner: "r1" },
+    );
+    future.next_attempt = NextAttempt::In(Duration::from_secs(3600));
+    store.commit(future).await.unwrap().expect("commit");
+    // Settled: never claimed.
+    let (done, _) = store
+        .create(&new_saga("done", None), "dead", Duration::ZERO)
+        .await
+        .unwrap();
+    let mut completed = done.state.clone();
+    completed.phase = orchestrator::saga::Phase::Completed;
+    store
+        .commit(commit(
+            "done",
+            done.version,
+            &completed,
+            &[],
+            LeaseChange::Keep,
+        ))
+        .await
+        .unwrap()
+        .expect("commit");
+
+    let claimed = store.claim_due("r2", 10, TTL).await.unwrap();
+    let ids: Vec<&str> = claimed.iter().map(|s| s.saga_id.as_str()).collect();
+    assert_eq!(ids, ["orphan"]);
+    assert_eq!(claimed[0].lease_owner.as_deref(), Some("r2"));
+    assert!(
+        store.claim_due("r3", 10, TTL).await.unwrap().is_empty(),
+        "claimed once"
+    );
+
+    // Renewal keeps only what the owner still holds; release hands all back.
+    let renewed = store
+        .renew_leases("r2", &["orphan".into(), "live".into()], TTL)
+        .await
+        .unwrap();
+    assert_eq!(renewed, ["orphan"]);
+    assert_eq!(store.release_leases("r1").await.unwrap(), 1);
+    assert!(store.claim("live", "r3", TTL).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn stuck_and_age_filters_select_the_right_sagas() {
+    let (store, _db) = store().await;
+    store
+        .create(&new_saga("fresh", None), "r1", TTL)
+        .await
+        .unwrap();
+    let (stuck, _) = store
+        .create(&new_saga("stuck", None), "r1", TTL)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE sagas SET updated_at = now() - interval '10 minutes',
+                created_at = now() - interval '10 minutes' WHERE saga_id = $1")
+        .bind(&stuck.saga_id)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let filter = ListFilter {
+        stuck_after: Some(Duration::from_secs(60)),
+        limit: 10,
+        ..ListFilter::default()
+    };
+    let found = store.list(&filter).await.unwrap();
+    let ids: Vec<&str> = found.iter().map(|s| s.saga_id.as_str()).collect();
+    assert_eq!(ids, ["stuck"]);
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.counts, [(Status::Pending, 2)]);
+    assert!(stats.oldest_active_age.unwrap() >= 600.0);
+    assert_eq!(stats.started_last_minute, 1);
+}
