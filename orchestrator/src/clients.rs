@@ -219,13 +219,23 @@ impl StepCalls for GrpcParticipants {
     async fn call(&self, call: StepCall<'_>) -> Outcome {
         // The client does not enforce a deadline by itself, and a server
         // whose deadline passed answers CANCELLED: our own timer decides.
-        match tokio::time::timeout(self.timeout, self.send(call)).await {
-            Ok(Ok(outputs)) => Outcome::Succeeded(outputs),
-            Ok(Err(status)) => classify(&status),
-            Err(_) => Outcome::Retryable(format!(
+        let timed_out = || {
+            Outcome::Retryable(format!(
                 "DEADLINE_EXCEEDED: no answer within {:?}",
                 self.timeout
-            )),
+            ))
+        };
+        match tokio::time::timeout(self.timeout, self.send(call)).await {
+            Ok(Ok(outputs)) => Outcome::Succeeded(outputs),
+            // The participant enforced the deadline we sent it (tonic says
+            // CANCELLED "Timeout expired"): report it as the timeout it is.
+            Ok(Err(status))
+                if status.code() == Code::Cancelled && status.message().contains("Timeout") =>
+            {
+                timed_out()
+            }
+            Ok(Err(status)) => classify(&status),
+            Err(_) => timed_out(),
         }
     }
 }

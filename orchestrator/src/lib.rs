@@ -5,12 +5,14 @@
 //! - [`store`]: saga rows and their journal, behind a trait; PostgreSQL.
 //! - [`error`]: the one error type and its mapping to `tonic::Status`.
 
+pub mod admin;
 pub mod api;
 pub mod clients;
 pub mod config;
 pub mod error;
 pub mod executor;
 pub mod saga;
+pub mod sagactl;
 pub mod server;
 pub mod store;
 pub mod telemetry;

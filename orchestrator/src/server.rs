@@ -6,12 +6,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use proto::saga::v1::admin_service_server::AdminServiceServer;
 use proto::saga::v1::order_service_server::OrderServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
+use crate::admin::{AdminApi, AdminAuth};
 use crate::api::OrderApi;
 use crate::clients::StepCalls;
 use crate::config::Settings;
@@ -19,7 +21,11 @@ use crate::error::Error;
 use crate::executor::Executor;
 use crate::store::{PgStore, SagaStore};
 
-const SERVICES: &[&str] = &["saga.v1.OrderService", "grpc.health.v1.Health"];
+const SERVICES: &[&str] = &[
+    "saga.v1.OrderService",
+    "saga.v1.AdminService",
+    "grpc.health.v1.Health",
+];
 
 /// Connects to the orchestrator's database with a pool of up to
 /// `max_connections` and applies its migrations.
@@ -89,6 +95,10 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(OrderServiceServer::new(OrderApi::new(executor.clone())))
+        .add_service(AdminServiceServer::with_interceptor(
+            AdminApi::new(executor.clone(), settings.stuck_after),
+            AdminAuth::new(settings.admin_token.clone()),
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
         .await;
     executor.shutdown(settings.shutdown_grace).await;

@@ -272,12 +272,14 @@ async fn stuck_and_age_filters_select_the_right_sagas() {
         .create(&new_saga("stuck", None), "r1", TTL)
         .await
         .unwrap();
-    sqlx::query("UPDATE sagas SET updated_at = now() - interval '10 minutes',
-                created_at = now() - interval '10 minutes' WHERE saga_id = $1")
-        .bind(&stuck.saga_id)
-        .execute(store.pool())
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE sagas SET progress_at = now() - interval '10 minutes',
+                created_at = now() - interval '10 minutes' WHERE saga_id = $1",
+    )
+    .bind(&stuck.saga_id)
+    .execute(store.pool())
+    .await
+    .unwrap();
     let filter = ListFilter {
         stuck_after: Some(Duration::from_secs(60)),
         limit: 10,

@@ -13,9 +13,14 @@ pub fn parse_args<T: clap::Parser>(program: &str) -> Result<T, ExitCode> {
         Ok(parsed) => Ok(parsed),
         Err(error) if !error.use_stderr() => error.exit(),
         Err(error) => {
+            // clap's message up to its usage block, on one line.
             let rendered = error.to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            eprintln!("{program}: {first} (see {program} --help)");
+            let message: Vec<&str> = rendered
+                .lines()
+                .take_while(|line| !line.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!("{program}: {} (see {program} --help)", message.join(" "));
             Err(ExitCode::from(2))
         }
     }
@@ -33,20 +38,22 @@ pub fn init_logging() {
         .init();
 }
 
-/// Parses "250ms", "10s", "2m" or a bare number of seconds.
+/// Parses "250ms", "10s", "2m", "1h", "1d" or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text
         .find(|c: char| !c.is_ascii_digit())
         .map_or((text, "s"), |at| text.split_at(at));
     let value: u64 = number
         .parse()
-        .map_err(|_| format!("{text:?} is not a duration such as 250ms, 10s or 2m"))?;
+        .map_err(|_| format!("{text:?} is not a duration such as 250ms, 10s, 2m or 1h"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(value)),
         "s" => Ok(Duration::from_secs(value)),
-        "m" => Ok(Duration::from_secs(value * 60)),
+        "m" => Ok(Duration::from_secs(value.saturating_mul(60))),
+        "h" => Ok(Duration::from_secs(value.saturating_mul(3600))),
+        "d" => Ok(Duration::from_secs(value.saturating_mul(86_400))),
         _ => Err(format!(
-            "{text:?} is not a duration such as 250ms, 10s or 2m"
+            "{text:?} is not a duration such as 250ms, 10s, 2m or 1h"
         )),
     }
 }
@@ -86,7 +93,8 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("5y").is_err());
         assert!(parse_duration("").is_err());
     }
 }

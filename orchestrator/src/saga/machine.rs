@@ -433,9 +433,11 @@ impl SagaState {
                         self.steps[step].succeeded = true;
                         self.outputs.extend(outputs.iter().cloned());
                         if step + 1 == definition.steps.len() {
-                            // The pivot succeeded: a pending cancel lost the race.
+                            // The pivot succeeded: a pending cancel lost the race,
+                            // and its reason is no failure of a completed order.
                             self.phase = Phase::Completed;
                             self.stop_requested = None;
+                            self.failure_reason = None;
                         } else if let Some(cause) = self.stop_requested {
                             self.begin_compensation(cause);
                         } else {

@@ -273,6 +273,7 @@ fn a_shipment_that_succeeds_after_a_cancel_completes_the_order() {
         Status::Completed,
         "the pivot won the race"
     );
+    assert_eq!(state.failure_reason, None, "nothing failed");
 }
 
 #[test]

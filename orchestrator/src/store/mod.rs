@@ -69,6 +69,9 @@ pub struct SagaRecord {
     pub created_at: f64,
     /// When the row last changed.
     pub updated_at: f64,
+    /// When the status or the current step last changed (retries do not
+    /// count).
+    pub progress_at: f64,
     /// When it reached a terminal status.
     pub finished_at: Option<f64>,
 }
@@ -164,10 +167,10 @@ pub struct ListFilter {
     pub customer_id: Option<String>,
     /// Only orders containing this product.
     pub product_id: Option<String>,
-    /// Only sagas whose row has not changed for this long.
-    pub unchanged_for: Option<Duration>,
-    /// Only stuck sagas: NEEDS_ATTENTION, or non-terminal and unchanged for
-    /// `stuck_after`.
+    /// Only sagas placed longer ago than this.
+    pub older_than: Option<Duration>,
+    /// Only stuck sagas: NEEDS_ATTENTION, or non-terminal with no progress
+    /// (status or step change) for `stuck_after`.
     pub stuck_after: Option<Duration>,
     /// Only sagas with ids below this one (pagination, newest first).
     pub before_id: Option<String>,

@@ -23,6 +23,7 @@ const SAGA_COLUMNS: &str = "saga_id, idempotency_key, customer_id, items, state,
     extract(epoch FROM lease_expires_at)::float8 AS lease_expires_at,
     extract(epoch FROM created_at)::float8 AS created_at,
     extract(epoch FROM updated_at)::float8 AS updated_at,
+    extract(epoch FROM progress_at)::float8 AS progress_at,
     extract(epoch FROM finished_at)::float8 AS finished_at";
 
 /// Statuses with no more work for the executor.
@@ -65,6 +66,7 @@ fn record(row: &PgRow) -> Result<SagaRecord, Error> {
         lease_expires_at: row.try_get("lease_expires_at")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        progress_at: row.try_get("progress_at")?,
         finished_at: row.try_get("finished_at")?,
     })
 }
@@ -231,6 +233,9 @@ impl SagaStore for PgStore {
                         WHEN 'extend' THEN now() + make_interval(secs => $15)
                         ELSE lease_expires_at END,
                     updated_at = now(),
+                    progress_at = CASE
+                        WHEN status IS DISTINCT FROM $4 OR current_step IS DISTINCT FROM $8
+                        THEN now() ELSE progress_at END,
                     finished_at = CASE WHEN $4 IN ('COMPLETED', 'FAILED', 'CANCELLED')
                         THEN coalesce(finished_at, now()) ELSE NULL END
                 WHERE saga_id = $1 AND version = $2
@@ -398,9 +403,9 @@ impl SagaStore for PgStore {
              WHERE ($1::text IS NULL OR status = $1)
                AND ($2::text IS NULL OR customer_id = $2)
                AND ($3::jsonb IS NULL OR items @> $3)
-               AND ($4::float8 IS NULL OR updated_at < now() - make_interval(secs => $4))
+               AND ($4::float8 IS NULL OR created_at < now() - make_interval(secs => $4))
                AND ($5::float8 IS NULL OR status = 'NEEDS_ATTENTION'
-                    OR (status NOT IN {SETTLED} AND updated_at < now() - make_interval(secs => $5)))
+                    OR (status NOT IN {SETTLED} AND progress_at < now() - make_interval(secs => $5)))
                AND ($6::text IS NULL OR saga_id < $6)
              ORDER BY saga_id DESC
              LIMIT $7"
@@ -408,7 +413,7 @@ impl SagaStore for PgStore {
         .bind(filter.status.map(Status::as_str))
         .bind(&filter.customer_id)
         .bind(product.map(Json))
-        .bind(filter.unchanged_for.map(|d| d.as_secs_f64()))
+        .bind(filter.older_than.map(|d| d.as_secs_f64()))
         .bind(filter.stuck_after.map(|d| d.as_secs_f64()))
         .bind(&filter.before_id)
         .bind(filter.limit)

@@ -1,0 +1,398 @@
+//! `saga.v1.AdminService`, for operators and `sagactl`: find stuck sagas,
+//! explain them, resume or abort them. Every mutating call is journalled
+//! with who asked and why. With `--admin-token`, each call must carry
+//! `authorization: Bearer <token>`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use participants::domain::{Id, bounded_text};
+use proto::saga::v1 as pb;
+use tonic::service::Interceptor;
+use tonic::{Request, Response, Status};
+
+use crate::api::{
+    history_pb, items_pb, page_size, page_token, status_filter, status_pb, timestamp,
+};
+use crate::error::Error;
+use crate::executor::{Executor, now_epoch};
+use crate::saga::{Event, Kind, ORDER_SAGA, Status as SagaStatus};
+use crate::store::{ListFilter, SagaRecord};
+
+/// Longest operator name and reason accepted, in bytes.
+const MAX_OPERATOR_BYTES: usize = 128;
+const MAX_REASON_BYTES: usize = 512;
+
+/// "1h02m", "4m05s", "12s", "850ms": short and exact enough for a table.
+pub fn human_duration(seconds: f64) -> String {
+    let seconds = seconds.max(0.0);
+    if seconds < 1.0 {
+        return format!("{}ms", (seconds * 1000.0) as u64);
+    }
+    let total = seconds as u64;
+    let (days, hours, minutes, secs) = (
+        total / 86_400,
+        total / 3600 % 24,
+        total / 60 % 60,
+        total % 60,
+    );
+    match (days, hours, minutes) {
+        (0, 0, 0) => format!("{secs}s"),
+        (0, 0, _) => format!("{minutes}m{secs:02}s"),
+        (0, _, _) => format!("{hours}h{minutes:02}m"),
+        _ => format!("{days}d{hours:02}h"),
+    }
+}
+
+/// Why a saga counts as stuck at `now`, or None.
+pub fn stuck_reason(saga: &SagaRecord, now: f64, stuck_after: Duration) -> Option<String> {
+    let reason = saga.state.failure_reason.as_deref().unwrap_or("");
+    if saga.status == SagaStatus::NeedsAttention {
+        return Some(format!("needs an operator: {reason}"));
+    }
+    let idle = now - saga.progress_at;
+    if saga.status.is_terminal() || idle <= stuck_after.as_secs_f64() {
+        return None;
+    }
+    let (step, kind) = saga.state.current()?;
+    let mut why = format!(
+        "no progress for {} at {} {} (attempt {})",
+        human_duration(idle),
+        ORDER_SAGA.steps[step].name,
+        match kind {
+            Kind::Action => "action",
+            Kind::Compensation => "compensation",
+        },
+        saga.state.current_attempts() + 1,
+    );
+    if let Some(error) = &saga.state.last_error {
+        why.push_str(&format!("; last error: {error}"));
+    }
+    match (
+        &saga.next_attempt_at,
+        &saga.lease_owner,
+        saga.lease_expires_at,
+    ) {
+        (Some(at), _, _) if *at > now => {
+            why.push_str(&format!("; next attempt in {}", human_duration(at - now)))
+        }
+        (_, Some(owner), Some(until)) if until > now => {
+            why.push_str(&format!("; driven by {owner}, call in flight"))
+        }
+        _ => why.push_str("; no replica holds it (a sweeper will claim it)"),
+    }
+    Some(why)
+}
+
+/// The summary line of a saga.
+pub fn summary_pb(saga: &SagaRecord, now: f64, stuck_after: Duration) -> pb::SagaSummary {
+    let current = saga.state.current().filter(|_| !saga.status.is_terminal());
+    pb::SagaSummary {
+        saga_id: saga.saga_id.clone(),
+        status: status_pb(saga.status).into(),
+        current_step: current
+            .map(|(step, _)| ORDER_SAGA.steps[step].name.to_owned())
+            .unwrap_or_default(),
+        attempts: if current.is_some() {
+            saga.state.current_attempts()
+        } else {
+            0
+        },
+        last_error: saga.state.last_error.clone().unwrap_or_default(),
+        created_at: Some(timestamp(saga.created_at)),
+        updated_at: Some(timestamp(saga.updated_at)),
+        next_attempt_at: saga.next_attempt_at.map(timestamp),
+        lease_owner: saga
+            .lease_owner
+            .clone()
+            .filter(|_| saga.lease_expires_at.is_some_and(|until| until > now))
+            .unwrap_or_default(),
+        stuck_reason: stuck_reason(saga, now, stuck_after).unwrap_or_default(),
+        customer_id: saga.customer_id.clone(),
+        progress_at: Some(timestamp(saga.progress_at)),
+    }
+}
+
+fn duration(value: Option<prost_types::Duration>, field: &str) -> Result<Option<Duration>, Error> {
+    value
+        .map(|d| {
+            Duration::try_from(d)
+                .map_err(|_| Error::invalid(format!("{field} must be a non-negative duration")))
+        })
+        .transpose()
+}
+
+/// `saga.v1.AdminService`.
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    executor: Arc<Executor>,
+    stuck_after: Duration,
+}
+
+impl AdminApi {
+    /// The service over `executor`; `stuck_after` is the default threshold.
+    pub fn new(executor: Arc<Executor>, stuck_after: Duration) -> Self {
+        Self {
+            executor,
+            stuck_after,
+        }
+    }
+
+    async fn load(&self, saga_id: String) -> Result<SagaRecord, Error> {
+        let saga_id = Id::parse("saga_id", saga_id)?;
+        self.executor
+            .store()
+            .load(saga_id.as_str())
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no saga {saga_id}")))
+    }
+
+    /// Applies an operator request; returns the saga's status after it.
+    async fn operate(
+        &self,
+        saga_id: String,
+        operator: String,
+        event: Event,
+        name: &str,
+        detail: String,
+    ) -> Result<SagaStatus, Error> {
+        let saga_id = Id::parse("saga_id", saga_id)?;
+        let operator = match bounded_text("operator", operator, MAX_OPERATOR_BYTES)? {
+            operator if operator.trim().is_empty() => "unknown operator".to_owned(),
+            operator => operator,
+        };
+        let saga = self
+            .executor
+            .request(
+                saga_id.as_str(),
+                &event,
+                name,
+                &format!("operator {operator}"),
+                &detail,
+            )
+            .await?;
+        Ok(saga.status)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_service_server::AdminService for AdminApi {
+    async fn list_sagas(
+        &self,
+        request: Request<pb::ListSagasRequest>,
+    ) -> Result<Response<pb::ListSagasResponse>, Status> {
+        let request = request.into_inner();
+        let limit = page_size(request.limit)?;
+        let stuck_after = duration(request.stuck_after, "stuck_after")?.unwrap_or(self.stuck_after);
+        let filter = ListFilter {
+            status: status_filter(request.status)?,
+            customer_id: match request.customer_id {
+                id if id.is_empty() => None,
+                id => Some(
+                    Id::parse("customer_id", id)
+                        .map_err(Error::from)?
+                        .into_inner(),
+                ),
+            },
+            older_than: duration(request.older_than, "older_than")?,
+            stuck_after: request.stuck_only.then_some(stuck_after),
+            before_id: page_token(request.page_token)?,
+            limit: limit + 1,
+            ..ListFilter::default()
+        };
+        let mut sagas = self.executor.store().list(&filter).await?;
+        let next_page_token = if sagas.len() as i64 > limit {
+            sagas.truncate(limit as usize);
+            sagas.last().map(|s| s.saga_id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let now = now_epoch();
+        Ok(Response::new(pb::ListSagasResponse {
+            sagas: sagas
+                .iter()
+                .map(|saga| summary_pb(saga, now, stuck_after))
+                .collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn get_saga(
+        &self,
+        request: Request<pb::GetSagaRequest>,
+    ) -> Result<Response<pb::GetSagaResponse>, Status> {
+        let saga = self.load(request.into_inner().saga_id).await?;
+        let journal = self.executor.store().journal(&saga.saga_id).await?;
+        Ok(Response::new(pb::GetSagaResponse {
+            saga: Some(summary_pb(&saga, now_epoch(), self.stuck_after)),
+            items: items_pb(&saga.items),
+            total_amount_cents: saga.total_amount_cents(),
+            failure_reason: saga.state.failure_reason.clone().unwrap_or_default(),
+            step_outputs: saga.state.outputs.clone().into_iter().collect(),
+            journal: history_pb(&saga, journal),
+            cancel_requested: matches!(saga.status, SagaStatus::Cancelling | SagaStatus::Cancelled),
+            version: saga.version,
+            idempotency_key: saga.idempotency_key.clone().unwrap_or_default(),
+        }))
+    }
+
+    async fn retry_saga(
+        &self,
+        request: Request<pb::RetrySagaRequest>,
+    ) -> Result<Response<pb::RetrySagaResponse>, Status> {
+        let request = request.into_inner();
+        let reason = bounded_text("reason", request.reason, MAX_REASON_BYTES)?;
+        let detail = if reason.is_empty() {
+            "retry now with a fresh attempt budget".to_owned()
+        } else {
+            format!("retry now with a fresh attempt budget: {reason}")
+        };
+        let saga_id = request.saga_id.clone();
+        let status = self
+            .operate(
+                request.saga_id,
+                request.operator,
+                Event::OperatorRetry,
+                "retry",
+                detail,
+            )
+            .await?;
+        Ok(Response::new(pb::RetrySagaResponse {
+            saga_id,
+            status: status_pb(status).into(),
+        }))
+    }
+
+    async fn abort_saga(
+        &self,
+        request: Request<pb::AbortSagaRequest>,
+    ) -> Result<Response<pb::AbortSagaResponse>, Status> {
+        let request = request.into_inner();
+        let reason = bounded_text("reason", request.reason, MAX_REASON_BYTES)?;
+        if reason.trim().is_empty() {
+            return Err(Error::invalid("reason is required: say why the saga is aborted").into());
+        }
+        let saga_id = request.saga_id.clone();
+        let status = self
+            .operate(
+                request.saga_id,
+                request.operator,
+                Event::OperatorAbort {
+                    reason: reason.clone(),
+                },
+                "abort",
+                format!("abort: {reason}"),
+            )
+            .await?;
+        Ok(Response::new(pb::AbortSagaResponse {
+            saga_id,
+            status: status_pb(status).into(),
+        }))
+    }
+
+    async fn stats(
+        &self,
+        _request: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        let stats = self.executor.store().stats().await?;
+        Ok(Response::new(pb::StatsResponse {
+            counts: stats
+                .counts
+                .into_iter()
+                .map(|(status, count)| pb::StatusCount {
+                    status: status_pb(status).into(),
+                    count,
+                })
+                .collect(),
+            oldest_non_terminal_age: stats.oldest_active_age.and_then(|age| {
+                prost_types::Duration::try_from(Duration::from_secs_f64(age.max(0.0))).ok()
+            }),
+            started_last_minute: stats.started_last_minute,
+            finished_last_minute: stats.finished_last_minute,
+            in_flight: self.executor.in_flight() as i64,
+        }))
+    }
+}
+
+/// Checks `authorization: Bearer <token>` on every AdminService call when a
+/// token is configured.
+#[derive(Debug, Clone)]
+pub struct AdminAuth {
+    token: Option<Arc<str>>,
+}
+
+impl AdminAuth {
+    /// Requires `token`, or nothing when None.
+    pub fn new(token: Option<String>) -> Self {
+        Self {
+            token: token.map(Arc::from),
+        }
+    }
+}
+
+/// Compares without stopping at the first difference, so the time taken
+/// does not tell how much of a guess was right.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Interceptor for AdminAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(token) = &self.token else {
+            return Ok(request);
+        };
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "));
+        match presented {
+            Some(presented) if same_secret(presented.as_bytes(), token.as_bytes()) => Ok(request),
+            Some(_) => Err(Status::unauthenticated("wrong admin token")),
+            None => Err(Status::unauthenticated(
+                "AdminService needs the metadata \"authorization: Bearer <token>\" (sagactl --token)",
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_well_in_a_table() {
+        assert_eq!(human_duration(0.25), "250ms");
+        assert_eq!(human_duration(12.7), "12s");
+        assert_eq!(human_duration(245.0), "4m05s");
+        assert_eq!(human_duration(3720.0), "1h02m");
+        assert_eq!(human_duration(90_000.0), "1d01h");
+        assert_eq!(human_duration(-3.0), "0ms");
+    }
+
+    #[test]
+    fn the_token_check_needs_the_exact_bearer_token() {
+        let mut auth = AdminAuth::new(Some("s3cret".into()));
+        let with = |value: Option<&str>| {
+            let mut request = Request::new(());
+            if let Some(value) = value {
+                request
+                    .metadata_mut()
+                    .insert("authorization", value.parse().unwrap());
+            }
+            request
+        };
+        assert!(auth.call(with(Some("Bearer s3cret"))).is_ok());
+        for wrong in [
+            None,
+            Some("Bearer s3cre"),
+            Some("Bearer s3cret2"),
+            Some("s3cret"),
+            Some("Basic s3cret"),
+        ] {
+            let status = auth.call(with(wrong)).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{wrong:?}");
+        }
+        assert!(AdminAuth::new(None).call(with(None)).is_ok());
+    }
+}

@@ -1,0 +1,646 @@
+//! `sagactl`, the operator's CLI over `saga.v1.AdminService`: find what is
+//! stuck, understand why, and resolve it, without touching SQL.
+//!
+//! Exit status: 0 done (for `stuck`: nothing stuck), 1 `stuck` found stuck
+//! sagas, 2 bad usage, 3 the request failed (server unreachable, unknown id,
+//! refused). JSON output (`--output json`) is one document on stdout, with
+//! the schema documented in `sagactl --help` and the README.
+
+pub mod render;
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use participants::cli::parse_duration;
+use proto::saga::v1 as pb;
+use proto::saga::v1::admin_service_client::AdminServiceClient;
+use serde_json::{Value, json};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::admin::human_duration;
+use crate::clients::code_name;
+use crate::executor::now_epoch;
+use crate::saga::Status;
+use render::{rfc3339, table, truncate};
+
+const EXAMPLES: &str = "\
+Examples:
+  sagactl stuck                                  what needs a look (exit 1 if anything)
+  sagactl list --status NEEDS_ATTENTION
+  sagactl list --customer alice --older-than 10m --limit 20
+  sagactl show ord_019aa2c4...                   order, outputs and journal timeline
+  sagactl retry ord_019aa2c4... --reason 'payment is back'
+  sagactl abort ord_019aa2c4... --reason 'customer called, cancel it'
+  sagactl stats --output json
+
+Exit status: 0 done (stuck: nothing stuck), 1 stuck sagas found, 2 bad usage,
+3 the request failed (orchestrator unreachable, unknown id, refused).
+
+JSON (--output json), one document on stdout; times are RFC 3339 UTC:
+  list, stuck  {\"sagas\": [SAGA...], \"next_page_token\": \"\"}
+  show         {\"saga\": SAGA, \"items\": [{\"product_id\", \"quantity\"}], \"total_amount_cents\",
+                \"failure_reason\", \"step_outputs\": {}, \"idempotency_key\", \"version\",
+                \"journal\": [{\"step\", \"kind\", \"attempt\", \"outcome\", \"detail\", \"rpc\",
+                \"actor\", \"started_at\", \"finished_at\", \"duration_ms\"}]}
+  retry, abort {\"saga_id\", \"status\"}
+  stats        {\"counts\": {STATUS: n}, \"oldest_non_terminal_age_seconds\",
+                \"started_last_minute\", \"finished_last_minute\", \"in_flight\"}
+  SAGA         {\"saga_id\", \"status\", \"customer_id\", \"current_step\", \"attempts\",
+                \"age_seconds\", \"created_at\", \"updated_at\", \"progress_at\",
+                \"next_attempt_at\", \"lease_owner\", \"last_error\", \"stuck_reason\"}
+  Statuses are the design's names (COMPLETED, NEEDS_ATTENTION, ...); absent
+  values are null.";
+
+/// Inspect and resolve sagas of a running orchestrator.
+#[derive(Debug, Parser)]
+#[command(name = "sagactl", version, after_help = EXAMPLES)]
+pub struct Cli {
+    /// The orchestrator's gRPC endpoint.
+    #[arg(
+        long,
+        global = true,
+        env = "SAGACTL_ENDPOINT",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub endpoint: String,
+
+    /// Admin token, sent as "authorization: Bearer <token>".
+    #[arg(long, global = true, env = "SAGACTL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// Output format: a table for people, JSON for scripts.
+    #[arg(long, global = true, value_enum, default_value = "table")]
+    pub output: Output,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned text.
+    Table,
+    /// One JSON document.
+    Json,
+}
+
+/// What to do.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List sagas, newest first: id, status, current step, attempts, age,
+    /// last error.
+    List {
+        /// Only this status (e.g. NEEDS_ATTENTION, CHARGING_PAYMENT).
+        #[arg(long, value_parser = parse_status)]
+        status: Option<Status>,
+        /// Only this customer's sagas.
+        #[arg(long)]
+        customer: Option<String>,
+        /// Only sagas placed longer ago than this (e.g. 10m).
+        #[arg(long, value_parser = parse_duration)]
+        older_than: Option<Duration>,
+        /// Sagas per page (1..1000).
+        #[arg(long, default_value_t = 50)]
+        limit: i32,
+        /// Continue after a previous page (printed at its end).
+        #[arg(long)]
+        page_token: Option<String>,
+    },
+    /// Show one saga: its order, status, failure reason, step outputs and
+    /// its journal as a timeline.
+    Show {
+        /// The saga (order) id.
+        id: String,
+    },
+    /// List every saga that needs attention or made no progress for longer
+    /// than the threshold, with why. Exit 1 if there is any, 0 if none.
+    Stuck {
+        /// No progress for this long counts as stuck.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        threshold: Duration,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: i32,
+    },
+    /// Resume a saga now with a fresh attempt budget (a NEEDS_ATTENTION saga
+    /// resumes its compensation). Refused for finished sagas.
+    Retry {
+        /// The saga (order) id.
+        id: String,
+        /// Why (journalled).
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Who asks (journalled).
+        #[arg(long, env = "USER", default_value = "operator")]
+        operator: String,
+    },
+    /// Force a running saga to compensate and end FAILED. Refused once it
+    /// shipped (the pivot) or when it already compensates.
+    Abort {
+        /// The saga (order) id.
+        id: String,
+        /// Why (required; journalled and kept as the failure reason).
+        #[arg(long)]
+        reason: String,
+        /// Who asks (journalled).
+        #[arg(long, env = "USER", default_value = "operator")]
+        operator: String,
+    },
+    /// Counts per status, the oldest unfinished saga, sagas started and
+    /// finished in the last minute.
+    Stats,
+}
+
+fn parse_status(text: &str) -> Result<Status, String> {
+    Status::parse(text).ok_or_else(|| {
+        let names: Vec<&str> = Status::ALL.iter().map(|s| s.as_str()).collect();
+        format!("unknown status {text:?}; one of {}", names.join(", "))
+    })
+}
+
+/// A failed command: the message for stderr and the exit status.
+#[derive(Debug)]
+pub struct Failure {
+    /// What went wrong, one line.
+    pub message: String,
+    /// The exit status.
+    pub code: u8,
+}
+
+/// What a command printed and the exit status it asks for.
+#[derive(Debug)]
+pub struct Done {
+    /// Text for stdout.
+    pub stdout: String,
+    /// 0, or 1 for stuck sagas found.
+    pub code: u8,
+}
+
+fn failed(message: impl Into<String>) -> Failure {
+    Failure {
+        message: message.into(),
+        code: 3,
+    }
+}
+
+fn request_failed(endpoint: &str, status: tonic::Status) -> Failure {
+    let hint = match status.code() {
+        tonic::Code::Unavailable => {
+            " (is the orchestrator running? set --endpoint or SAGACTL_ENDPOINT)"
+        }
+        tonic::Code::Unauthenticated => " (set --token or SAGACTL_TOKEN)",
+        _ => "",
+    };
+    failed(format!(
+        "{} from {endpoint}: {}{hint}",
+        code_name(status.code()),
+        status.message()
+    ))
+}
+
+struct Client {
+    endpoint: String,
+    token: Option<String>,
+    admin: AdminServiceClient<Channel>,
+}
+
+impl Client {
+    async fn connect(endpoint: &str, token: Option<String>) -> Result<Self, Failure> {
+        let channel = Endpoint::from_shared(endpoint.to_owned())
+            .map_err(|e| failed(format!("--endpoint {endpoint:?} is not a URL: {e}")))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(30))
+            .connect()
+            .await
+            .map_err(|e| {
+                failed(format!(
+                    "cannot reach the orchestrator at {endpoint}: {e} (is it running? set --endpoint or SAGACTL_ENDPOINT)"
+                ))
+            })?;
+        Ok(Self {
+            endpoint: endpoint.to_owned(),
+            token,
+            admin: AdminServiceClient::new(channel),
+        })
+    }
+
+    fn request<T>(&self, message: T) -> Result<tonic::Request<T>, Failure> {
+        let mut request = tonic::Request::new(message);
+        if let Some(token) = &self.token {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| failed("--token contains characters not allowed in a header"))?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+
+    fn fail(&self, status: tonic::Status) -> Failure {
+        request_failed(&self.endpoint, status)
+    }
+}
+
+fn status_name(value: i32) -> String {
+    pb::OrderStatus::try_from(value)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("ORDER_STATUS_")
+                .to_owned()
+        })
+        .unwrap_or_else(|_| value.to_string())
+}
+
+fn seconds(ts: &Option<prost_types::Timestamp>) -> Option<f64> {
+    ts.as_ref()
+        .map(|t| t.seconds as f64 + f64::from(t.nanos) / 1e9)
+}
+
+fn time_json(ts: &Option<prost_types::Timestamp>) -> Value {
+    seconds(ts).map_or(Value::Null, |s| Value::String(rfc3339(s)))
+}
+
+fn text_or_null(text: &str) -> Value {
+    if text.is_empty() {
+        Value::Null
+    } else {
+        Value::String(text.to_owned())
+    }
+}
+
+fn saga_json(saga: &pb::SagaSummary, now: f64) -> Value {
+    json!({
+        "saga_id": saga.saga_id,
+        "status": status_name(saga.status),
+        "customer_id": saga.customer_id,
+        "current_step": text_or_null(&saga.current_step),
+        "attempts": saga.attempts,
+        "age_seconds": seconds(&saga.created_at).map(|c| ((now - c) * 1000.0).round() / 1000.0),
+        "created_at": time_json(&saga.created_at),
+        "updated_at": time_json(&saga.updated_at),
+        "progress_at": time_json(&saga.progress_at),
+        "next_attempt_at": time_json(&saga.next_attempt_at),
+        "lease_owner": text_or_null(&saga.lease_owner),
+        "last_error": text_or_null(&saga.last_error),
+        "stuck_reason": text_or_null(&saga.stuck_reason),
+    })
+}
+
+fn saga_rows(sagas: &[pb::SagaSummary], now: f64, why: bool) -> String {
+    let rows: Vec<Vec<String>> = sagas
+        .iter()
+        .map(|s| {
+            let mut row = vec![
+                s.saga_id.clone(),
+                status_name(s.status),
+                if s.current_step.is_empty() {
+                    "-".into()
+                } else {
+                    s.current_step.clone()
+                },
+                s.attempts.to_string(),
+                seconds(&s.created_at).map_or("-".into(), |c| human_duration(now - c)),
+            ];
+            if why {
+                row.push(s.stuck_reason.clone());
+            } else {
+                row.push(truncate(&s.last_error, 80));
+            }
+            row
+        })
+        .collect();
+    let last = if why { "WHY" } else { "LAST ERROR" };
+    table(&["ID", "STATUS", "STEP", "ATTEMPTS", "AGE", last], &rows)
+}
+
+fn pretty(value: &Value) -> String {
+    let mut text = serde_json::to_string_pretty(value).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+/// Runs the command; the caller prints and exits.
+pub async fn run(cli: Cli) -> Result<Done, Failure> {
+    let client = Client::connect(&cli.endpoint, cli.token.clone()).await?;
+    let json_out = cli.output == Output::Json;
+    let now = now_epoch();
+    let done = |stdout: String| Done { stdout, code: 0 };
+    match cli.command {
+        Command::List {
+            status,
+            customer,
+            older_than,
+            limit,
+            page_token,
+        } => {
+            let reply = client
+                .admin
+                .clone()
+                .list_sagas(client.request(pb::ListSagasRequest {
+                    status: status.map_or(0, |s| crate::api::status_pb(s).into()),
+                    stuck_only: false,
+                    older_than: older_than.and_then(|d| prost_types::Duration::try_from(d).ok()),
+                    limit,
+                    page_token: page_token.unwrap_or_default(),
+                    customer_id: customer.unwrap_or_default(),
+                    stuck_after: None,
+                })?)
+                .await
+                .map_err(|s| client.fail(s))?
+                .into_inner();
+            if json_out {
+                return Ok(done(pretty(&json!({
+                    "sagas": reply.sagas.iter().map(|s| saga_json(s, now)).collect::<Vec<_>>(),
+                    "next_page_token": reply.next_page_token,
+                }))));
+            }
+            let mut text = if reply.sagas.is_empty() {
+                "no sagas match\n".to_owned()
+            } else {
+                saga_rows(&reply.sagas, now, false)
+            };
+            if !reply.next_page_token.is_empty() {
+                text.push_str(&format!(
+                    "more: sagactl list --page-token {} (same filters)\n",
+                    reply.next_page_token
+                ));
+            }
+            Ok(done(text))
+        }
+        Command::Stuck { threshold, limit } => {
+            let reply = client
+                .admin
+                .clone()
+                .list_sagas(client.request(pb::ListSagasRequest {
+                    stuck_only: true,
+                    stuck_after: prost_types::Duration::try_from(threshold).ok(),
+                    limit,
+                    ..Default::default()
+                })?)
+                .await
+                .map_err(|s| client.fail(s))?
+                .into_inner();
+            let code = u8::from(!reply.sagas.is_empty());
+            let stdout = if json_out {
+                pretty(&json!({
+                    "sagas": reply.sagas.iter().map(|s| saga_json(s, now)).collect::<Vec<_>>(),
+                    "next_page_token": reply.next_page_token,
+                }))
+            } else if reply.sagas.is_empty() {
+                format!(
+                    "nothing stuck (threshold {})\n",
+                    human_duration(threshold.as_secs_f64())
+                )
+            } else {
+                format!(
+                    "{}{} stuck saga(s); resolve with: sagactl show ID, sagactl retry ID, sagactl abort ID --reason R\n",
+                    saga_rows(&reply.sagas, now, true),
+                    reply.sagas.len()
+                )
+            };
+            Ok(Done { stdout, code })
+        }
+        Command::Show { id } => {
+            let reply = client
+                .admin
+                .clone()
+                .get_saga(client.request(pb::GetSagaRequest { saga_id: id })?)
+                .await
+                .map_err(|s| client.fail(s))?
+                .into_inner();
+            Ok(done(if json_out {
+                show_json(&reply, now)
+            } else {
+                show_text(&reply, now)
+            }))
+        }
+        Command::Retry {
+            id,
+            reason,
+            operator,
+        } => {
+            let reply = client
+                .admin
+                .clone()
+                .retry_saga(client.request(pb::RetrySagaRequest {
+                    saga_id: id,
+                    operator,
+                    reason,
+                })?)
+                .await
+                .map_err(|s| client.fail(s))?
+                .into_inner();
+            Ok(done(outcome(
+                json_out,
+                "retrying",
+                &reply.saga_id,
+                reply.status,
+            )))
+        }
+        Command::Abort {
+            id,
+            reason,
+            operator,
+        } => {
+            let reply = client
+                .admin
+                .clone()
+                .abort_saga(client.request(pb::AbortSagaRequest {
+                    saga_id: id,
+                    reason,
+                    operator,
+                })?)
+                .await
+                .map_err(|s| client.fail(s))?
+                .into_inner();
+            Ok(done(outcome(
+                json_out,
+                "aborting",
+                &reply.saga_id,
+                reply.status,
+            )))
+        }
+        Command::Stats => {
+            let reply = client
+                .admin
+                .clone()
+                .stats(client.request(pb::StatsRequest {})?)
+                .await
+                .map_err(|s| client.fail(s))?
+                .into_inner();
+            Ok(done(stats_text(&reply, json_out)))
+        }
+    }
+}
+
+fn outcome(json_out: bool, verb: &str, saga_id: &str, status: i32) -> String {
+    if json_out {
+        pretty(&json!({ "saga_id": saga_id, "status": status_name(status) }))
+    } else {
+        format!("{saga_id}: {verb}; status now {}\n", status_name(status))
+    }
+}
+
+fn stats_text(reply: &pb::StatsResponse, json_out: bool) -> String {
+    let oldest = reply
+        .oldest_non_terminal_age
+        .as_ref()
+        .map(|d| d.seconds as f64 + f64::from(d.nanos) / 1e9);
+    if json_out {
+        let counts: serde_json::Map<String, Value> = reply
+            .counts
+            .iter()
+            .map(|c| (status_name(c.status), json!(c.count)))
+            .collect();
+        return pretty(&json!({
+            "counts": counts,
+            "oldest_non_terminal_age_seconds": oldest,
+            "started_last_minute": reply.started_last_minute,
+            "finished_last_minute": reply.finished_last_minute,
+            "in_flight": reply.in_flight,
+        }));
+    }
+    let rows: Vec<Vec<String>> = reply
+        .counts
+        .iter()
+        .map(|c| vec![status_name(c.status), c.count.to_string()])
+        .collect();
+    let mut text = if rows.is_empty() {
+        "no sagas yet\n".to_owned()
+    } else {
+        table(&["STATUS", "SAGAS"], &rows)
+    };
+    text.push_str(&format!(
+        "\noldest unfinished saga: {}\nstarted in the last minute: {}\nfinished in the last minute: {}\nin flight on this replica: {}\n",
+        oldest.map_or("none".to_owned(), human_duration),
+        reply.started_last_minute,
+        reply.finished_last_minute,
+        reply.in_flight
+    ));
+    text
+}
+
+fn kind_name(value: i32) -> String {
+    pb::StepKind::try_from(value)
+        .map(|k| k.as_str_name().trim_start_matches("STEP_KIND_").to_owned())
+        .unwrap_or_default()
+}
+
+fn outcome_name(value: i32) -> String {
+    pb::StepOutcome::try_from(value)
+        .map(|o| {
+            o.as_str_name()
+                .trim_start_matches("STEP_OUTCOME_")
+                .to_owned()
+        })
+        .unwrap_or_default()
+}
+
+fn duration_ms(entry: &pb::JournalEntry) -> Option<f64> {
+    Some(((seconds(&entry.finished_at)? - seconds(&entry.started_at)?) * 1000.0).max(0.0))
+}
+
+fn show_json(reply: &pb::GetSagaResponse, now: f64) -> String {
+    let saga = reply.saga.clone().unwrap_or_default();
+    pretty(&json!({
+        "saga": saga_json(&saga, now),
+        "items": reply.items.iter().map(|i| json!({"product_id": i.product_id, "quantity": i.quantity})).collect::<Vec<_>>(),
+        "total_amount_cents": reply.total_amount_cents,
+        "failure_reason": text_or_null(&reply.failure_reason),
+        "step_outputs": reply.step_outputs,
+        "idempotency_key": text_or_null(&reply.idempotency_key),
+        "version": reply.version,
+        "journal": reply.journal.iter().map(|e| json!({
+            "step": e.step,
+            "kind": kind_name(e.kind),
+            "attempt": e.attempt,
+            "outcome": outcome_name(e.outcome),
+            "detail": text_or_null(&e.detail),
+            "rpc": text_or_null(&e.rpc),
+            "actor": text_or_null(&e.actor),
+            "started_at": time_json(&e.started_at),
+            "finished_at": time_json(&e.finished_at),
+            "duration_ms": duration_ms(e).map(|d| d.round()),
+        })).collect::<Vec<_>>(),
+    }))
+}
+
+fn show_text(reply: &pb::GetSagaResponse, now: f64) -> String {
+    let saga = reply.saga.clone().unwrap_or_default();
+    let created = seconds(&saga.created_at).unwrap_or(now);
+    let items: Vec<String> = reply
+        .items
+        .iter()
+        .map(|i| format!("{} x{}", i.product_id, i.quantity))
+        .collect();
+    let outputs: Vec<String> = reply
+        .step_outputs
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let mut text = String::new();
+    let mut field = |name: &str, value: String| {
+        if !value.is_empty() {
+            text.push_str(&format!("{name:<11}{value}\n"));
+        }
+    };
+    field("Saga", saga.saga_id.clone());
+    field("Status", status_name(saga.status));
+    field("Customer", saga.customer_id.clone());
+    field("Items", items.join(", "));
+    field(
+        "Total",
+        if reply.total_amount_cents > 0 {
+            format!("{} cents", reply.total_amount_cents)
+        } else {
+            String::new()
+        },
+    );
+    field("Reason", reply.failure_reason.clone());
+    field("Stuck", saga.stuck_reason.clone());
+    field("Step", saga.current_step.clone());
+    field("Last error", saga.last_error.clone());
+    field(
+        "Next try",
+        seconds(&saga.next_attempt_at)
+            .map(|at| format!("{} (in {})", rfc3339(at), human_duration(at - now)))
+            .unwrap_or_default(),
+    );
+    field("Driven by", saga.lease_owner.clone());
+    field("Outputs", outputs.join(", "));
+    field("Key", reply.idempotency_key.clone());
+    field(
+        "Placed",
+        format!(
+            "{} ({} ago)",
+            rfc3339(created),
+            human_duration(now - created)
+        ),
+    );
+    let rows: Vec<Vec<String>> = reply
+        .journal
+        .iter()
+        .map(|e| {
+            let started = seconds(&e.started_at).unwrap_or(created);
+            vec![
+                format!("+{}", human_duration(started - created)),
+                e.step.clone(),
+                kind_name(e.kind).to_lowercase(),
+                if e.attempt == 0 {
+                    "-".into()
+                } else {
+                    e.attempt.to_string()
+                },
+                outcome_name(e.outcome),
+                duration_ms(e).map_or("-".into(), |ms| human_duration(ms / 1000.0)),
+                truncate(&e.detail, 100),
+            ]
+        })
+        .collect();
+    text.push_str("\nJournal\n");
+    text.push_str(&table(
+        &["AT", "STEP", "KIND", "ATTEMPT", "OUTCOME", "TOOK", "DETAIL"],
+        &rows,
+    ));
+    text
+}

@@ -1,0 +1,426 @@
+//! `sagactl` as a process against a real system: stuck sagas made for real
+//! (a compensation failing past its budget, a participant that stops
+//! answering), found with `stuck`, explained with `show`, resolved with
+//! `retry` and `abort`; refusals, the admin token, JSON output, exit codes.
+
+use std::time::Duration;
+
+use harness::process::{Running, command, free_port};
+use harness::{System, fault, spawn_system_with};
+use proto::fault::v1::SetFaultRequest;
+use proto::saga::v1::OrderStatus;
+use serde_json::Value;
+use tonic::Code;
+
+const SETTLE: Duration = Duration::from_secs(30);
+
+/// Runs sagactl against `endpoint`: (exit code, stdout, stderr).
+async fn sagactl(endpoint: &str, args: &[&str]) -> (i32, String, String) {
+    let mut full = vec!["--endpoint", endpoint];
+    full.extend_from_slice(args);
+    let owned: Vec<String> = full.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = owned.iter().map(String::as_str).collect();
+        let process = Running::start(command(
+            env!("CARGO_BIN_EXE_sagactl"),
+            &args,
+            &["SAGACTL_ENDPOINT", "SAGACTL_TOKEN", "USER"],
+        ));
+        let (status, stdout, stderr) = process.finish();
+        (status.code().unwrap_or(-1), stdout, stderr)
+    })
+    .await
+    .expect("sagactl ran")
+}
+
+fn endpoint(system: &System) -> String {
+    system
+        .orchestrator
+        .as_ref()
+        .expect("orchestrator")
+        .endpoint()
+        .to_owned()
+}
+
+fn json(stdout: &str) -> Value {
+    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+fn saga_ids(document: &Value) -> Vec<String> {
+    document["sagas"]
+        .as_array()
+        .expect("sagas array")
+        .iter()
+        .map(|s| s["saga_id"].as_str().expect("saga_id").to_owned())
+        .collect()
+}
+
+async fn seeded(adjust: impl FnOnce(&mut orchestrator::config::Settings)) -> System {
+    let system = spawn_system_with(adjust).await.expect("system");
+    system.seed_product("widget", 250, 100).await.unwrap();
+    system.seed_account("alice", 100_000).await.unwrap();
+    system
+}
+
+fn always(rpc: &str, mode: &str, code: Code) -> SetFaultRequest {
+    fault(rpc, mode, code, 0)
+}
+
+#[tokio::test]
+async fn a_saga_whose_compensation_keeps_failing_is_found_and_resumed() {
+    let system = seeded(|s| s.executor.policy.compensation_attempts = 2).await;
+    let endpoint = endpoint(&system);
+    system
+        .fault(
+            "payment",
+            always("Charge", "FAIL_BEFORE", Code::FailedPrecondition),
+        )
+        .await
+        .unwrap();
+    system
+        .fault(
+            "inventory",
+            always("Release", "FAIL_BEFORE", Code::Unavailable),
+        )
+        .await
+        .unwrap();
+    let id = system.place("alice", &[("widget", 2)]).await.unwrap();
+    let order = system.wait_settled(&id, SETTLE).await.unwrap();
+    assert_eq!(order.status(), OrderStatus::NeedsAttention);
+
+    let (code, stdout, stderr) = sagactl(&endpoint, &["stuck"]).await;
+    assert_eq!(code, 1, "stuck exits 1 when something is stuck: {stderr}");
+    assert!(
+        stdout.contains(&id) && stdout.contains("NEEDS_ATTENTION"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("reserve_inventory"),
+        "names the step: {stdout}"
+    );
+
+    let (code, stdout, _) = sagactl(&endpoint, &["stuck", "--output", "json"]).await;
+    assert_eq!(code, 1);
+    let document = json(&stdout);
+    assert_eq!(saga_ids(&document), std::slice::from_ref(&id));
+    let saga = &document["sagas"][0];
+    assert_eq!(saga["status"], "NEEDS_ATTENTION");
+    assert_eq!(saga["current_step"], "reserve_inventory");
+    assert_eq!(saga["attempts"], 2);
+    let why = saga["stuck_reason"].as_str().unwrap();
+    assert!(
+        why.contains("compensation reserve_inventory failed 2 times"),
+        "{why}"
+    );
+    assert!(saga["last_error"].as_str().unwrap().contains("UNAVAILABLE"));
+
+    let (code, stdout, _) = sagactl(&endpoint, &["show", &id]).await;
+    assert_eq!(code, 0);
+    for expected in [
+        "NEEDS_ATTENTION",
+        "rejected",
+        "Journal",
+        "compensation",
+        "RETRYABLE_FAILURE",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "show mentions {expected}: {stdout}"
+        );
+    }
+
+    // The fault is fixed; the operator resumes the saga.
+    system.clear_faults().await.unwrap();
+    let (code, stdout, stderr) = sagactl(
+        &endpoint,
+        &[
+            "retry",
+            &id,
+            "--reason",
+            "inventory is back",
+            "--operator",
+            "dana",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains(&id), "{stdout}");
+    let order = system.wait_settled(&id, SETTLE).await.unwrap();
+    assert_eq!(order.status(), OrderStatus::Failed);
+    assert_eq!(system.stock("widget").await.unwrap(), (100, 0), "released");
+
+    let (code, stdout, _) = sagactl(&endpoint, &["stuck"]).await;
+    assert_eq!(code, 0, "nothing stuck any more: {stdout}");
+    assert!(stdout.contains("nothing stuck"));
+
+    let (_, stdout, _) = sagactl(&endpoint, &["show", &id, "--output", "json"]).await;
+    let document = json(&stdout);
+    let retry = document["journal"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "CONTROL" && e["step"] == "retry")
+        .expect("the retry is journalled");
+    assert_eq!(retry["actor"], "operator dana");
+    assert!(
+        retry["detail"]
+            .as_str()
+            .unwrap()
+            .contains("inventory is back")
+    );
+    system.audit().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_participant_that_stops_answering_shows_as_stuck_and_abort_compensates() {
+    let system = seeded(|s| {
+        s.step_timeout = Duration::from_millis(300);
+        s.executor.policy.action_attempts = 10_000;
+    })
+    .await;
+    let endpoint = endpoint(&system);
+    let mut hang = always("Charge", "DELAY", Code::Ok);
+    hang.latency_ms = 600_000;
+    system.fault("payment", hang).await.unwrap();
+    let stuck_id = system.place("alice", &[("widget", 3)]).await.unwrap();
+    let resumed_id = system.place("alice", &[("widget", 1)]).await.unwrap();
+    for id in [&stuck_id, &resumed_id] {
+        system
+            .wait_for(id, SETTLE, |o| o.status() == OrderStatus::ChargingPayment)
+            .await
+            .unwrap();
+    }
+
+    // No progress for over a second (retries do not count as progress).
+    let deadline = std::time::Instant::now() + SETTLE;
+    let document = loop {
+        let (code, stdout, _) = sagactl(
+            &endpoint,
+            &["stuck", "--threshold", "1s", "--output", "json"],
+        )
+        .await;
+        if code == 1 && saga_ids(&json(&stdout)).len() == 2 {
+            break json(&stdout);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never reported stuck: {stdout}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let saga = document["sagas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["saga_id"] == stuck_id.as_str())
+        .unwrap();
+    assert_eq!(saga["status"], "CHARGING_PAYMENT");
+    assert_eq!(saga["current_step"], "charge_payment");
+    let why = saga["stuck_reason"].as_str().unwrap();
+    assert!(
+        why.contains("no progress") && why.contains("charge_payment"),
+        "{why}"
+    );
+    assert!(
+        saga["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("DEADLINE_EXCEEDED"),
+        "{saga}"
+    );
+    assert!(saga["attempts"].as_u64().unwrap() >= 1);
+
+    let (code, stdout, stderr) = sagactl(
+        &endpoint,
+        &[
+            "abort",
+            &stuck_id,
+            "--reason",
+            "payment is down",
+            "--output",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(json(&stdout)["saga_id"], stuck_id.as_str());
+    let order = system.wait_settled(&stuck_id, SETTLE).await.unwrap();
+    assert_eq!(order.status(), OrderStatus::Failed);
+    assert_eq!(
+        order.failure_reason,
+        "aborted by an operator: payment is down"
+    );
+
+    // The other one: the payment service recovers and the operator resumes it.
+    system.clear_faults().await.unwrap();
+    let (code, _, stderr) = sagactl(&endpoint, &["retry", &resumed_id]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let order = system.wait_settled(&resumed_id, SETTLE).await.unwrap();
+    assert_eq!(order.status(), OrderStatus::Completed);
+    system.audit().await.unwrap();
+}
+
+#[tokio::test]
+async fn requests_that_make_no_sense_are_refused_with_a_clear_message() {
+    let system = seeded(|_| {}).await;
+    let endpoint = endpoint(&system);
+    let id = system.place("alice", &[("widget", 1)]).await.unwrap();
+    system.wait_settled(&id, SETTLE).await.unwrap();
+
+    let (code, _, stderr) = sagactl(&endpoint, &["retry", &id]).await;
+    assert_eq!(code, 3);
+    assert!(
+        stderr.contains("FAILED_PRECONDITION") && stderr.contains("COMPLETED"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = sagactl(&endpoint, &["abort", &id, "--reason", "too late"]).await;
+    assert_eq!(code, 3);
+    assert!(
+        stderr.contains("shipped"),
+        "abort after the pivot: {stderr}"
+    );
+    let (code, _, stderr) = sagactl(&endpoint, &["show", "ord_nope"]).await;
+    assert_eq!(code, 3);
+    assert!(
+        stderr.contains("NOT_FOUND") && stderr.contains("ord_nope"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = sagactl(&endpoint, &["abort", &id]).await;
+    assert_eq!(code, 2, "--reason is required: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let (code, _, stderr) = sagactl(&nowhere, &["stats"]).await;
+    assert_eq!(code, 3);
+    assert!(stderr.contains("cannot reach the orchestrator"), "{stderr}");
+    assert!(!stderr.contains("panicked"));
+
+    // The refused requests changed nothing.
+    let (_, stdout, _) = sagactl(&endpoint, &["show", &id, "--output", "json"]).await;
+    let document = json(&stdout);
+    assert_eq!(document["saga"]["status"], "COMPLETED");
+    assert!(
+        document["journal"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["kind"] != "CONTROL"),
+        "no request was journalled"
+    );
+}
+
+#[tokio::test]
+async fn the_admin_token_guards_admin_service_only() {
+    let system = seeded(|s| s.admin_token = Some("s3cret".into())).await;
+    let endpoint = endpoint(&system);
+
+    let (code, _, stderr) = sagactl(&endpoint, &["stats"]).await;
+    assert_eq!(code, 3);
+    assert!(stderr.contains("UNAUTHENTICATED"), "{stderr}");
+    let (code, _, stderr) = sagactl(&endpoint, &["--token", "guess", "stats"]).await;
+    assert_eq!(code, 3);
+    assert!(stderr.contains("wrong admin token"), "{stderr}");
+
+    // OrderService stays open.
+    let id = system.place("alice", &[("widget", 1)]).await.unwrap();
+    system.wait_settled(&id, SETTLE).await.unwrap();
+
+    let (code, stdout, stderr) = sagactl(
+        &endpoint,
+        &["--token", "s3cret", "stats", "--output", "json"],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    let stats = json(&stdout);
+    assert_eq!(stats["counts"]["COMPLETED"], 1);
+    assert_eq!(stats["started_last_minute"], 1);
+    assert_eq!(stats["finished_last_minute"], 1);
+    assert!(stats["oldest_non_terminal_age_seconds"].is_null());
+}
+
+#[tokio::test]
+async fn list_pages_newest_first_and_filters() {
+    let system = seeded(|_| {}).await;
+    system.seed_account("bob", 100).await.unwrap();
+    let endpoint = endpoint(&system);
+    let mut placed = Vec::new();
+    for customer in ["alice", "alice", "bob", "alice", "bob"] {
+        let id = system.place(customer, &[("widget", 1)]).await.unwrap();
+        system.wait_settled(&id, SETTLE).await.unwrap();
+        placed.push(id);
+    }
+    let newest_first: Vec<String> = placed.iter().rev().cloned().collect();
+
+    let (code, stdout, _) = sagactl(&endpoint, &["list"]).await;
+    assert_eq!(code, 0);
+    let header = stdout.lines().next().unwrap();
+    for column in ["ID", "STATUS", "STEP", "ATTEMPTS", "AGE", "LAST ERROR"] {
+        assert!(header.contains(column), "{header}");
+    }
+    let (_, stdout, _) = sagactl(&endpoint, &["list", "--limit", "2"]).await;
+    assert!(
+        stdout.contains("--page-token"),
+        "says how to get more: {stdout}"
+    );
+
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let mut args = vec!["list", "--limit", "2", "--output", "json"];
+        if !token.is_empty() {
+            args.extend(["--page-token", token.as_str()]);
+        }
+        let (code, stdout, _) = sagactl(&endpoint, &args).await;
+        assert_eq!(code, 0);
+        let page = json(&stdout);
+        seen.extend(saga_ids(&page));
+        token = page["next_page_token"].as_str().unwrap().to_owned();
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(seen, newest_first);
+
+    let (_, stdout, _) = sagactl(
+        &endpoint,
+        &["list", "--status", "failed", "--output", "json"],
+    )
+    .await;
+    let failed = saga_ids(&json(&stdout));
+    assert_eq!(
+        failed,
+        [placed[4].clone(), placed[2].clone()],
+        "bob cannot pay"
+    );
+    let (_, stdout, _) = sagactl(
+        &endpoint,
+        &["list", "--customer", "alice", "--output", "json"],
+    )
+    .await;
+    assert_eq!(saga_ids(&json(&stdout)).len(), 3);
+    let (_, stdout, _) = sagactl(
+        &endpoint,
+        &["list", "--older-than", "1h", "--output", "json"],
+    )
+    .await;
+    assert!(saga_ids(&json(&stdout)).is_empty());
+}
+
+#[tokio::test]
+async fn help_explains_commands_exit_codes_and_json() {
+    let (code, stdout, _) = sagactl("http://127.0.0.1:1", &["--help"]).await;
+    assert_eq!(code, 0);
+    for expected in [
+        "list",
+        "show",
+        "stuck",
+        "retry",
+        "abort",
+        "stats",
+        "Examples",
+        "Exit status",
+        "JSON",
+    ] {
+        assert!(stdout.contains(expected), "--help mentions {expected}");
+    }
+}
