@@ -9,6 +9,7 @@ pub mod admin;
 pub mod api;
 pub mod clients;
 pub mod config;
+pub mod dev;
 pub mod error;
 pub mod executor;
 pub mod saga;

@@ -7,13 +7,15 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use orchestrator::clients::GrpcParticipants;
 use orchestrator::config::ServeArgs;
+use orchestrator::dev::DevArgs;
 use tokio::net::TcpListener;
 
 /// The saga orchestrator for orders: places orders, drives each one's saga
 /// (reserve inventory -> charge payment -> ship) over gRPC, retries transient
 /// failures and compensates on failure or cancel, durably in PostgreSQL.
 ///
-/// Example:
+/// Examples:
+///   orchestrator dev                      # everything in one process, SQLite, demo data
 ///   orchestrator serve --database-url postgres://postgres@127.0.0.1/orchestrator \
 ///       --inventory-url http://127.0.0.1:50061 --payment-url http://127.0.0.1:50062 \
 ///       --fulfillment-url http://127.0.0.1:50063
@@ -26,8 +28,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve saga.v1.OrderService on PostgreSQL, calling the participants.
+    /// Serve saga.v1.OrderService and AdminService on PostgreSQL, calling
+    /// the participants.
     Serve(Box<ServeArgs>),
+    /// The embedded mode: the orchestrator and the three participants in
+    /// this process, each on its own port, on SQLite, with demo data. No
+    /// database server needed.
+    Dev(DevArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,8 +50,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let Command::Serve(args) = cli.command;
-    match runtime.block_on(serve(*args)) {
+    let result = match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(*args)),
+        Command::Dev(args) => runtime.block_on(async {
+            orchestrator::dev::run(args, participants::cli::shutdown_signal())
+                .await
+                .map_err(|e| e.to_string())
+        }),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("orchestrator: {message}");
@@ -85,7 +99,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         "orchestrator listening"
     );
     orchestrator::server::serve(
-        Arc::new(store),
+        store,
         Arc::new(calls),
         settings,
         listener,

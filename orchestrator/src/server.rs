@@ -19,7 +19,7 @@ use crate::clients::StepCalls;
 use crate::config::Settings;
 use crate::error::Error;
 use crate::executor::Executor;
-use crate::store::{PgStore, SagaStore};
+use crate::store::{PgStore, SagaStore, SqliteStore};
 
 const SERVICES: &[&str] = &[
     "saga.v1.OrderService",
@@ -27,15 +27,20 @@ const SERVICES: &[&str] = &[
     "grpc.health.v1.Health",
 ];
 
-/// Connects to the orchestrator's database with a pool of up to
-/// `max_connections` and applies its migrations.
+/// Connects to the orchestrator's database and applies its migrations:
+/// PostgreSQL (`postgres://…`, a pool of up to `max_connections`) or SQLite
+/// (`sqlite:PATH`, `sqlite::memory:`; the embedded mode).
 pub async fn connect(
     database_url: &str,
     max_connections: u32,
     connect_timeout: Duration,
-) -> Result<PgStore, Error> {
+) -> Result<Arc<dyn SagaStore>, Error> {
+    if database_url.starts_with("sqlite:") {
+        let pool = participants::server::connect_sqlite(database_url).await?;
+        return Ok(Arc::new(SqliteStore::migrate(pool).await?));
+    }
     let pool = participants::connect_pool(database_url, max_connections, connect_timeout).await?;
-    PgStore::migrate(pool).await
+    Ok(Arc::new(PgStore::migrate(pool).await?))
 }
 
 /// Serves the orchestrator on `listener` (and probes and metrics on

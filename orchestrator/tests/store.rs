@@ -1,14 +1,17 @@
-//! `PgStore` on a real database: the optimistic version check, the lease
-//! check, the journal written only with its transition, the idempotency
-//! key, and the sweeper's claim rules.
+//! The saga store conformance suite: the same tests, with the same
+//! expectations, on PostgreSQL and on SQLite (the embedded mode): the
+//! optimistic version check, the lease check, the journal written only with
+//! its transition, the idempotency key, the sweeper's claim rules, the
+//! filters, and (SQLite) a file that survives a reopen.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use harness::TestDb;
 use orchestrator::saga::{Event, ORDER_SAGA, Outcome, Policy, SagaState, Status};
 use orchestrator::store::{
-    Commit, JournalEntry, LeaseChange, ListFilter, NewSaga, NextAttempt, OrderItem, PgStore,
-    SagaStore,
+    Commit, JournalEntry, LeaseChange, ListFilter, NewSaga, NextAttempt, OrderItem, SagaStore,
 };
 
 const TTL: Duration = Duration::from_secs(30);
@@ -17,13 +20,88 @@ const POLICY: Policy = Policy {
     compensation_attempts: 3,
 };
 
-async fn store() -> (PgStore, TestDb) {
+/// A store under test and what keeps its database alive.
+struct Backend {
+    store: Arc<dyn SagaStore>,
+    _db: Option<TestDb>,
+    file: Option<SqliteFile>,
+}
+
+/// A SQLite file removed when dropped.
+struct SqliteFile(PathBuf);
+
+impl SqliteFile {
+    fn new() -> Self {
+        Self(std::env::temp_dir().join(format!(
+            "saga-store-{}-{}.db",
+            std::process::id(),
+            participants::domain::new_id("t")
+        )))
+    }
+
+    fn url(&self) -> String {
+        format!("sqlite://{}", self.0.display())
+    }
+}
+
+impl Drop for SqliteFile {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
+        }
+    }
+}
+
+async fn postgres() -> Backend {
     let db = TestDb::create("store").await.expect("database");
     let store = orchestrator::server::connect(db.url(), 2, Duration::from_secs(5))
         .await
         .expect("store");
-    (store, db)
+    Backend {
+        store,
+        _db: Some(db),
+        file: None,
+    }
 }
+
+async fn sqlite() -> Backend {
+    let file = SqliteFile::new();
+    let store = orchestrator::server::connect(&file.url(), 1, Duration::from_secs(5))
+        .await
+        .expect("store");
+    Backend {
+        store,
+        _db: None,
+        file: Some(file),
+    }
+}
+
+/// Runs each named test on both backends.
+macro_rules! conformance {
+    ($($test:ident),* $(,)?) => {
+        mod on_postgres {
+            $(#[tokio::test]
+            async fn $test() {
+                super::$test(super::postgres().await).await;
+            })*
+        }
+        mod on_sqlite {
+            $(#[tokio::test]
+            async fn $test() {
+                super::$test(super::sqlite().await).await;
+            })*
+        }
+    };
+}
+
+conformance!(
+    a_commit_applies_once_per_version_and_writes_its_journal_only_then,
+    only_the_lease_owner_commits_and_release_gives_the_lease_up,
+    an_idempotency_key_records_one_saga,
+    the_sweeper_claims_only_due_sagas_without_a_live_lease,
+    stuck_and_age_filters_select_the_right_sagas,
+    product_and_customer_filters,
+);
 
 fn new_saga(id: &str, key: Option<&str>) -> NewSaga {
     NewSaga {
@@ -85,9 +163,8 @@ fn commit<'a>(
     }
 }
 
-#[tokio::test]
-async fn a_commit_applies_once_per_version_and_writes_its_journal_only_then() {
-    let (store, _db) = store().await;
+async fn a_commit_applies_once_per_version_and_writes_its_journal_only_then(backend: Backend) {
+    let store = &backend.store;
     let (saga, created) = store
         .create(&new_saga("s1", None), "r1", TTL)
         .await
@@ -123,9 +200,8 @@ async fn a_commit_applies_once_per_version_and_writes_its_journal_only_then() {
     assert_eq!(journal[0], entry("reserve_inventory"));
 }
 
-#[tokio::test]
-async fn only_the_lease_owner_commits_and_release_gives_the_lease_up() {
-    let (store, _db) = store().await;
+async fn only_the_lease_owner_commits_and_release_gives_the_lease_up(backend: Backend) {
+    let store = &backend.store;
     let (saga, _) = store
         .create(&new_saga("s1", None), "r1", TTL)
         .await
@@ -159,9 +235,8 @@ async fn only_the_lease_owner_commits_and_release_gives_the_lease_up() {
     assert_eq!(saga.lease_expires_at, None);
 }
 
-#[tokio::test]
-async fn an_idempotency_key_records_one_saga() {
-    let (store, _db) = store().await;
+async fn an_idempotency_key_records_one_saga(backend: Backend) {
+    let store = &backend.store;
     let (first, created) = store
         .create(&new_saga("s1", Some("key-1")), "r1", TTL)
         .await
@@ -194,9 +269,8 @@ async fn an_idempotency_key_records_one_saga() {
     assert_eq!(ids, ["s4", "s3", "s1"], "newest (highest id) first");
 }
 
-#[tokio::test]
-async fn the_sweeper_claims_only_due_sagas_without_a_live_lease() {
-    let (store, _db) = store().await;
+async fn the_sweeper_claims_only_due_sagas_without_a_live_lease(backend: Backend) {
+    let store = &backend.store;
     // Leased to a live replica: not claimable.
     store
         .create(&new_saga("live", None), "r1", TTL)
@@ -261,35 +335,166 @@ async fn the_sweeper_claims_only_due_sagas_without_a_live_lease() {
     assert!(store.claim("live", "r3", TTL).await.unwrap().is_some());
 }
 
-#[tokio::test]
-async fn stuck_and_age_filters_select_the_right_sagas() {
-    let (store, _db) = store().await;
+async fn stuck_and_age_filters_select_the_right_sagas(backend: Backend) {
+    let store = &backend.store;
     store
-        .create(&new_saga("fresh", None), "r1", TTL)
+        .create(&new_saga("active", None), "r1", TTL)
         .await
         .unwrap();
-    let (stuck, _) = store
-        .create(&new_saga("stuck", None), "r1", TTL)
+    let (done, _) = store
+        .create(&new_saga("done", None), "r1", TTL)
         .await
         .unwrap();
-    sqlx::query(
-        "UPDATE sagas SET progress_at = now() - interval '10 minutes',
-                created_at = now() - interval '10 minutes' WHERE saga_id = $1",
-    )
-    .bind(&stuck.saga_id)
-    .execute(store.pool())
-    .await
-    .unwrap();
-    let filter = ListFilter {
-        stuck_after: Some(Duration::from_secs(60)),
+    let mut completed = done.state.clone();
+    completed.phase = orchestrator::saga::Phase::Completed;
+    store
+        .commit(commit(
+            "done",
+            done.version,
+            &completed,
+            &[],
+            LeaseChange::Keep,
+        ))
+        .await
+        .unwrap()
+        .expect("commit");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    let list = |stuck_after: Option<Duration>, older_than: Option<Duration>| {
+        let store = store.clone();
+        async move {
+            let filter = ListFilter {
+                stuck_after,
+                older_than,
+                limit: 10,
+                ..ListFilter::default()
+            };
+            let found = store.list(&filter).await.unwrap();
+            found.into_iter().map(|s| s.saga_id).collect::<Vec<_>>()
+        }
+    };
+    // No progress for 10 ms: only the unfinished saga is stuck.
+    assert_eq!(
+        list(Some(Duration::from_millis(10)), None).await,
+        ["active"]
+    );
+    assert!(list(Some(Duration::from_secs(600)), None).await.is_empty());
+    assert_eq!(
+        list(None, Some(Duration::from_millis(10))).await,
+        ["done", "active"]
+    );
+    assert!(list(None, Some(Duration::from_secs(600))).await.is_empty());
+
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.counts, [(Status::Pending, 1), (Status::Completed, 1)]);
+    assert!(stats.oldest_active_age.unwrap() >= 0.01);
+    assert_eq!(stats.started_last_minute, 2);
+    assert_eq!(stats.finished_last_minute, 1);
+}
+
+async fn product_and_customer_filters(backend: Backend) {
+    let store = &backend.store;
+    let mut bobs = new_saga("s2", None);
+    bobs.customer_id = "bob".into();
+    bobs.items = vec![
+        OrderItem {
+            product_id: "gadget".into(),
+            quantity: 1,
+        },
+        OrderItem {
+            product_id: "widget".into(),
+            quantity: 1,
+        },
+    ];
+    store
+        .create(&new_saga("s1", None), "r1", TTL)
+        .await
+        .unwrap();
+    store.create(&bobs, "r1", TTL).await.unwrap();
+    let ids = |filter: ListFilter| {
+        let store = store.clone();
+        async move {
+            let found = store.list(&filter).await.unwrap();
+            found.into_iter().map(|s| s.saga_id).collect::<Vec<_>>()
+        }
+    };
+    let all = ListFilter {
         limit: 10,
         ..ListFilter::default()
     };
-    let found = store.list(&filter).await.unwrap();
-    let ids: Vec<&str> = found.iter().map(|s| s.saga_id.as_str()).collect();
-    assert_eq!(ids, ["stuck"]);
-    let stats = store.stats().await.unwrap();
-    assert_eq!(stats.counts, [(Status::Pending, 2)]);
-    assert!(stats.oldest_active_age.unwrap() >= 600.0);
-    assert_eq!(stats.started_last_minute, 1);
+    assert_eq!(
+        ids(ListFilter {
+            product_id: Some("gadget".into()),
+            ..all.clone()
+        })
+        .await,
+        ["s2"]
+    );
+    assert_eq!(
+        ids(ListFilter {
+            product_id: Some("widget".into()),
+            ..all.clone()
+        })
+        .await,
+        ["s2", "s1"]
+    );
+    assert_eq!(
+        ids(ListFilter {
+            customer_id: Some("alice".into()),
+            ..all.clone()
+        })
+        .await,
+        ["s1"]
+    );
+    assert_eq!(
+        ids(ListFilter {
+            status: Some(Status::Pending),
+            before_id: Some("s2".into()),
+            ..all
+        })
+        .await,
+        ["s1"]
+    );
+}
+
+#[tokio::test]
+async fn a_sqlite_file_survives_a_reopen() {
+    let backend = sqlite().await;
+    let (saga, _) = backend
+        .store
+        .create(&new_saga("s1", Some("k1")), "r1", TTL)
+        .await
+        .unwrap();
+    let next = reserved(&saga.state);
+    backend
+        .store
+        .commit(commit(
+            "s1",
+            saga.version,
+            &next,
+            &[entry("reserve_inventory")],
+            LeaseChange::Keep,
+        ))
+        .await
+        .unwrap()
+        .expect("commit");
+    let file = backend.file.as_ref().unwrap().url();
+    let Backend {
+        store, file: keep, ..
+    } = backend;
+    drop(store);
+
+    let reopened = orchestrator::server::connect(&file, 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let saga = reopened.load("s1").await.unwrap().expect("still there");
+    assert_eq!(saga.state, next);
+    assert_eq!(reopened.journal("s1").await.unwrap().len(), 1);
+    let (again, created) = reopened
+        .create(&new_saga("s9", Some("k1")), "r1", TTL)
+        .await
+        .unwrap();
+    assert!(!created, "the idempotency key survived too");
+    assert_eq!(again.saga_id, "s1");
+    drop(keep);
 }

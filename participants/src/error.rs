@@ -42,6 +42,17 @@ fn is_transient_sqlstate(code: &str) -> bool {
     ) || code.starts_with("08")
 }
 
+/// SQLite result codes that mean "try again": SQLITE_BUSY (another process
+/// holds the write lock past the busy timeout) and SQLITE_LOCKED, with their
+/// extended codes (the low byte is the primary code).
+fn is_transient_sqlite(db: &dyn sqlx::error::DatabaseError) -> bool {
+    db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some()
+        && db
+            .code()
+            .and_then(|code| code.parse::<i32>().ok())
+            .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+}
+
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         match error {
@@ -53,7 +64,8 @@ impl From<Error> for Status {
                 Status::unavailable("database unavailable, try again")
             }
             Error::Database(sqlx::Error::Database(ref db))
-                if db.code().is_some_and(|code| is_transient_sqlstate(&code)) =>
+                if db.code().is_some_and(|code| is_transient_sqlstate(&code))
+                    || is_transient_sqlite(db.as_ref()) =>
             {
                 tracing::warn!(%error, "transient database conflict");
                 Status::new(Code::Aborted, "transient database conflict, try again")

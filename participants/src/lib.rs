@@ -4,11 +4,12 @@
 //! Layout:
 //! - [`cli`]: flag parsing, logging and signal helpers for the binaries.
 //! - [`domain`]: validated input types and the system's input limits.
-//! - [`inventory`], [`payment`], [`fulfillment`]: each a store (the SQL) and
-//!   its gRPC face.
+//! - [`inventory`], [`payment`], [`fulfillment`]: each a store trait with a
+//!   PostgreSQL and a SQLite implementation (the SQL), and its gRPC face.
 //! - `record`: the per-saga idempotency record and its tombstones.
 //! - [`fault`]: fault injection (registry, tower layer, control service).
-//! - [`server`]: database connection, migrations, and serving on a listener.
+//! - [`server`]: database connection (the [`Backend`] chosen by the URL's
+//!   scheme), migrations, and serving on a listener.
 //! - [`error`]: the one error type and its mapping to `tonic::Status`.
 //!
 //! Every action is idempotent per saga_id and every compensation is safe to
@@ -25,4 +26,6 @@ mod record;
 pub mod server;
 
 pub use error::Error;
-pub use server::{Participant, ServeOptions, connect, connect_pool, serve};
+pub use server::{
+    Backend, Participant, ServeOptions, connect, connect_pool, connect_sqlite, serve,
+};

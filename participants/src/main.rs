@@ -9,12 +9,13 @@ use clap::{Parser, Subcommand};
 use participants::{Participant, ServeOptions};
 use tokio::net::TcpListener;
 
-/// Runs one participant of the order saga as a gRPC server on PostgreSQL.
+/// Runs one participant of the order saga as a gRPC server on PostgreSQL or
+/// SQLite.
 ///
 /// Examples:
 ///   participant inventory   --listen 127.0.0.1:50061 --database-url postgres://postgres@127.0.0.1/inventory
 ///   participant payment     --database-url postgres://postgres@127.0.0.1/payment --fault-injection
-///   participant fulfillment --database-url postgres://postgres@127.0.0.1/fulfillment
+///   participant fulfillment --database-url sqlite:fulfillment.db
 #[derive(Debug, Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Cli {
@@ -39,8 +40,9 @@ struct Args {
     #[arg(long, env = "PARTICIPANT_LISTEN")]
     listen: Option<SocketAddr>,
 
-    /// PostgreSQL URL of this participant's own database; its tables are
-    /// created at start.
+    /// PostgreSQL or SQLite URL of this participant's own database
+    /// (postgres://..., sqlite:PATH or sqlite::memory:); its tables are
+    /// created at start, and a missing SQLite file too.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
 
@@ -49,7 +51,7 @@ struct Args {
     #[arg(long, env = "PARTICIPANT_FAULT_INJECTION")]
     fault_injection: bool,
 
-    /// Most connections to the database.
+    /// Most connections to the database (PostgreSQL; SQLite uses one).
     #[arg(long, env = "PARTICIPANT_MAX_CONNECTIONS", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
@@ -88,7 +90,7 @@ fn main() -> ExitCode {
 
 async fn run(participant: Participant, args: Args) -> Result<(), String> {
     let listen = args.listen.unwrap_or(participant.default_listen());
-    let pool = participants::connect(
+    let backend = participants::connect(
         participant,
         &args.database_url,
         args.max_connections,
@@ -111,14 +113,14 @@ async fn run(participant: Participant, args: Args) -> Result<(), String> {
     };
     participants::serve(
         participant,
-        pool.clone(),
+        backend.clone(),
         listener,
         options,
         participants::cli::shutdown_signal(),
     )
     .await
     .map_err(|e| e.to_string())?;
-    pool.close().await;
+    backend.close().await;
     tracing::info!(participant = participant.name(), "stopped");
     Ok(())
 }

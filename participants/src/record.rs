@@ -1,8 +1,10 @@
 //! The per-saga idempotency record every participant keeps: one row per
 //! saga_id with a state column. A compensation locks it, or, when the action
 //! never arrived, writes a TOMBSTONE row that makes the late action fail.
+//! One function per backend: PostgreSQL must cope with a concurrent action,
+//! SQLite runs the compensation alone.
 
-use sqlx::{AssertSqlSafe, PgConnection};
+use sqlx::{AssertSqlSafe, PgConnection, SqliteConnection};
 
 use crate::domain::Id;
 use crate::error::Error;
@@ -77,4 +79,34 @@ pub(crate) async fn lock_or_tombstone(
         "record for saga {saga_id} in {} neither visible nor insertable",
         table.name()
     ))))
+}
+
+/// The SQLite twin of [`lock_or_tombstone`]: reads the saga's record in
+/// `table`, or writes a tombstone if there is none.
+///
+/// The caller's transaction began with `BEGIN IMMEDIATE`, so it holds the
+/// database's write lock: no action can commit between the read and the
+/// insert, and one round is enough.
+pub(crate) async fn sqlite_take_or_tombstone(
+    tx: &mut SqliteConnection,
+    table: RecordTable,
+    saga_id: &Id,
+) -> Result<Locked, Error> {
+    let select = format!("SELECT state FROM {} WHERE saga_id = ?1", table.name());
+    let state: Option<String> = sqlx::query_scalar(AssertSqlSafe(select))
+        .bind(saga_id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+    if let Some(state) = state {
+        return Ok(Locked::Existing(state));
+    }
+    let insert = format!(
+        "INSERT INTO {} (saga_id, state) VALUES (?1, 'TOMBSTONE')",
+        table.name()
+    );
+    sqlx::query(AssertSqlSafe(insert))
+        .bind(saga_id.as_str())
+        .execute(&mut *tx)
+        .await?;
+    Ok(Locked::Tombstoned)
 }

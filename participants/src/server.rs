@@ -1,6 +1,7 @@
-//! Starting a participant: connect and migrate its database, then serve its
-//! gRPC service with health, reflection and (optionally) fault injection on
-//! a listener the caller bound, until the caller's shutdown future fires.
+//! Starting a participant: connect and migrate its database (PostgreSQL or
+//! SQLite, chosen by the URL's scheme), then serve its gRPC service with
+//! health, reflection and (optionally) fault injection on a listener the
+//! caller bound, until the caller's shutdown future fires.
 
 use std::future::Future;
 use std::str::FromStr;
@@ -11,10 +12,10 @@ use proto::fault::v1::fault_injection_server::FaultInjectionServer;
 use proto::fulfillment::v1::fulfillment_service_server::FulfillmentServiceServer;
 use proto::inventory::v1::inventory_service_server::InventoryServiceServer;
 use proto::payment::v1::payment_service_server::PaymentServiceServer;
-use sqlx::Connection;
-use sqlx::PgPool;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{Connection, PgPool, SqlitePool};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
@@ -22,13 +23,20 @@ use tonic_health::ServingStatus;
 
 use crate::error::Error;
 use crate::fault::{FaultControl, FaultLayer, FaultRegistry};
-use crate::fulfillment::{FulfillmentGrpc, FulfillmentStore};
-use crate::inventory::{InventoryGrpc, InventoryStore};
-use crate::payment::{PaymentGrpc, PaymentStore};
+use crate::fulfillment::{FulfillmentGrpc, FulfillmentStore, PgFulfillment, SqliteFulfillment};
+use crate::inventory::{InventoryGrpc, InventoryStore, PgInventory, SqliteInventory};
+use crate::payment::{PaymentGrpc, PaymentStore, PgPayment, SqlitePayment};
 
 static INVENTORY_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/postgres/inventory");
 static PAYMENT_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/postgres/payment");
 static FULFILLMENT_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/postgres/fulfillment");
+static SQLITE_INVENTORY_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/sqlite/inventory");
+static SQLITE_PAYMENT_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/sqlite/payment");
+static SQLITE_FULFILLMENT_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/sqlite/fulfillment");
+
+/// How long a SQLite connection waits for another process's write lock
+/// before answering "database is locked" (mapped to `ABORTED`).
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Which participant a process (or an in-process server) is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -102,6 +110,14 @@ impl Participant {
             Self::Fulfillment => &FULFILLMENT_MIGRATIONS,
         }
     }
+
+    fn sqlite_migrator(self) -> &'static Migrator {
+        match self {
+            Self::Inventory => &SQLITE_INVENTORY_MIGRATIONS,
+            Self::Payment => &SQLITE_PAYMENT_MIGRATIONS,
+            Self::Fulfillment => &SQLITE_FULFILLMENT_MIGRATIONS,
+        }
+    }
 }
 
 impl FromStr for Participant {
@@ -115,19 +131,124 @@ impl FromStr for Participant {
     }
 }
 
-/// Connects to the participant's database with a pool of up to
-/// `max_connections` and applies its migrations.
+/// A participant's database: a pool on PostgreSQL or on SQLite.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// `postgres://` or `postgresql://`.
+    Postgres(PgPool),
+    /// `sqlite:PATH`, `sqlite://PATH` or `sqlite::memory:`; one connection.
+    Sqlite(SqlitePool),
+}
+
+impl Backend {
+    /// The PostgreSQL pool, if this is PostgreSQL.
+    pub fn postgres(&self) -> Option<&PgPool> {
+        match self {
+            Self::Postgres(pool) => Some(pool),
+            Self::Sqlite(_) => None,
+        }
+    }
+
+    /// The SQLite pool, if this is SQLite.
+    pub fn sqlite(&self) -> Option<&SqlitePool> {
+        match self {
+            Self::Postgres(_) => None,
+            Self::Sqlite(pool) => Some(pool),
+        }
+    }
+
+    /// The inventory store on this database.
+    pub fn inventory(&self) -> Arc<dyn InventoryStore> {
+        match self {
+            Self::Postgres(pool) => Arc::new(PgInventory::new(pool.clone())),
+            Self::Sqlite(pool) => Arc::new(SqliteInventory::new(pool.clone())),
+        }
+    }
+
+    /// The payment store on this database.
+    pub fn payment(&self) -> Arc<dyn PaymentStore> {
+        match self {
+            Self::Postgres(pool) => Arc::new(PgPayment::new(pool.clone())),
+            Self::Sqlite(pool) => Arc::new(SqlitePayment::new(pool.clone())),
+        }
+    }
+
+    /// The fulfillment store on this database.
+    pub fn fulfillment(&self) -> Arc<dyn FulfillmentStore> {
+        match self {
+            Self::Postgres(pool) => Arc::new(PgFulfillment::new(pool.clone())),
+            Self::Sqlite(pool) => Arc::new(SqliteFulfillment::new(pool.clone())),
+        }
+    }
+
+    /// Closes the pool, waiting for connections in use to come back.
+    pub async fn close(&self) {
+        match self {
+            Self::Postgres(pool) => pool.close().await,
+            Self::Sqlite(pool) => pool.close().await,
+        }
+    }
+}
+
+/// Connects to the participant's database and applies its migrations.
 ///
-/// Fails within `connect_timeout` when the server is unreachable.
+/// The URL's scheme chooses the backend: `postgres://` or `postgresql://`
+/// opens a pool of up to `max_connections` and fails within
+/// `connect_timeout` when the server is unreachable; `sqlite:PATH`,
+/// `sqlite://PATH` or `sqlite::memory:` opens the file (creating it if
+/// missing) with one connection, see [`connect_sqlite`].
 pub async fn connect(
     participant: Participant,
     database_url: &str,
     max_connections: u32,
     connect_timeout: Duration,
-) -> Result<PgPool, Error> {
-    let pool = connect_pool(database_url, max_connections, connect_timeout).await?;
-    participant.migrator().run(&pool).await?;
-    Ok(pool)
+) -> Result<Backend, Error> {
+    let scheme = database_url
+        .split_once(':')
+        .map(|(scheme, _)| scheme.to_ascii_lowercase());
+    match scheme.as_deref() {
+        Some("postgres" | "postgresql") => {
+            let pool = connect_pool(database_url, max_connections, connect_timeout).await?;
+            participant.migrator().run(&pool).await?;
+            Ok(Backend::Postgres(pool))
+        }
+        Some("sqlite") => {
+            let pool = connect_sqlite(database_url).await?;
+            participant.sqlite_migrator().run(&pool).await?;
+            Ok(Backend::Sqlite(pool))
+        }
+        // The URL itself is not echoed: it may hold a password.
+        other => Err(Error::invalid(format!(
+            "{}: use postgres://, postgresql:// (PostgreSQL) or sqlite:PATH, sqlite://PATH, \
+             sqlite::memory: (SQLite)",
+            match other {
+                Some(scheme) => format!("unsupported database URL scheme {scheme:?}"),
+                None => "the database URL has no scheme".to_owned(),
+            }
+        ))),
+    }
+}
+
+/// Opens a SQLite database (`sqlite:PATH`, `sqlite://PATH` or
+/// `sqlite::memory:`), creating the file if it is missing, in WAL mode with
+/// foreign keys on and a 5 s busy timeout.
+///
+/// The pool holds exactly one connection, kept open for the pool's life:
+/// every statement is serialized, which is what makes the SQLite stores
+/// simple and correct, and `sqlite::memory:` stays one database.
+pub async fn connect_sqlite(url: &str) -> Result<SqlitePool, Error> {
+    let options = SqliteConnectOptions::from_str(url)?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .foreign_keys(true)
+        .busy_timeout(SQLITE_BUSY_TIMEOUT);
+    Ok(SqlitePoolOptions::new()
+        .min_connections(1)
+        .max_connections(1)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .connect_with(options)
+        .await?)
 }
 
 /// Opens a pool of up to `max_connections` on `database_url`.
@@ -167,7 +288,7 @@ pub struct ServeOptions {
 /// taking calls and lets the calls in progress finish.
 pub async fn serve(
     participant: Participant,
-    pool: PgPool,
+    backend: Backend,
     listener: TcpListener,
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
@@ -210,13 +331,13 @@ pub async fn serve(
         .add_optional_service(registry.map(|r| FaultInjectionServer::new(FaultControl::new(r))));
     let router = match participant {
         Participant::Inventory => router.add_service(InventoryServiceServer::new(
-            InventoryGrpc::new(InventoryStore::new(pool)),
+            InventoryGrpc::new(backend.inventory()),
         )),
         Participant::Payment => router.add_service(PaymentServiceServer::new(PaymentGrpc::new(
-            PaymentStore::new(pool),
+            backend.payment(),
         ))),
         Participant::Fulfillment => router.add_service(FulfillmentServiceServer::new(
-            FulfillmentGrpc::new(FulfillmentStore::new(pool)),
+            FulfillmentGrpc::new(backend.fulfillment()),
         )),
     };
 

@@ -61,6 +61,22 @@ fn an_unreachable_database_is_one_line_and_a_non_zero_exit() {
 }
 
 #[test]
+fn an_unsupported_database_url_is_one_line_naming_the_supported_schemes() {
+    let line = assert_one_line_failure(&[
+        "inventory",
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        "mysql://root:secret@127.0.0.1/x",
+    ]);
+    assert!(
+        line.contains("postgres://") && line.contains("sqlite:"),
+        "{line}"
+    );
+    assert!(!line.contains("secret"), "never echo the URL: {line}");
+}
+
+#[test]
 fn help_exits_zero_and_documents_the_flags() {
     for args in [&["--help"][..], &["payment", "--help"][..]] {
         let (status, stdout, stderr) = run(args);
@@ -69,6 +85,7 @@ fn help_exits_zero_and_documents_the_flags() {
             for flag in ["--fault-injection", "--database-url", "--listen"] {
                 assert!(stdout.contains(flag), "{args:?} mentions {flag}: {stdout}");
             }
+            assert!(stdout.contains("SQLite"), "{args:?}: {stdout}");
         } else {
             for participant in ["inventory", "payment", "fulfillment"] {
                 assert!(stdout.contains(participant), "{args:?}: {stdout}");
@@ -113,4 +130,46 @@ async fn sigterm_stops_the_server_cleanly() {
         "logs where it listens: {stderr}"
     );
     assert!(stderr.contains("stopped"), "logs that it stopped: {stderr}");
+}
+
+#[tokio::test]
+async fn serves_on_a_sqlite_file_it_creates() {
+    let path = std::env::temp_dir().join(format!(
+        "participants-cli-{}-payment.db",
+        std::process::id()
+    ));
+    let url = format!("sqlite:{}", path.display());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut process = Running::start(participant(&[
+        "payment",
+        "--listen",
+        &listen,
+        "--database-url",
+        &url,
+    ]));
+
+    let endpoint = format!("http://{listen}");
+    let channel = wait_until_serving(&mut process, &endpoint, "payment.v1.PaymentService").await;
+    let account = PaymentServiceClient::new(channel.clone())
+        .upsert_account(UpsertAccountRequest {
+            customer_id: "alice".into(),
+            balance_cents: 500,
+        })
+        .await
+        .expect("upsert account")
+        .into_inner();
+    assert_eq!(account.balance_cents, 500);
+    assert!(path.exists(), "the database file was created");
+
+    terminate(process.pid());
+    let (status, _stdout, stderr) = tokio::task::spawn_blocking(move || process.finish())
+        .await
+        .expect("waiting for the process");
+    drop(channel);
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.clone().into_os_string();
+        file.push(suffix);
+        let _ = std::fs::remove_file(file);
+    }
+    assert!(status.success(), "exit status {status:?}; stderr: {stderr}");
 }

@@ -224,19 +224,23 @@ pub async fn spawn_participant(
     options: ServeOptions,
 ) -> Result<SpawnedParticipant> {
     let db = TestDb::create(participant.name()).await?;
-    let pool = participants::connect(
+    let backend = participants::connect(
         participant,
         db.url(),
         PARTICIPANT_CONNECTIONS,
         Duration::from_secs(10),
     )
     .await?;
+    let pool = backend
+        .postgres()
+        .cloned()
+        .context("a PostgreSQL test database gave a non-PostgreSQL backend")?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let endpoint = format!("http://{}", listener.local_addr()?);
     let (shutdown, stop) = oneshot::channel::<()>();
     let task = tokio::spawn(participants::serve(
         participant,
-        pool.clone(),
+        backend,
         listener,
         options,
         async {

@@ -101,16 +101,9 @@ pub async fn spawn_orchestrator(
             let listener = tokio::net::TcpListener::from_std(listener)
                 .map_err(|e| orchestrator::Error::invalid(e.to_string()))?;
             let _ = ready_tx.send(());
-            orchestrator::server::serve(
-                Arc::new(store),
-                Arc::new(calls),
-                settings,
-                listener,
-                None,
-                async {
-                    let _ = shutdown_rx.await;
-                },
-            )
+            orchestrator::server::serve(store, Arc::new(calls), settings, listener, None, async {
+                let _ = shutdown_rx.await;
+            })
             .await
         }
         .await;

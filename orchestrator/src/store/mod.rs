@@ -10,10 +10,14 @@
 //! (journal start and finish of a call).
 
 mod postgres;
+mod sqlite;
 
 use std::time::Duration;
 
 pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+use sqlx::types::Json;
+use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use crate::error::Error;
 use crate::saga::{Definition, SagaState, Status};
@@ -90,6 +94,91 @@ pub fn total_amount_cents(state: &SagaState) -> i64 {
         .get("total_amount_cents")
         .and_then(|total| total.parse().ok())
         .unwrap_or(0)
+}
+
+/// The columns stored beside the state for queries, derived from it.
+pub(crate) struct Derived {
+    pub(crate) status: Status,
+    pub(crate) current_step: Option<&'static str>,
+    pub(crate) attempts: i32,
+    pub(crate) total_amount_cents: i64,
+    pub(crate) cancel_requested: bool,
+}
+
+impl Derived {
+    pub(crate) fn of(state: &SagaState, definition: &Definition) -> Self {
+        let status = state.status(definition);
+        let (current_step, attempts) = match state.current() {
+            Some((step, _)) if !status.is_terminal() => (
+                Some(definition.steps[step].name),
+                state.current_attempts() as i32,
+            ),
+            _ => (None, 0),
+        };
+        let cancel = Some(crate::saga::Cause::Cancel);
+        Self {
+            status,
+            current_step,
+            attempts,
+            total_amount_cents: total_amount_cents(state),
+            cancel_requested: state.cause == cancel || state.stop_requested == cancel,
+        }
+    }
+}
+
+/// Reads a saga row (the same column names in every backend).
+pub(crate) fn record<'r, R>(row: &'r R) -> Result<SagaRecord, Error>
+where
+    R: Row,
+    &'static str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    f64: Decode<'r, R::Database> + Type<R::Database>,
+    Json<Vec<OrderItem>>: Decode<'r, R::Database> + Type<R::Database>,
+    Json<SagaState>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let status: String = row.try_get("status")?;
+    let Json(items) = row.try_get("items")?;
+    let Json(state) = row.try_get("state")?;
+    Ok(SagaRecord {
+        saga_id: row.try_get("saga_id")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        customer_id: row.try_get("customer_id")?,
+        items,
+        state,
+        status: Status::parse(&status)
+            .ok_or_else(|| Error::Corrupt(format!("unknown status {status:?}")))?,
+        version: row.try_get("version")?,
+        next_attempt_at: row.try_get("next_attempt_at")?,
+        lease_owner: row.try_get("lease_owner")?,
+        lease_expires_at: row.try_get("lease_expires_at")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        progress_at: row.try_get("progress_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+/// Reads a journal row.
+pub(crate) fn journal_entry<'r, R>(row: &'r R) -> Result<JournalEntry, Error>
+where
+    R: Row,
+    &'static str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i32: Decode<'r, R::Database> + Type<R::Database>,
+    f64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    Ok(JournalEntry {
+        step: row.try_get("step")?,
+        kind: row.try_get("kind")?,
+        attempt: row.try_get("attempt")?,
+        outcome: row.try_get("outcome")?,
+        detail: row.try_get("detail")?,
+        rpc: row.try_get("rpc")?,
+        actor: row.try_get("actor")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
 }
 
 /// One journal row: an attempt of a step, or a client or operator request.
@@ -189,6 +278,28 @@ pub struct Stats {
     pub started_last_minute: i64,
     /// Sagas finished in the last minute.
     pub finished_last_minute: i64,
+}
+
+impl Stats {
+    /// Stats from raw counts per stored status name, sorted by lifecycle.
+    pub(crate) fn new(
+        counts: Vec<(String, i64)>,
+        oldest: Option<f64>,
+        started: i64,
+        finished: i64,
+    ) -> Self {
+        let mut counts: Vec<(Status, i64)> = counts
+            .into_iter()
+            .filter_map(|(status, count)| Some((Status::parse(&status)?, count)))
+            .collect();
+        counts.sort_by_key(|(status, _)| Status::ALL.iter().position(|s| s == status));
+        Self {
+            counts,
+            oldest_active_age: oldest,
+            started_last_minute: started,
+            finished_last_minute: finished,
+        }
+    }
 }
 
 /// Saga persistence. One implementation per database.

@@ -4,16 +4,16 @@
 
 use std::time::Duration;
 
+use sqlx::PgPool;
 use sqlx::postgres::PgRow;
 use sqlx::types::Json;
-use sqlx::{PgPool, Row};
 
 use super::{
-    Commit, JournalEntry, LeaseChange, ListFilter, NewSaga, NextAttempt, SagaRecord, SagaStore,
-    Stats, total_amount_cents,
+    Commit, Derived, JournalEntry, LeaseChange, ListFilter, NewSaga, NextAttempt, SagaRecord,
+    SagaStore, Stats, journal_entry, record,
 };
 use crate::error::Error;
-use crate::saga::{SagaState, Status};
+use crate::saga::Status;
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres/orchestrator");
 
@@ -46,29 +46,6 @@ impl PgStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
-}
-
-fn record(row: &PgRow) -> Result<SagaRecord, Error> {
-    let status: String = row.try_get("status")?;
-    let Json(items) = row.try_get("items")?;
-    let Json(state): Json<SagaState> = row.try_get("state")?;
-    Ok(SagaRecord {
-        saga_id: row.try_get("saga_id")?,
-        idempotency_key: row.try_get("idempotency_key")?,
-        customer_id: row.try_get("customer_id")?,
-        items,
-        state,
-        status: Status::parse(&status)
-            .ok_or_else(|| Error::Corrupt(format!("unknown status {status:?}")))?,
-        version: row.try_get("version")?,
-        next_attempt_at: row.try_get("next_attempt_at")?,
-        lease_owner: row.try_get("lease_owner")?,
-        lease_expires_at: row.try_get("lease_expires_at")?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-        progress_at: row.try_get("progress_at")?,
-        finished_at: row.try_get("finished_at")?,
-    })
 }
 
 fn records(rows: &[PgRow]) -> Result<Vec<SagaRecord>, Error> {
@@ -193,14 +170,7 @@ impl SagaStore for PgStore {
 
     async fn commit(&self, commit: Commit<'_>) -> Result<Option<i64>, Error> {
         let state = commit.state;
-        let status = state.status(commit.definition);
-        let (current_step, attempts) = match state.current() {
-            Some((step, _)) if !status.is_terminal() => (
-                Some(commit.definition.steps[step].name),
-                state.current_attempts() as i32,
-            ),
-            _ => (None, 0),
-        };
+        let derived = Derived::of(state, commit.definition);
         let (next_mode, next_secs) = match commit.next_attempt {
             NextAttempt::Keep => ("keep", 0.0),
             NextAttempt::Clear => ("clear", 0.0),
@@ -211,8 +181,6 @@ impl SagaStore for PgStore {
             LeaseChange::Extend { owner, ttl } => ("extend", Some(owner), ttl.as_secs_f64()),
             LeaseChange::Release { owner } => ("release", Some(owner), 0.0),
         };
-        let cancel_requested = state.cause == Some(crate::saga::Cause::Cancel)
-            || state.stop_requested == Some(crate::saga::Cause::Cancel);
         let columns = JournalColumns::of(commit.journal);
         // One statement, so one round trip and one atomic commit: the saga
         // row (only if its version and lease still match) and its journal
@@ -255,13 +223,13 @@ impl SagaStore for PgStore {
             .bind(commit.saga_id)
             .bind(commit.expected_version)
             .bind(Json(state))
-            .bind(status.as_str())
-            .bind(total_amount_cents(state))
+            .bind(derived.status.as_str())
+            .bind(derived.total_amount_cents)
             .bind(&state.failure_reason)
             .bind(&state.last_error)
-            .bind(current_step)
-            .bind(attempts)
-            .bind(cancel_requested)
+            .bind(derived.current_step)
+            .bind(derived.attempts)
+            .bind(derived.cancel_requested)
             .bind(next_mode)
             .bind(next_secs)
             .bind(lease_mode)
@@ -361,21 +329,7 @@ impl SagaStore for PgStore {
         .bind(saga_id)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(JournalEntry {
-                    step: row.try_get("step")?,
-                    kind: row.try_get("kind")?,
-                    attempt: row.try_get("attempt")?,
-                    outcome: row.try_get("outcome")?,
-                    detail: row.try_get("detail")?,
-                    rpc: row.try_get("rpc")?,
-                    actor: row.try_get("actor")?,
-                    started_at: row.try_get("started_at")?,
-                    finished_at: row.try_get("finished_at")?,
-                })
-            })
-            .collect()
+        rows.iter().map(journal_entry).collect()
     }
 
     async fn append_journal(&self, saga_id: &str, entries: &[JournalEntry]) -> Result<(), Error> {
@@ -436,16 +390,6 @@ impl SagaStore for PgStore {
         )
         .fetch_one(&self.pool)
         .await?;
-        let mut counts: Vec<(Status, i64)> = counts
-            .into_iter()
-            .filter_map(|(status, count)| Some((Status::parse(&status)?, count)))
-            .collect();
-        counts.sort_by_key(|(status, _)| Status::ALL.iter().position(|s| s == status));
-        Ok(Stats {
-            counts,
-            oldest_active_age: oldest,
-            started_last_minute: started,
-            finished_last_minute: finished,
-        })
+        Ok(Stats::new(counts, oldest, started, finished))
     }
 }

@@ -1,14 +1,24 @@
 //! The fulfillment participant: one shipment per saga. Ship is the saga's
 //! pivot; CancelShipment exists for sagas cancelled while Ship was in flight
 //! (its reply lost), which must be undone like any attempted step.
+//!
+//! [`FulfillmentStore`] is the persistence interface, implemented on
+//! PostgreSQL ([`PgFulfillment`]) and SQLite ([`SqliteFulfillment`]) with the
+//! same observable behaviour; [`FulfillmentGrpc`] is its gRPC face.
+
+mod postgres;
+mod sqlite;
+
+use std::sync::Arc;
 
 use proto::fulfillment::v1 as pb;
-use sqlx::{PgPool, Row};
 use tonic::{Request, Response, Status};
 
-use crate::domain::{Id, Items, new_id};
+use crate::domain::{Id, Items};
 use crate::error::Error;
-use crate::record::{Locked, RecordTable, lock_or_tombstone};
+
+pub use postgres::PgFulfillment;
+pub use sqlite::SqliteFulfillment;
 
 /// What a CancelShipment did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,112 +62,33 @@ impl ShipmentRecord {
     }
 }
 
-/// Fulfillment persistence on PostgreSQL.
-#[derive(Debug, Clone)]
-pub struct FulfillmentStore {
-    pool: PgPool,
-}
-
-impl FulfillmentStore {
-    /// A store on an already migrated pool.
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
-    }
-
+/// Fulfillment persistence: what the gRPC face needs.
+///
+/// Every implementation keeps the same contract: Ship is idempotent per
+/// saga (a replay returns the first shipment id, a replay with other items
+/// is `INVALID_ARGUMENT`) and refuses a saga whose CancelShipment came first
+/// (tombstone) or has run.
+#[tonic::async_trait]
+pub trait FulfillmentStore: std::fmt::Debug + Send + Sync + 'static {
     /// Reads a saga's shipment record, if any.
-    pub async fn shipment(&self, saga_id: &Id) -> Result<Option<ShipmentRecord>, Error> {
-        let Some(row) = sqlx::query("SELECT shipment_id, state FROM shipments WHERE saga_id = $1")
-            .bind(saga_id.as_str())
-            .fetch_optional(&self.pool)
-            .await?
-        else {
-            return Ok(None);
-        };
-        let items: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT product_id, quantity FROM shipment_items WHERE saga_id = $1 ORDER BY product_id",
-        )
-        .bind(saga_id.as_str())
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(Some(ShipmentRecord {
-            shipment_id: row.try_get("shipment_id")?,
-            state: row.try_get("state")?,
-            items: items.into_iter().unzip(),
-        }))
-    }
+    async fn shipment(&self, saga_id: &Id) -> Result<Option<ShipmentRecord>, Error>;
 
     /// Creates the saga's shipment; returns its id.
-    #[tracing::instrument(skip_all, fields(saga_id = %saga_id))]
-    pub async fn ship(&self, saga_id: &Id, items: &Items) -> Result<String, Error> {
-        if let Some(record) = self.shipment(saga_id).await? {
-            return record.replay(saga_id, items);
-        }
-        let (product_ids, quantities) = items.sorted_columns();
-        let shipment_id = new_id("shp");
-        let mut tx = self.pool.begin().await?;
-        let claimed = sqlx::query(
-            "INSERT INTO shipments (saga_id, shipment_id, state) VALUES ($1, $2, 'SHIPPED')
-             ON CONFLICT (saga_id) DO NOTHING",
-        )
-        .bind(saga_id.as_str())
-        .bind(&shipment_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if claimed == 0 {
-            tx.rollback().await?;
-            let record = self.shipment(saga_id).await?.ok_or_else(|| {
-                Error::Database(sqlx::Error::Protocol("shipment vanished".into()))
-            })?;
-            return record.replay(saga_id, items);
-        }
-        sqlx::query(
-            "INSERT INTO shipment_items (saga_id, product_id, quantity)
-             SELECT $1, product_id, quantity FROM unnest($2::text[], $3::bigint[]) AS r(product_id, quantity)",
-        )
-        .bind(saga_id.as_str())
-        .bind(&product_ids)
-        .bind(&quantities)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        tracing::info!(%shipment_id, "shipped");
-        Ok(shipment_id)
-    }
+    async fn ship(&self, saga_id: &Id, items: &Items) -> Result<String, Error>;
 
     /// Cancels the saga's shipment, or writes a tombstone.
-    #[tracing::instrument(skip_all, fields(saga_id = %saga_id))]
-    pub async fn cancel(&self, saga_id: &Id) -> Result<CancelOutcome, Error> {
-        let mut tx = self.pool.begin().await?;
-        let outcome = match lock_or_tombstone(&mut tx, RecordTable::Shipments, saga_id).await? {
-            Locked::Tombstoned => CancelOutcome::Tombstoned,
-            Locked::Existing(state) if state == "SHIPPED" => {
-                sqlx::query(
-                    "UPDATE shipments SET state = 'CANCELLED', cancelled_at = now() WHERE saga_id = $1",
-                )
-                .bind(saga_id.as_str())
-                .execute(&mut *tx)
-                .await?;
-                CancelOutcome::Cancelled
-            }
-            Locked::Existing(state) if state == "CANCELLED" => CancelOutcome::AlreadyCancelled,
-            Locked::Existing(_) => CancelOutcome::Tombstoned,
-        };
-        tx.commit().await?;
-        tracing::info!(?outcome, "cancel shipment");
-        Ok(outcome)
-    }
+    async fn cancel(&self, saga_id: &Id) -> Result<CancelOutcome, Error>;
 }
 
-/// The gRPC face of [`FulfillmentStore`].
+/// The gRPC face of a [`FulfillmentStore`].
 #[derive(Debug, Clone)]
 pub struct FulfillmentGrpc {
-    store: FulfillmentStore,
+    store: Arc<dyn FulfillmentStore>,
 }
 
 impl FulfillmentGrpc {
     /// Serves `store`.
-    pub fn new(store: FulfillmentStore) -> Self {
+    pub fn new(store: Arc<dyn FulfillmentStore>) -> Self {
         Self { store }
     }
 }

@@ -1,20 +1,23 @@
 //! The inventory participant: products, stock, and per-saga reservations.
 //!
-//! `InventoryStore` holds the SQL; `InventoryGrpc` parses requests into
-//! domain types, calls the store and maps the results to protobuf.
-//!
-//! Reserve writes the saga's reservation row *first*: a second Reserve for
-//! the same saga waits on that row's unique key and then replays the first
-//! result, instead of racing for stock. Product rows are then locked in
-//! product-id order, so multi-item reservations never deadlock each other.
+//! [`InventoryStore`] is the persistence interface, implemented on
+//! PostgreSQL ([`PgInventory`]) and SQLite ([`SqliteInventory`]) with the
+//! same observable behaviour; [`InventoryGrpc`] parses requests into domain
+//! types, calls the store and maps the results to protobuf.
+
+mod postgres;
+mod sqlite;
+
+use std::sync::Arc;
 
 use proto::inventory::v1 as pb;
-use sqlx::{PgPool, Row};
 use tonic::{Request, Response, Status};
 
-use crate::domain::{Cents, Id, Items, MAX_NAME_BYTES, MAX_PRICE_OR_STOCK, bounded_text, new_id};
+use crate::domain::{Cents, Id, Items, MAX_NAME_BYTES, MAX_PRICE_OR_STOCK, bounded_text};
 use crate::error::Error;
-use crate::record::{Locked, RecordTable, lock_or_tombstone};
+
+pub use postgres::PgInventory;
+pub use sqlite::SqliteInventory;
 
 /// A product row.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -85,198 +88,37 @@ impl ReservationRecord {
     }
 }
 
-/// Inventory persistence on PostgreSQL.
-#[derive(Debug, Clone)]
-pub struct InventoryStore {
-    pool: PgPool,
-}
-
-impl InventoryStore {
-    /// A store on an already migrated pool.
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
-    }
-
+/// Inventory persistence: what the gRPC face needs.
+///
+/// Every implementation keeps the same contract: Reserve is idempotent per
+/// saga (a replay returns the first result, a replay with other items is
+/// `INVALID_ARGUMENT`), all or nothing, never oversells under concurrency,
+/// and refuses a saga whose Release came first (tombstone) or has run.
+#[tonic::async_trait]
+pub trait InventoryStore: std::fmt::Debug + Send + Sync + 'static {
     /// Creates the product or replaces its name, price and available stock.
-    pub async fn upsert_product(
+    async fn upsert_product(
         &self,
         product_id: &Id,
         name: &str,
         price: Cents,
         stock: Cents,
-    ) -> Result<Product, Error> {
-        Ok(sqlx::query_as(
-            "INSERT INTO products (product_id, name, price_cents, stock) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (product_id) DO UPDATE
-                SET name = EXCLUDED.name, price_cents = EXCLUDED.price_cents,
-                    stock = EXCLUDED.stock, updated_at = now()
-             RETURNING product_id, name, price_cents, stock, reserved",
-        )
-        .bind(product_id.as_str())
-        .bind(name)
-        .bind(price.get())
-        .bind(stock.get())
-        .fetch_one(&self.pool)
-        .await?)
-    }
+    ) -> Result<Product, Error>;
 
-    /// Reads one product.
-    pub async fn product(&self, product_id: &Id) -> Result<Product, Error> {
-        sqlx::query_as(
-            "SELECT product_id, name, price_cents, stock, reserved FROM products WHERE product_id = $1",
-        )
-        .bind(product_id.as_str())
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("unknown product {product_id}")))
-    }
+    /// Reads one product; `NOT_FOUND` if unknown.
+    async fn product(&self, product_id: &Id) -> Result<Product, Error>;
 
     /// Up to `limit` products with ids after `after`, in id order.
-    pub async fn products(&self, after: &str, limit: i64) -> Result<Vec<Product>, Error> {
-        Ok(sqlx::query_as(
-            "SELECT product_id, name, price_cents, stock, reserved FROM products
-             WHERE product_id > $1 ORDER BY product_id LIMIT $2",
-        )
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?)
-    }
+    async fn products(&self, after: &str, limit: i64) -> Result<Vec<Product>, Error>;
 
     /// Reads a saga's reservation record, if any.
-    pub async fn reservation(&self, saga_id: &Id) -> Result<Option<ReservationRecord>, Error> {
-        let Some(row) = sqlx::query(
-            "SELECT reservation_id, state, total_amount_cents FROM reservations WHERE saga_id = $1",
-        )
-        .bind(saga_id.as_str())
-        .fetch_optional(&self.pool)
-        .await?
-        else {
-            return Ok(None);
-        };
-        let items: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT product_id, quantity FROM reservation_items WHERE saga_id = $1 ORDER BY product_id",
-        )
-        .bind(saga_id.as_str())
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(Some(ReservationRecord {
-            reservation_id: row.try_get("reservation_id")?,
-            state: row.try_get("state")?,
-            items: items.into_iter().unzip(),
-            total_amount_cents: row.try_get("total_amount_cents")?,
-        }))
-    }
+    async fn reservation(&self, saga_id: &Id) -> Result<Option<ReservationRecord>, Error>;
 
     /// Takes `items` out of available stock for the saga, all or nothing.
-    #[tracing::instrument(skip_all, fields(saga_id = %saga_id))]
-    pub async fn reserve(&self, saga_id: &Id, items: &Items) -> Result<Reserved, Error> {
-        // Fast path for replays and tombstones: no lock taken.
-        if let Some(record) = self.reservation(saga_id).await? {
-            return record.replay(saga_id, items);
-        }
-        let (product_ids, quantities) = items.sorted_columns();
-        let reservation_id = new_id("rsv");
-        let mut tx = self.pool.begin().await?;
-        let claimed = sqlx::query(
-            "INSERT INTO reservations (saga_id, reservation_id, state) VALUES ($1, $2, 'ACTIVE')
-             ON CONFLICT (saga_id) DO NOTHING",
-        )
-        .bind(saga_id.as_str())
-        .bind(&reservation_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if claimed == 0 {
-            // A concurrent call for this saga committed first: answer as a replay.
-            tx.rollback().await?;
-            let record = self.reservation(saga_id).await?.ok_or_else(|| {
-                Error::Database(sqlx::Error::Protocol("reservation vanished".into()))
-            })?;
-            return record.replay(saga_id, items);
-        }
-
-        let products: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT product_id, stock, price_cents FROM products
-             WHERE product_id = ANY($1) ORDER BY product_id FOR UPDATE",
-        )
-        .bind(&product_ids)
-        .fetch_all(&mut *tx)
-        .await?;
-        let total = price(&product_ids, &quantities, &products)?;
-
-        sqlx::query(
-            "UPDATE products p SET stock = p.stock - r.quantity, reserved = p.reserved + r.quantity,
-                    updated_at = now()
-             FROM unnest($1::text[], $2::bigint[]) AS r(product_id, quantity)
-             WHERE p.product_id = r.product_id",
-        )
-        .bind(&product_ids)
-        .bind(&quantities)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "WITH items AS (
-                 INSERT INTO reservation_items (saga_id, product_id, quantity, price_cents)
-                 SELECT $1, r.product_id, r.quantity, p.price_cents
-                 FROM unnest($2::text[], $3::bigint[]) AS r(product_id, quantity)
-                 JOIN products p USING (product_id)
-             )
-             UPDATE reservations SET total_amount_cents = $4 WHERE saga_id = $1",
-        )
-        .bind(saga_id.as_str())
-        .bind(&product_ids)
-        .bind(&quantities)
-        .bind(total)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        tracing::info!(%reservation_id, total_amount_cents = total, "reserved");
-        Ok(Reserved {
-            reservation_id,
-            total_amount_cents: total,
-        })
-    }
+    async fn reserve(&self, saga_id: &Id, items: &Items) -> Result<Reserved, Error>;
 
     /// Puts the saga's reserved units back, or writes a tombstone.
-    #[tracing::instrument(skip_all, fields(saga_id = %saga_id))]
-    pub async fn release(&self, saga_id: &Id) -> Result<ReleaseOutcome, Error> {
-        let mut tx = self.pool.begin().await?;
-        let outcome = match lock_or_tombstone(&mut tx, RecordTable::Reservations, saga_id).await? {
-            Locked::Tombstoned => ReleaseOutcome::Tombstoned,
-            Locked::Existing(state) if state == "ACTIVE" => {
-                sqlx::query(
-                    "SELECT 1 FROM products WHERE product_id IN
-                         (SELECT product_id FROM reservation_items WHERE saga_id = $1)
-                     ORDER BY product_id FOR UPDATE",
-                )
-                .bind(saga_id.as_str())
-                .execute(&mut *tx)
-                .await?;
-                sqlx::query(
-                    "UPDATE products p SET stock = p.stock + ri.quantity,
-                            reserved = p.reserved - ri.quantity, updated_at = now()
-                     FROM reservation_items ri
-                     WHERE ri.saga_id = $1 AND p.product_id = ri.product_id",
-                )
-                .bind(saga_id.as_str())
-                .execute(&mut *tx)
-                .await?;
-                sqlx::query(
-                    "UPDATE reservations SET state = 'RELEASED', released_at = now() WHERE saga_id = $1",
-                )
-                .bind(saga_id.as_str())
-                .execute(&mut *tx)
-                .await?;
-                ReleaseOutcome::Released
-            }
-            Locked::Existing(state) if state == "RELEASED" => ReleaseOutcome::AlreadyReleased,
-            Locked::Existing(_) => ReleaseOutcome::Tombstoned,
-        };
-        tx.commit().await?;
-        tracing::info!(?outcome, "release");
-        Ok(outcome)
-    }
+    async fn release(&self, saga_id: &Id) -> Result<ReleaseOutcome, Error>;
 }
 
 /// Checks every requested product against the locked rows and prices the
@@ -314,15 +156,15 @@ fn price(
     }
 }
 
-/// The gRPC face of [`InventoryStore`].
+/// The gRPC face of an [`InventoryStore`].
 #[derive(Debug, Clone)]
 pub struct InventoryGrpc {
-    store: InventoryStore,
+    store: Arc<dyn InventoryStore>,
 }
 
 impl InventoryGrpc {
     /// Serves `store`.
-    pub fn new(store: InventoryStore) -> Self {
+    pub fn new(store: Arc<dyn InventoryStore>) -> Self {
         Self { store }
     }
 }

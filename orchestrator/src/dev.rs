@@ -1,0 +1,302 @@
+//! `orchestrator dev`, the embedded mode: the orchestrator and the three
+//! participants in one process, each a real gRPC server on its own loopback
+//! port, each on its own SQLite database (files under a data directory, or
+//! in memory). Seeds demo data on first start and prints what to try.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use participants::{Participant, ServeOptions};
+use proto::inventory::v1::inventory_service_client::InventoryServiceClient;
+use proto::inventory::v1::{ListProductsRequest, UpsertProductRequest};
+use proto::payment::v1::UpsertAccountRequest;
+use proto::payment::v1::payment_service_client::PaymentServiceClient;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::clients::{GrpcParticipants, ParticipantUrls};
+use crate::config::Settings;
+use crate::error::Error;
+use crate::executor::ExecutorConfig;
+use crate::saga::Policy;
+
+/// Flags of `orchestrator dev`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DevArgs {
+    /// Address of the orchestrator; inventory, payment and fulfillment listen
+    /// on the next three ports.
+    #[arg(long, env = "ORCHESTRATOR_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Folder of the SQLite files (created if missing); they survive
+    /// restarts.
+    #[arg(long, default_value = "saga-dev-data", conflicts_with = "in_memory")]
+    pub data_dir: PathBuf,
+
+    /// Keep everything in memory: nothing survives the process.
+    #[arg(long)]
+    pub in_memory: bool,
+
+    /// Serve fault.v1.FaultInjection on the participants, to watch
+    /// retries and compensations happen.
+    #[arg(long)]
+    pub fault_injection: bool,
+
+    /// Deadline of one participant call.
+    #[arg(long, default_value = "5s", value_parser = participants::cli::parse_duration)]
+    pub step_timeout: Duration,
+}
+
+/// Demo products: id, name, price in cents, stock.
+const PRODUCTS: &[(&str, &str, i64, i64)] = &[
+    ("widget", "Widget", 250, 100),
+    ("gadget", "Gadget", 1299, 20),
+    ("gizmo", "Gizmo", 4999, 3),
+    ("sprocket", "Sprocket", 75, 1000),
+];
+
+/// Demo customers: id, balance in cents.
+const ACCOUNTS: &[(&str, i64)] = &[("alice", 100_000), ("bob", 500), ("carol", 25_000)];
+
+fn cents(amount: i64) -> String {
+    format!("{}.{:02}", amount / 100, amount % 100)
+}
+
+/// The address `offset` ports after `base`.
+fn next_port(base: SocketAddr, offset: u16) -> Result<SocketAddr, Error> {
+    let port = base.port().checked_add(offset).ok_or_else(|| {
+        Error::invalid(format!(
+            "--listen port {} leaves no room for the participants",
+            base.port()
+        ))
+    })?;
+    Ok(SocketAddr::new(base.ip(), port))
+}
+
+async fn bind(address: SocketAddr, what: &str) -> Result<TcpListener, Error> {
+    TcpListener::bind(address).await.map_err(|e| {
+        Error::invalid(format!(
+            "cannot listen on {address} for {what}: {e} (the embedded mode needs --listen and the three ports after it free)"
+        ))
+    })
+}
+
+fn database_url(data_dir: Option<&Path>, name: &str) -> String {
+    match data_dir {
+        Some(dir) => format!("sqlite://{}", dir.join(format!("{name}.db")).display()),
+        None => "sqlite::memory:".to_owned(),
+    }
+}
+
+/// Runs the embedded system until `shutdown` completes.
+pub async fn run(
+    args: DevArgs,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    let data_dir = (!args.in_memory).then_some(args.data_dir.as_path());
+    if let Some(dir) = data_dir {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Error::invalid(format!(
+                "cannot create the data directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+    }
+    let orchestrator_listener = bind(args.listen, "the orchestrator").await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut addresses = Vec::new();
+    let mut participant_tasks = Vec::new();
+    for (offset, participant) in (1..).zip(Participant::ALL) {
+        let address = next_port(args.listen, offset)?;
+        let listener = bind(address, participant.name()).await?;
+        let backend = participants::connect(
+            participant,
+            &database_url(data_dir, participant.name()),
+            1,
+            Duration::from_secs(5),
+        )
+        .await?;
+        let mut stop = stop_rx.clone();
+        participant_tasks.push(tokio::spawn(participants::serve(
+            participant,
+            backend,
+            listener,
+            ServeOptions {
+                fault_injection: args.fault_injection,
+            },
+            async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            },
+        )));
+        addresses.push(address);
+    }
+    let urls = ParticipantUrls {
+        inventory: format!("http://{}", addresses[0]),
+        payment: format!("http://{}", addresses[1]),
+        fulfillment: format!("http://{}", addresses[2]),
+    };
+    let store = crate::server::connect(
+        &database_url(data_dir, "orchestrator"),
+        1,
+        Duration::from_secs(5),
+    )
+    .await?;
+    let calls = GrpcParticipants::new(&urls, args.step_timeout)?;
+    let seeded = seed(&urls).await?;
+    print_banner(&args, data_dir, &addresses, seeded);
+    tracing::info!(
+        orchestrator = %args.listen,
+        inventory = %addresses[0],
+        payment = %addresses[1],
+        fulfillment = %addresses[2],
+        in_memory = args.in_memory,
+        "embedded system listening"
+    );
+
+    let settings = Settings {
+        executor: ExecutorConfig {
+            // Fixed: a restarted dev process resumes its sagas at once.
+            replica_id: "dev".to_owned(),
+            policy: Policy {
+                action_attempts: 5,
+                compensation_attempts: 20,
+            },
+            backoff_base: Duration::from_millis(50),
+            backoff_cap: Duration::from_secs(10),
+            lease_ttl: Duration::from_secs(10),
+            poll_interval: Duration::from_millis(500),
+            max_in_flight: 10_000,
+        },
+        participants: urls,
+        step_timeout: args.step_timeout,
+        admin_token: None,
+        stuck_after: Duration::from_secs(60),
+        shutdown_grace: Duration::from_secs(10),
+    };
+    let served = crate::server::serve(
+        store,
+        Arc::new(calls),
+        settings,
+        orchestrator_listener,
+        None,
+        shutdown,
+    )
+    .await;
+    // The orchestrator has drained: now the participants may stop.
+    stop_tx.send_replace(true);
+    for task in participant_tasks {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "a participant stopped with an error"),
+            Err(error) => tracing::warn!(%error, "a participant task failed"),
+        }
+    }
+    served
+}
+
+/// Seeds the demo products and accounts if the inventory is empty; returns
+/// whether it did.
+async fn seed(urls: &ParticipantUrls) -> Result<bool, Error> {
+    let channel = |url: &str| -> Result<tonic::transport::Channel, Error> {
+        Ok(tonic::transport::Endpoint::from_shared(url.to_owned())
+            .map_err(|e| Error::invalid(e.to_string()))?
+            .connect_lazy())
+    };
+    let failed =
+        |e: tonic::Status| Error::Unavailable(format!("seeding the demo data failed: {e}"));
+    let mut inventory = InventoryServiceClient::new(channel(&urls.inventory)?);
+    let existing = inventory
+        .list_products(ListProductsRequest {
+            page_size: 1,
+            page_token: String::new(),
+        })
+        .await
+        .map_err(failed)?
+        .into_inner();
+    if !existing.products.is_empty() {
+        return Ok(false);
+    }
+    for (product_id, name, price_cents, stock) in PRODUCTS {
+        inventory
+            .upsert_product(UpsertProductRequest {
+                product_id: (*product_id).into(),
+                name: (*name).into(),
+                price_cents: *price_cents,
+                stock: *stock,
+            })
+            .await
+            .map_err(failed)?;
+    }
+    let mut payment = PaymentServiceClient::new(channel(&urls.payment)?);
+    for (customer_id, balance_cents) in ACCOUNTS {
+        payment
+            .upsert_account(UpsertAccountRequest {
+                customer_id: (*customer_id).into(),
+                balance_cents: *balance_cents,
+            })
+            .await
+            .map_err(failed)?;
+    }
+    Ok(true)
+}
+
+fn print_banner(
+    args: &DevArgs,
+    data_dir: Option<&Path>,
+    participants: &[SocketAddr],
+    seeded: bool,
+) {
+    let o = args.listen;
+    let (inventory, payment, fulfillment) = (participants[0], participants[1], participants[2]);
+    let storage = match data_dir {
+        Some(dir) => format!("SQLite files in {} (they survive restarts)", dir.display()),
+        None => "in memory (nothing survives this process)".to_owned(),
+    };
+    let products: Vec<String> = PRODUCTS
+        .iter()
+        .map(|(id, _, price, stock)| format!("{id} ({} each, {stock} in stock)", cents(*price)))
+        .collect();
+    let accounts: Vec<String> = ACCOUNTS
+        .iter()
+        .map(|(id, balance)| format!("{id} ({})", cents(*balance)))
+        .collect();
+    let mut text = format!(
+        "\nSaga orchestrator, embedded mode. Storage: {storage}.\n\
+         \n  orchestrator  {o}   saga.v1.OrderService, saga.v1.AdminService\
+         \n  inventory     {inventory}\
+         \n  payment       {payment}\
+         \n  fulfillment   {fulfillment}\
+         \n  fault injection: {}\n\
+         \nDemo data{}:\n  products:  {}\n  customers: {}\n\
+         \nTry:\n\
+         \n  grpcurl -plaintext -d '{{\"customer_id\":\"alice\",\"items\":[{{\"product_id\":\"widget\",\"quantity\":2}}]}}' {o} saga.v1.OrderService/PlaceOrder\
+         \n  grpcurl -plaintext -d '{{\"order_id\":\"ORDER_ID\"}}' {o} saga.v1.OrderService/GetOrderStatus\
+         \n  grpcurl -plaintext -d '{{\"customer_id\":\"bob\",\"items\":[{{\"product_id\":\"gadget\",\"quantity\":1}}]}}' {o} saga.v1.OrderService/PlaceOrder   # bob cannot pay: released\
+         \n  sagactl --endpoint http://{o} list\
+         \n  sagactl --endpoint http://{o} show ORDER_ID\n",
+        if args.fault_injection {
+            "on"
+        } else {
+            "off (start with --fault-injection to make steps fail)"
+        },
+        if seeded {
+            " (seeded now)"
+        } else {
+            " (seeded on first start)"
+        },
+        products.join(", "),
+        accounts.join(", "),
+    );
+    if args.fault_injection {
+        text.push_str(&format!(
+            "\nMake payment fail after charging (every reply lost) and watch the refund and the release:\
+             \n  grpcurl -plaintext -d '{{\"rpc\":\"Charge\",\"mode\":\"FAIL_AFTER_COMMIT\",\"code\":\"UNAVAILABLE\"}}' {payment} fault.v1.FaultInjection/SetFault\
+             \n  grpcurl -plaintext -d '{{\"customer_id\":\"alice\",\"items\":[{{\"product_id\":\"widget\",\"quantity\":1}}]}}' {o} saga.v1.OrderService/PlaceOrder\
+             \n  grpcurl -plaintext -d '{{\"order_id\":\"ORDER_ID\"}}' {o} saga.v1.OrderService/WatchOrder\
+             \n  grpcurl -plaintext {payment} fault.v1.FaultInjection/ClearFaults\n"
+        ));
+    }
+    println!("{text}");
+}

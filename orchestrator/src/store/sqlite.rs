@@ -1,0 +1,338 @@
+//! [`SagaStore`] on SQLite, for the embedded mode (`orchestrator dev`).
+//! One connection serializes every statement, so the version and lease
+//! checks need no row locks; times come from this process's clock, which
+//! is the only clock an embedded database has.
+
+use std::time::Duration;
+
+use sqlx::SqlitePool;
+use sqlx::sqlite::SqliteRow;
+use sqlx::types::Json;
+
+use super::{
+    Commit, Derived, JournalEntry, LeaseChange, ListFilter, NewSaga, NextAttempt, SagaRecord,
+    SagaStore, Stats, journal_entry, record,
+};
+use crate::error::Error;
+use crate::executor::now_epoch;
+use crate::saga::Status;
+
+static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite/orchestrator");
+
+const SAGA_COLUMNS: &str = "saga_id, idempotency_key, customer_id, items, state, status, version,
+    next_attempt_at, lease_owner, lease_expires_at, created_at, updated_at, progress_at, finished_at";
+
+const SETTLED: &str = "('COMPLETED', 'FAILED', 'CANCELLED', 'NEEDS_ATTENTION')";
+
+/// Saga persistence on SQLite.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// A store on `pool` (one connection), after applying the migrations.
+    pub async fn migrate(pool: SqlitePool) -> Result<Self, Error> {
+        MIGRATIONS.run(&pool).await?;
+        Ok(Self { pool })
+    }
+}
+
+fn records(rows: &[SqliteRow]) -> Result<Vec<SagaRecord>, Error> {
+    rows.iter().map(record).collect()
+}
+
+async fn insert_journal(
+    tx: &mut sqlx::SqliteConnection,
+    saga_id: &str,
+    entries: &[JournalEntry],
+) -> Result<(), Error> {
+    for e in entries {
+        sqlx::query(
+            "INSERT INTO saga_journal
+                 (saga_id, step, kind, attempt, outcome, detail, rpc, actor, started_at, finished_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(saga_id)
+        .bind(&e.step)
+        .bind(&e.kind)
+        .bind(e.attempt)
+        .bind(&e.outcome)
+        .bind(&e.detail)
+        .bind(&e.rpc)
+        .bind(&e.actor)
+        .bind(e.started_at)
+        .bind(e.finished_at)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl SagaStore for SqliteStore {
+    async fn create(
+        &self,
+        saga: &NewSaga,
+        owner: &str,
+        lease_ttl: Duration,
+    ) -> Result<(SagaRecord, bool), Error> {
+        let now = now_epoch();
+        let status = saga.state.status(&crate::saga::ORDER_SAGA);
+        let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO sagas (saga_id, idempotency_key, customer_id, items, status, state,
+                                lease_owner, lease_expires_at, created_at, updated_at, progress_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (idempotency_key) DO NOTHING
+             RETURNING {SAGA_COLUMNS}"
+        )))
+        .bind(&saga.saga_id)
+        .bind(&saga.idempotency_key)
+        .bind(&saga.customer_id)
+        .bind(Json(&saga.items))
+        .bind(status.as_str())
+        .bind(Json(&saga.state))
+        .bind(owner)
+        .bind(now + lease_ttl.as_secs_f64())
+        .bind(now)
+        .bind(now)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = inserted {
+            return Ok((record(&row)?, true));
+        }
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {SAGA_COLUMNS} FROM sagas WHERE idempotency_key = ?"
+        )))
+        .bind(&saga.idempotency_key)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((record(&row)?, false))
+    }
+
+    async fn load(&self, saga_id: &str) -> Result<Option<SagaRecord>, Error> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {SAGA_COLUMNS} FROM sagas WHERE saga_id = ?"
+        )))
+        .bind(saga_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(record)
+        .transpose()
+    }
+
+    async fn commit(&self, commit: Commit<'_>) -> Result<Option<i64>, Error> {
+        let now = now_epoch();
+        let state = commit.state;
+        let derived = Derived::of(state, commit.definition);
+        let (next_mode, next_at) = match commit.next_attempt {
+            NextAttempt::Keep => ("keep", None),
+            NextAttempt::Clear => ("clear", None),
+            NextAttempt::In(delay) => ("in", Some(now + delay.as_secs_f64())),
+        };
+        let (lease_mode, owner, expires) = match commit.lease {
+            LeaseChange::Keep => ("keep", None, None),
+            LeaseChange::Extend { owner, ttl } => {
+                ("extend", Some(owner), Some(now + ttl.as_secs_f64()))
+            }
+            LeaseChange::Release { owner } => ("release", Some(owner), None),
+        };
+        let mut tx = self.pool.begin().await?;
+        let version: Option<i64> = sqlx::query_scalar(
+            "UPDATE sagas SET
+                 state = ?3, status = ?4, version = version + 1,
+                 total_amount_cents = ?5, failure_reason = ?6, last_error = ?7,
+                 current_step = ?8, attempts = ?9, cancel_requested = ?10,
+                 next_attempt_at = CASE ?11 WHEN 'keep' THEN next_attempt_at
+                                            WHEN 'clear' THEN NULL ELSE ?12 END,
+                 lease_owner = CASE ?13 WHEN 'release' THEN NULL ELSE lease_owner END,
+                 lease_expires_at = CASE ?13 WHEN 'release' THEN NULL
+                                             WHEN 'extend' THEN ?15 ELSE lease_expires_at END,
+                 progress_at = CASE WHEN status IS NOT ?4 OR current_step IS NOT ?8
+                                    THEN ?16 ELSE progress_at END,
+                 updated_at = ?16,
+                 finished_at = CASE WHEN ?4 IN ('COMPLETED', 'FAILED', 'CANCELLED')
+                                    THEN coalesce(finished_at, ?16) ELSE NULL END
+             WHERE saga_id = ?1 AND version = ?2 AND (?14 IS NULL OR lease_owner = ?14)
+             RETURNING version",
+        )
+        .bind(commit.saga_id)
+        .bind(commit.expected_version)
+        .bind(Json(state))
+        .bind(derived.status.as_str())
+        .bind(derived.total_amount_cents)
+        .bind(&state.failure_reason)
+        .bind(&state.last_error)
+        .bind(derived.current_step)
+        .bind(derived.attempts)
+        .bind(derived.cancel_requested)
+        .bind(next_mode)
+        .bind(next_at)
+        .bind(lease_mode)
+        .bind(owner)
+        .bind(expires)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if version.is_some() {
+            insert_journal(&mut tx, commit.saga_id, commit.journal).await?;
+            tx.commit().await?;
+        }
+        Ok(version)
+    }
+
+    async fn claim_due(
+        &self,
+        owner: &str,
+        limit: i64,
+        lease_ttl: Duration,
+    ) -> Result<Vec<SagaRecord>, Error> {
+        let now = now_epoch();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE sagas SET lease_owner = ?1, lease_expires_at = ?2
+             WHERE saga_id IN (
+                 SELECT saga_id FROM sagas
+                 WHERE status NOT IN {SETTLED}
+                   AND (lease_owner IS NULL OR lease_expires_at < ?3)
+                   AND (next_attempt_at IS NULL OR next_attempt_at <= ?3)
+                 ORDER BY next_attempt_at
+                 LIMIT ?4)
+             RETURNING {SAGA_COLUMNS}"
+        )))
+        .bind(owner)
+        .bind(now + lease_ttl.as_secs_f64())
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        records(&rows)
+    }
+
+    async fn claim(
+        &self,
+        saga_id: &str,
+        owner: &str,
+        lease_ttl: Duration,
+    ) -> Result<Option<SagaRecord>, Error> {
+        let now = now_epoch();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE sagas SET lease_owner = ?2, lease_expires_at = ?3
+             WHERE saga_id = ?1 AND status NOT IN {SETTLED}
+               AND (lease_owner IS NULL OR lease_expires_at < ?4)
+             RETURNING {SAGA_COLUMNS}"
+        )))
+        .bind(saga_id)
+        .bind(owner)
+        .bind(now + lease_ttl.as_secs_f64())
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(record)
+        .transpose()
+    }
+
+    async fn renew_leases(
+        &self,
+        owner: &str,
+        saga_ids: &[String],
+        lease_ttl: Duration,
+    ) -> Result<Vec<String>, Error> {
+        let expires = now_epoch() + lease_ttl.as_secs_f64();
+        let mut renewed = Vec::new();
+        let mut tx = self.pool.begin().await?;
+        for saga_id in saga_ids {
+            let done = sqlx::query(
+                "UPDATE sagas SET lease_expires_at = ? WHERE saga_id = ? AND lease_owner = ?",
+            )
+            .bind(expires)
+            .bind(saga_id)
+            .bind(owner)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if done == 1 {
+                renewed.push(saga_id.clone());
+            }
+        }
+        tx.commit().await?;
+        Ok(renewed)
+    }
+
+    async fn release_leases(&self, owner: &str) -> Result<u64, Error> {
+        Ok(sqlx::query(
+            "UPDATE sagas SET lease_owner = NULL, lease_expires_at = NULL WHERE lease_owner = ?",
+        )
+        .bind(owner)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    async fn journal(&self, saga_id: &str) -> Result<Vec<JournalEntry>, Error> {
+        let rows = sqlx::query(
+            "SELECT step, kind, attempt, outcome, detail, rpc, actor, started_at, finished_at
+             FROM saga_journal WHERE saga_id = ? ORDER BY entry_id",
+        )
+        .bind(saga_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(journal_entry).collect()
+    }
+
+    async fn append_journal(&self, saga_id: &str, entries: &[JournalEntry]) -> Result<(), Error> {
+        let mut tx = self.pool.begin().await?;
+        insert_journal(&mut tx, saga_id, entries).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<SagaRecord>, Error> {
+        let now = now_epoch();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {SAGA_COLUMNS} FROM sagas
+             WHERE (?1 IS NULL OR status = ?1)
+               AND (?2 IS NULL OR customer_id = ?2)
+               AND (?3 IS NULL OR EXISTS (SELECT 1 FROM json_each(sagas.items)
+                                         WHERE json_extract(value, '$.product_id') = ?3))
+               AND (?4 IS NULL OR created_at < ?8 - ?4)
+               AND (?5 IS NULL OR status = 'NEEDS_ATTENTION'
+                    OR (status NOT IN {SETTLED} AND progress_at < ?8 - ?5))
+               AND (?6 IS NULL OR saga_id < ?6)
+             ORDER BY saga_id DESC
+             LIMIT ?7"
+        )))
+        .bind(filter.status.map(Status::as_str))
+        .bind(&filter.customer_id)
+        .bind(&filter.product_id)
+        .bind(filter.older_than.map(|d| d.as_secs_f64()))
+        .bind(filter.stuck_after.map(|d| d.as_secs_f64()))
+        .bind(&filter.before_id)
+        .bind(filter.limit)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        records(&rows)
+    }
+
+    async fn stats(&self) -> Result<Stats, Error> {
+        let now = now_epoch();
+        let counts: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, count(*) FROM sagas GROUP BY status")
+                .fetch_all(&self.pool)
+                .await?;
+        let (oldest, started, finished): (Option<f64>, i64, i64) = sqlx::query_as(
+            "SELECT
+                 (SELECT ?1 - min(created_at) FROM sagas
+                    WHERE status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED')),
+                 (SELECT count(*) FROM sagas WHERE created_at > ?1 - 60),
+                 (SELECT count(*) FROM sagas WHERE finished_at > ?1 - 60)",
+        )
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Stats::new(counts, oldest, started, finished))
+    }
+}

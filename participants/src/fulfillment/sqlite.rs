@@ -1,0 +1,112 @@
+//! The fulfillment store on SQLite, for the embedded mode: one connection,
+//! and a Ship is one `BEGIN IMMEDIATE` transaction that reads the saga's
+//! record and writes the shipment and its items.
+
+use sqlx::{Row, SqliteConnection, SqlitePool};
+
+use super::{CancelOutcome, FulfillmentStore, ShipmentRecord};
+use crate::domain::{Id, Items, new_id};
+use crate::error::Error;
+use crate::record::{Locked, RecordTable, sqlite_take_or_tombstone};
+
+/// Fulfillment persistence on SQLite.
+#[derive(Debug, Clone)]
+pub struct SqliteFulfillment {
+    pool: SqlitePool,
+}
+
+impl SqliteFulfillment {
+    /// A store on an already migrated pool (of one connection).
+    pub fn new(pool: SqlitePool) -> Self {
+        Self { pool }
+    }
+}
+
+/// Reads a saga's shipment record on `conn`, if any.
+async fn read_shipment(
+    conn: &mut SqliteConnection,
+    saga_id: &Id,
+) -> Result<Option<ShipmentRecord>, Error> {
+    let Some(row) = sqlx::query("SELECT shipment_id, state FROM shipments WHERE saga_id = ?1")
+        .bind(saga_id.as_str())
+        .fetch_optional(&mut *conn)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let items: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT product_id, quantity FROM shipment_items WHERE saga_id = ?1 ORDER BY product_id",
+    )
+    .bind(saga_id.as_str())
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(Some(ShipmentRecord {
+        shipment_id: row.try_get("shipment_id")?,
+        state: row.try_get("state")?,
+        items: items.into_iter().unzip(),
+    }))
+}
+
+#[tonic::async_trait]
+impl FulfillmentStore for SqliteFulfillment {
+    async fn shipment(&self, saga_id: &Id) -> Result<Option<ShipmentRecord>, Error> {
+        let mut conn = self.pool.acquire().await?;
+        read_shipment(&mut conn, saga_id).await
+    }
+
+    #[tracing::instrument(skip_all, fields(saga_id = %saga_id))]
+    async fn ship(&self, saga_id: &Id, items: &Items) -> Result<String, Error> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        if let Some(record) = read_shipment(&mut tx, saga_id).await? {
+            tx.rollback().await?;
+            return record.replay(saga_id, items);
+        }
+        let (product_ids, quantities) = items.sorted_columns();
+        let shipment_id = new_id("shp");
+        sqlx::query(
+            "INSERT INTO shipments (saga_id, shipment_id, state) VALUES (?1, ?2, 'SHIPPED')",
+        )
+        .bind(saga_id.as_str())
+        .bind(&shipment_id)
+        .execute(&mut *tx)
+        .await?;
+        for (product_id, quantity) in product_ids.iter().zip(&quantities) {
+            sqlx::query(
+                "INSERT INTO shipment_items (saga_id, product_id, quantity) VALUES (?1, ?2, ?3)",
+            )
+            .bind(saga_id.as_str())
+            .bind(product_id)
+            .bind(quantity)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        tracing::info!(%shipment_id, "shipped");
+        Ok(shipment_id)
+    }
+
+    #[tracing::instrument(skip_all, fields(saga_id = %saga_id))]
+    async fn cancel(&self, saga_id: &Id) -> Result<CancelOutcome, Error> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let outcome =
+            match sqlite_take_or_tombstone(&mut tx, RecordTable::Shipments, saga_id).await? {
+                Locked::Tombstoned => CancelOutcome::Tombstoned,
+                Locked::Existing(state) if state == "SHIPPED" => {
+                    sqlx::query(
+                        "UPDATE shipments SET state = 'CANCELLED',
+                                cancelled_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+                         WHERE saga_id = ?1",
+                    )
+                    .bind(saga_id.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                    CancelOutcome::Cancelled
+                }
+                Locked::Existing(state) if state == "CANCELLED" => CancelOutcome::AlreadyCancelled,
+                Locked::Existing(_) => CancelOutcome::Tombstoned,
+            };
+        tx.commit().await?;
+        tracing::info!(?outcome, "cancel shipment");
+        Ok(outcome)
+    }
+}
