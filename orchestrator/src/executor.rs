@@ -487,6 +487,16 @@ impl Executor {
                 .await;
             let finished_at = now_epoch();
             let (outcome_name, detail) = match &outcome {
+                // What a compensation did (released, tombstoned, ...) helps
+                // an operator; an action's outputs are in the saga's state.
+                Outcome::Succeeded(outputs) if kind == Kind::Compensation => (
+                    "SUCCEEDED",
+                    outputs
+                        .iter()
+                        .map(|(_, v)| v.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                ),
                 Outcome::Succeeded(_) => ("SUCCEEDED", String::new()),
                 Outcome::Retryable(detail) => ("RETRYABLE_FAILURE", detail.clone()),
                 Outcome::Rejected(detail) => ("REJECTED", detail.clone()),

@@ -576,6 +576,8 @@ fn show_text(reply: &pb::GetSagaResponse, now: f64) -> String {
     let outputs: Vec<String> = reply
         .step_outputs
         .iter()
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into_iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     let mut text = String::new();
