@@ -85,6 +85,9 @@ pub struct Executor {
     driving: Mutex<HashMap<String, Arc<Notify>>>,
     updates: broadcast::Sender<StatusUpdate>,
     stopping: watch::Sender<bool>,
+    /// The sweeper and the renewer, awaited on shutdown so that no claim
+    /// lands after the leases were handed back.
+    background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Executor {
@@ -111,6 +114,7 @@ impl Executor {
             driving: Mutex::new(HashMap::new()),
             updates: broadcast::channel(1024).0,
             stopping: watch::channel(false).0,
+            background: Mutex::new(Vec::new()),
         })
     }
 
@@ -299,8 +303,9 @@ impl Executor {
                 "resuming sagas this replica held before it stopped"
             );
         }
-        tokio::spawn(self.clone().sweep());
-        tokio::spawn(self.clone().renew());
+        let mut background = self.background.lock().unwrap_or_else(|e| e.into_inner());
+        background.push(tokio::spawn(self.clone().sweep()));
+        background.push(tokio::spawn(self.clone().renew()));
         Ok(())
     }
 
@@ -314,6 +319,11 @@ impl Executor {
     /// it and stop; then every lease is handed back for other replicas.
     pub async fn shutdown(&self, grace: Duration) {
         self.begin_stop();
+        let background: Vec<_> =
+            std::mem::take(&mut *self.background.lock().unwrap_or_else(|e| e.into_inner()));
+        for task in background {
+            let _ = task.await;
+        }
         let all = u32::try_from(self.config.max_in_flight).unwrap_or(u32::MAX);
         match tokio::time::timeout(grace, self.permits.acquire_many(all)).await {
             Ok(_) => tracing::info!("every saga driver stopped"),
@@ -345,6 +355,11 @@ impl Executor {
                 .await
             {
                 Ok(claimed) => {
+                    if *stopping.borrow() {
+                        // Stopping: the leases just taken are handed back
+                        // with all the others.
+                        return;
+                    }
                     for saga in claimed {
                         tracing::info!(saga_id = %saga.saga_id, status = %saga.status, "claimed saga");
                         match self.permits.clone().try_acquire_owned() {

@@ -6,6 +6,7 @@
 //! refused). JSON output (`--output json`) is one document on stdout, with
 //! the schema documented in `sagactl --help` and the README.
 
+pub mod bench;
 pub mod render;
 
 use std::time::Duration;
@@ -32,6 +33,8 @@ Examples:
   sagactl retry ord_019aa2c4... --reason 'payment is back'
   sagactl abort ord_019aa2c4... --reason 'customer called, cancel it'
   sagactl stats --output json
+  sagactl bench --concurrency 64 --orders 10000  closed-loop load, then one JSON line
+  sagactl bench --rate 2000 --duration 10s       open loop: a spike beyond capacity
 
 Exit status: 0 done (stuck: nothing stuck), 1 stuck sagas found, 2 bad usage,
 3 the request failed (orchestrator unreachable, unknown id, refused).
@@ -150,6 +153,10 @@ pub enum Command {
     /// Counts per status, the oldest unfinished saga, sagas started and
     /// finished in the last minute.
     Stats,
+    /// Load generator: place orders (closed loop: --concurrency/--orders;
+    /// open loop: --rate/--duration), follow each saga to its end, report
+    /// sagas/s and latency percentiles, then one JSON line.
+    Bench(Box<bench::BenchArgs>),
 }
 
 fn parse_status(text: &str) -> Result<Status, String> {
@@ -321,6 +328,9 @@ fn pretty(value: &Value) -> String {
 
 /// Runs the command; the caller prints and exits.
 pub async fn run(cli: Cli) -> Result<Done, Failure> {
+    if let Command::Bench(args) = cli.command {
+        return bench::run(&cli.endpoint, *args, cli.output == Output::Json).await;
+    }
     let client = Client::connect(&cli.endpoint, cli.token.clone()).await?;
     let json_out = cli.output == Output::Json;
     let now = now_epoch();
@@ -460,6 +470,7 @@ pub async fn run(cli: Cli) -> Result<Done, Failure> {
                 reply.status,
             )))
         }
+        Command::Bench(_) => unreachable!("handled above"),
         Command::Stats => {
             let reply = client
                 .admin
