@@ -126,6 +126,7 @@ fn store_transition(c: &mut Criterion) {
                             owner: "bench",
                             ttl: Duration::from_secs(30),
                         },
+                        durable: true,
                     })
                     .await
                     .unwrap()

@@ -22,8 +22,8 @@ use crate::store::{JournalEntry, ListFilter, NewSaga, OrderItem, SagaRecord};
 const MAX_REASON_BYTES: usize = 512;
 const DEFAULT_PAGE_SIZE: i32 = 50;
 const MAX_PAGE_SIZE: i32 = 1000;
-/// How often WatchOrder re-reads a saga driven by another replica.
-const WATCH_POLL: Duration = Duration::from_millis(500);
+/// How often WatchOrder re-reads a saga that this replica does not drive.
+const WATCH_POLL: Duration = Duration::from_secs(1);
 
 /// The protobuf form of a status.
 pub fn status_pb(status: SagaStatus) -> pb::OrderStatus {
@@ -289,53 +289,74 @@ impl pb::order_service_server::OrderService for OrderApi {
         &self,
         request: Request<pb::WatchOrderRequest>,
     ) -> Result<Response<Self::WatchOrderStream>, Status> {
-        // Subscribe before the first read, so no change can slip between.
-        let mut updates = self.executor.subscribe();
-        let mut stopping = self.executor.stopping();
-        let saga = self.load(request.into_inner().order_id).await?;
-        let store = self.executor.store().clone();
+        let order_id = Id::parse("order_id", request.into_inner().order_id).map_err(Error::from)?;
+        let executor = self.executor.clone();
+        // Watch before the first read, so no change can slip between.
+        let mut updates = executor.watch(order_id.as_str());
+        let saga = match self.load(order_id.as_str().to_owned()).await {
+            Ok(saga) => saga,
+            Err(error) => {
+                drop(updates);
+                executor.unwatch(order_id.as_str());
+                return Err(error.into());
+            }
+        };
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
-            let message = |saga: &SagaRecord| pb::WatchOrderResponse {
-                order_id: saga.saga_id.clone(),
-                status: status_pb(saga.status).into(),
-                failure_reason: saga.state.failure_reason.clone().unwrap_or_default(),
-                updated_at: Some(timestamp(saga.updated_at)),
-            };
             let saga_id = saga.saga_id.clone();
-            let mut last = saga.status;
-            if tx.send(Ok(message(&saga))).await.is_err() || last.is_settled() {
-                return;
-            }
+            let message =
+                |status: SagaStatus, reason: Option<String>, at: f64| pb::WatchOrderResponse {
+                    order_id: saga_id.clone(),
+                    status: status_pb(status).into(),
+                    failure_reason: reason.unwrap_or_default(),
+                    updated_at: Some(timestamp(at)),
+                };
+            let mut stopping = executor.stopping();
             let mut poll = tokio::time::interval(WATCH_POLL);
-            loop {
-                tokio::select! {
-                    update = updates.recv() => match update {
-                        Ok(update) if update.saga_id != saga_id => continue,
-                        _ => {}
+            let mut last = saga.status;
+            let mut open = tx
+                .send(Ok(message(
+                    saga.status,
+                    saga.state.failure_reason.clone(),
+                    saga.updated_at,
+                )))
+                .await
+                .is_ok();
+            while open && !last.is_settled() {
+                let next = tokio::select! {
+                    changed = updates.changed() => match changed {
+                        Ok(()) => updates
+                            .borrow_and_update()
+                            .clone()
+                            .map(|u| (u.status, u.failure_reason, u.updated_at)),
+                        Err(_) => break,
                     },
-                    _ = poll.tick() => {}
-                    _ = tx.closed() => return,
+                    // A saga driven by another replica: read it now and then.
+                    _ = poll.tick(), if !executor.is_driving(&saga_id) => {
+                        match executor.store().load(&saga_id).await {
+                            Ok(Some(saga)) => Some((saga.status, saga.state.failure_reason, saga.updated_at)),
+                            Ok(None) => break,
+                            Err(error) => {
+                                let _ = tx.send(Err(error.into())).await;
+                                break;
+                            }
+                        }
+                    }
+                    _ = tx.closed() => break,
                     _ = stopping.changed() => {
                         let _ = tx.send(Err(Status::unavailable("the orchestrator is shutting down; watch again"))).await;
-                        return;
-                    }
-                }
-                let saga = match store.load(&saga_id).await {
-                    Ok(Some(saga)) => saga,
-                    Ok(None) => return,
-                    Err(error) => {
-                        let _ = tx.send(Err(error.into())).await;
-                        return;
+                        break;
                     }
                 };
-                if saga.status != last {
-                    last = saga.status;
-                    if tx.send(Ok(message(&saga))).await.is_err() || last.is_settled() {
-                        return;
-                    }
+                if let Some((status, reason, at)) = next
+                    && status != last
+                {
+                    last = status;
+                    open = tx.send(Ok(message(status, reason, at))).await.is_ok();
                 }
             }
+            drop(updates);
+            executor.unwatch(&saga_id);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -22,12 +22,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Notify;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::Instrument;
 
 use crate::clients::{StepCall, StepCalls};
 use crate::error::Error;
-use crate::saga::{Command, Event, Kind, ORDER_SAGA, Outcome, Policy, SagaState, Status};
+use crate::saga::{Command, Event, Kind, ORDER_SAGA, Outcome, Phase, Policy, SagaState, Status};
 use crate::store::{Commit, JournalEntry, LeaseChange, NextAttempt, SagaRecord, SagaStore};
 
 /// How the executor behaves.
@@ -49,13 +49,15 @@ pub struct ExecutorConfig {
     pub max_in_flight: usize,
 }
 
-/// A saga's status changed (for WatchOrder).
-#[derive(Debug, Clone)]
+/// A saga's status as this replica last wrote it (for WatchOrder).
+#[derive(Debug, Clone, PartialEq)]
 pub struct StatusUpdate {
-    /// The saga.
-    pub saga_id: String,
     /// Its new status.
     pub status: Status,
+    /// Why it failed, was cancelled or needs attention.
+    pub failure_reason: Option<String>,
+    /// When (seconds since the epoch).
+    pub updated_at: f64,
 }
 
 /// Seconds since the Unix epoch, now.
@@ -83,7 +85,9 @@ pub struct Executor {
     permits: Arc<Semaphore>,
     /// Sagas driven here, with the handle that wakes their driver early.
     driving: Mutex<HashMap<String, Arc<Notify>>>,
-    updates: broadcast::Sender<StatusUpdate>,
+    /// WatchOrder streams, per saga: a status change reaches only the
+    /// watchers of that saga.
+    watchers: Mutex<HashMap<String, watch::Sender<Option<StatusUpdate>>>>,
     stopping: watch::Sender<bool>,
     /// The sweeper and the renewer, awaited on shutdown so that no claim
     /// lands after the leases were handed back.
@@ -112,7 +116,7 @@ impl Executor {
             permits: Arc::new(Semaphore::new(config.max_in_flight)),
             config,
             driving: Mutex::new(HashMap::new()),
-            updates: broadcast::channel(1024).0,
+            watchers: Mutex::new(HashMap::new()),
             stopping: watch::channel(false).0,
             background: Mutex::new(Vec::new()),
         })
@@ -133,9 +137,35 @@ impl Executor {
         self.config.max_in_flight - self.permits.available_permits()
     }
 
-    /// Status changes of sagas driven here.
-    pub fn subscribe(&self) -> broadcast::Receiver<StatusUpdate> {
-        self.updates.subscribe()
+    /// Status changes of `saga_id` written by this replica, from now on
+    /// (None until the first). Call [`Executor::unwatch`] when done.
+    pub fn watch(&self, saga_id: &str) -> watch::Receiver<Option<StatusUpdate>> {
+        self.watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(saga_id.to_owned())
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe()
+    }
+
+    /// Forgets `saga_id`'s watch once nobody watches it any more.
+    pub fn unwatch(&self, saga_id: &str) {
+        let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        if watchers
+            .get(saga_id)
+            .is_some_and(|sender| sender.receiver_count() == 0)
+        {
+            watchers.remove(saga_id);
+        }
+    }
+
+    /// Whether this replica drives `saga_id` now (then its changes arrive
+    /// through [`Executor::watch`] and need no polling).
+    pub fn is_driving(&self, saga_id: &str) -> bool {
+        self.driving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(saga_id)
     }
 
     /// Resolves when the executor starts stopping.
@@ -171,12 +201,16 @@ impl Executor {
         }
     }
 
-    /// Tells WatchOrder streams about a status change.
-    pub fn publish(&self, saga_id: &str, status: Status) {
-        let _ = self.updates.send(StatusUpdate {
-            saga_id: saga_id.to_owned(),
-            status,
-        });
+    /// Tells the WatchOrder streams of `saga_id` about a status change.
+    pub fn publish(&self, saga_id: &str, state: &SagaState, status: Status) {
+        let watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(sender) = watchers.get(saga_id) {
+            sender.send_replace(Some(StatusUpdate {
+                status,
+                failure_reason: state.failure_reason.clone(),
+                updated_at: now_epoch(),
+            }));
+        }
     }
 
     /// Applies a client's or operator's request (cancel, retry, abort) to a
@@ -225,6 +259,7 @@ impl Executor {
                     NextAttempt::Clear
                 },
                 lease: LeaseChange::Keep,
+                durable: true,
             };
             let Some(version) = self.store.commit(commit).await? else {
                 continue; // the saga moved meanwhile: decide again
@@ -232,7 +267,7 @@ impl Executor {
             let status = next.status(&ORDER_SAGA);
             tracing::info!(saga_id, request = name, actor, detail, %status, "request accepted");
             if status != saga.status {
-                self.publish(saga_id, status);
+                self.publish(saga_id, &next, status);
             }
             self.resume(saga_id).await;
             return Ok(SagaRecord {
@@ -579,6 +614,20 @@ impl Executor {
                 definition: &ORDER_SAGA,
                 journal,
                 next_attempt: delay.map_or(NextAttempt::Clear, NextAttempt::In),
+                // Progress forward is re-derivable from idempotent replays;
+                // a saga's start, a decision to compensate and every end
+                // are not.
+                durable: !matches!(
+                    (event, next.phase),
+                    (
+                        Event::CallFinished {
+                            kind: Kind::Action,
+                            outcome: Outcome::Succeeded(_),
+                            ..
+                        },
+                        Phase::Forward { .. }
+                    )
+                ),
                 lease: if status.is_settled() {
                     LeaseChange::Release { owner }
                 } else {
@@ -595,7 +644,7 @@ impl Executor {
                     saga.state = next;
                     saga.status = status;
                     if changed {
-                        self.publish(&saga.saga_id, status);
+                        self.publish(&saga.saga_id, &saga.state, status);
                         log_status(saga, delay);
                     } else if let Some(delay) = delay {
                         tracing::info!(?delay, "retrying after backoff");

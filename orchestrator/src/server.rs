@@ -6,10 +6,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use participants::server::incoming;
 use proto::saga::v1::admin_service_server::AdminServiceServer;
 use proto::saga::v1::order_service_server::OrderServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
@@ -104,7 +104,7 @@ pub async fn serve(
             AdminApi::new(executor.clone(), settings.stuck_after),
             AdminAuth::new(settings.admin_token.clone()),
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+        .serve_with_incoming_shutdown(incoming(listener), signal)
         .await;
     executor.shutdown(settings.shutdown_grace).await;
     served?;

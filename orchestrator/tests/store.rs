@@ -160,6 +160,7 @@ fn commit<'a>(
         journal,
         next_attempt: NextAttempt::Clear,
         lease,
+        durable: true,
     }
 }
 

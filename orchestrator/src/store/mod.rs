@@ -245,6 +245,13 @@ pub struct Commit<'a> {
     pub next_attempt: NextAttempt,
     /// The lease.
     pub lease: LeaseChange<'a>,
+    /// Whether the write must be on disk before the call returns. Only a
+    /// forward step's success may be written without waiting for the flush
+    /// (PostgreSQL `synchronous_commit = off` for that transaction): if it
+    /// is lost in a database crash, the saga resumes one step back and the
+    /// participant answers the replayed call with its first result. Any
+    /// later durable commit flushes it anyway.
+    pub durable: bool,
 }
 
 /// Filters of ListOrders / ListSagas; all optional, combined with AND.

@@ -215,8 +215,12 @@ impl SagaStore for PgStore {
                 SELECT $1, j.step, j.kind, j.attempt, j.outcome, j.detail, j.rpc, j.actor,
                        to_timestamp(j.started_at), to_timestamp(j.finished_at)
                 FROM updated, {}
+            ), flush AS (
+                -- Read at commit time: 'off' lets this transaction return
+                -- before its WAL is flushed.
+                SELECT set_config('synchronous_commit', CASE WHEN $25 THEN 'on' ELSE 'off' END, true)
             )
-            SELECT version FROM updated",
+            SELECT version FROM updated, flush",
             journal_source(16)
         );
         let query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
@@ -236,6 +240,7 @@ impl SagaStore for PgStore {
             .bind(owner)
             .bind(ttl);
         Ok(bind_journal!(query, columns)
+            .bind(commit.durable)
             .fetch_optional(&self.pool)
             .await?)
     }

@@ -47,39 +47,36 @@ impl FulfillmentStore for PgFulfillment {
 
     #[tracing::instrument(skip_all, fields(saga_id = %saga_id))]
     async fn ship(&self, saga_id: &Id, items: &Items) -> Result<String, Error> {
-        if let Some(record) = self.shipment(saga_id).await? {
-            return record.replay(saga_id, items);
-        }
+        // One round trip: the record and its items in one atomic statement,
+        // the items only if the record was claimed.
         let (product_ids, quantities) = items.sorted_columns();
         let shipment_id = new_id("shp");
-        let mut tx = self.pool.begin().await?;
-        let claimed = sqlx::query(
-            "INSERT INTO shipments (saga_id, shipment_id, state) VALUES ($1, $2, 'SHIPPED')
-             ON CONFLICT (saga_id) DO NOTHING",
+        let claimed: i64 = sqlx::query_scalar(
+            "WITH claim AS (
+                 INSERT INTO shipments (saga_id, shipment_id, state) VALUES ($1, $2, 'SHIPPED')
+                 ON CONFLICT (saga_id) DO NOTHING
+                 RETURNING saga_id
+             ), items AS (
+                 INSERT INTO shipment_items (saga_id, product_id, quantity)
+                 SELECT claim.saga_id, r.product_id, r.quantity
+                 FROM claim, unnest($3::text[], $4::bigint[]) AS r(product_id, quantity)
+             )
+             SELECT count(*) FROM claim",
         )
         .bind(saga_id.as_str())
         .bind(&shipment_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        .bind(&product_ids)
+        .bind(&quantities)
+        .fetch_one(&self.pool)
+        .await?;
         if claimed == 0 {
-            tx.rollback().await?;
+            // A replay, a tombstone, or a concurrent call that committed first.
             let record = self.shipment(saga_id).await?.ok_or_else(|| {
                 Error::Database(sqlx::Error::Protocol("shipment vanished".into()))
             })?;
             return record.replay(saga_id, items);
         }
-        sqlx::query(
-            "INSERT INTO shipment_items (saga_id, product_id, quantity)
-             SELECT $1, product_id, quantity FROM unnest($2::text[], $3::bigint[]) AS r(product_id, quantity)",
-        )
-        .bind(saga_id.as_str())
-        .bind(&product_ids)
-        .bind(&quantities)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        tracing::info!(%shipment_id, "shipped");
+        tracing::debug!(%shipment_id, "shipped");
         Ok(shipment_id)
     }
 

@@ -96,10 +96,9 @@ impl InventoryStore for PgInventory {
 
     #[tracing::instrument(skip_all, fields(saga_id = %saga_id))]
     async fn reserve(&self, saga_id: &Id, items: &Items) -> Result<Reserved, Error> {
-        // Fast path for replays and tombstones: no lock taken.
-        if let Some(record) = self.reservation(saga_id).await? {
-            return record.replay(saga_id, items);
-        }
+        // Five round trips: BEGIN, claim, lock, write, COMMIT. No read first:
+        // a replay or a tombstone makes the claim conflict, and only then is
+        // the record read back.
         let (product_ids, quantities) = items.sorted_columns();
         let reservation_id = new_id("rsv");
         let mut tx = self.pool.begin().await?;
@@ -113,7 +112,7 @@ impl InventoryStore for PgInventory {
         .await?
         .rows_affected();
         if claimed == 0 {
-            // A concurrent call for this saga committed first: answer as a replay.
+            // A replay, a tombstone, or a concurrent call that committed first.
             tx.rollback().await?;
             let record = self.reservation(saga_id).await?.ok_or_else(|| {
                 Error::Database(sqlx::Error::Protocol("reservation vanished".into()))
@@ -130,22 +129,17 @@ impl InventoryStore for PgInventory {
         .await?;
         let total = price(&product_ids, &quantities, &products)?;
 
+        // Stock, the reservation's items and its total in one statement.
         sqlx::query(
-            "UPDATE products p SET stock = p.stock - r.quantity, reserved = p.reserved + r.quantity,
-                    updated_at = now()
-             FROM unnest($1::text[], $2::bigint[]) AS r(product_id, quantity)
-             WHERE p.product_id = r.product_id",
-        )
-        .bind(&product_ids)
-        .bind(&quantities)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "WITH items AS (
-                 INSERT INTO reservation_items (saga_id, product_id, quantity, price_cents)
-                 SELECT $1, r.product_id, r.quantity, p.price_cents
+            "WITH moved AS (
+                 UPDATE products p SET stock = p.stock - r.quantity,
+                        reserved = p.reserved + r.quantity, updated_at = now()
                  FROM unnest($2::text[], $3::bigint[]) AS r(product_id, quantity)
-                 JOIN products p USING (product_id)
+                 WHERE p.product_id = r.product_id
+                 RETURNING p.product_id, r.quantity, p.price_cents
+             ), items AS (
+                 INSERT INTO reservation_items (saga_id, product_id, quantity, price_cents)
+                 SELECT $1, product_id, quantity, price_cents FROM moved
              )
              UPDATE reservations SET total_amount_cents = $4 WHERE saga_id = $1",
         )
@@ -156,7 +150,7 @@ impl InventoryStore for PgInventory {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        tracing::info!(%reservation_id, total_amount_cents = total, "reserved");
+        tracing::debug!(%reservation_id, total_amount_cents = total, "reserved");
         Ok(Reserved {
             reservation_id,
             total_amount_cents: total,

@@ -58,22 +58,29 @@ impl PaymentStore for PgPayment {
 
     #[tracing::instrument(skip_all, fields(saga_id = %saga_id))]
     async fn charge(&self, saga_id: &Id, customer_id: &Id, amount: Cents) -> Result<String, Error> {
-        if let Some(record) = self.charge_record(saga_id).await? {
-            return record.replay(saga_id, customer_id, amount);
-        }
+        // Three round trips: BEGIN, claim-and-debit, COMMIT. The claim comes
+        // first so a concurrent replay waits on it; the debit only happens
+        // if the claim did, and only if the balance covers it.
         let charge_id = new_id("chg");
         let mut tx = self.pool.begin().await?;
-        let claimed = sqlx::query(
-            "INSERT INTO charges (saga_id, charge_id, customer_id, amount_cents, state)
-             VALUES ($1, $2, $3, $4, 'CHARGED') ON CONFLICT (saga_id) DO NOTHING",
+        let (claimed, debited): (i64, Option<i64>) = sqlx::query_as(
+            "WITH claim AS (
+                 INSERT INTO charges (saga_id, charge_id, customer_id, amount_cents, state)
+                 VALUES ($1, $2, $3, $4, 'CHARGED') ON CONFLICT (saga_id) DO NOTHING
+                 RETURNING saga_id
+             ), debit AS (
+                 UPDATE accounts SET balance_cents = balance_cents - $4, updated_at = now()
+                 WHERE customer_id = $3 AND balance_cents >= $4 AND EXISTS (SELECT 1 FROM claim)
+                 RETURNING balance_cents
+             )
+             SELECT (SELECT count(*) FROM claim), (SELECT balance_cents FROM debit)",
         )
         .bind(saga_id.as_str())
         .bind(&charge_id)
         .bind(customer_id.as_str())
         .bind(amount.get())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        .fetch_one(&mut *tx)
+        .await?;
         if claimed == 0 {
             tx.rollback().await?;
             let record = self
@@ -82,14 +89,6 @@ impl PaymentStore for PgPayment {
                 .ok_or_else(|| Error::Database(sqlx::Error::Protocol("charge vanished".into())))?;
             return record.replay(saga_id, customer_id, amount);
         }
-        let debited: Option<i64> = sqlx::query_scalar(
-            "UPDATE accounts SET balance_cents = balance_cents - $2, updated_at = now()
-             WHERE customer_id = $1 AND balance_cents >= $2 RETURNING balance_cents",
-        )
-        .bind(customer_id.as_str())
-        .bind(amount.get())
-        .fetch_optional(&mut *tx)
-        .await?;
         if debited.is_none() {
             let balance: Option<i64> =
                 sqlx::query_scalar("SELECT balance_cents FROM accounts WHERE customer_id = $1")
@@ -102,7 +101,7 @@ impl PaymentStore for PgPayment {
             return Err(insufficient_funds(customer_id, balance, amount));
         }
         tx.commit().await?;
-        tracing::info!(%charge_id, amount_cents = amount.get(), "charged");
+        tracing::debug!(%charge_id, amount_cents = amount.get(), "charged");
         Ok(charge_id)
     }
 
