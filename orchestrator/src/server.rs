@@ -85,17 +85,22 @@ pub async fn serve(
         .map_err(|e| Error::invalid(format!("reflection: {e}")))?;
 
     let stopping = executor.clone();
-    let signal = async move {
-        shutdown.await;
-        for service in SERVICES {
-            health
-                .set_service_status(*service, ServingStatus::NotServing)
-                .await;
+    let signalled = Arc::new(tokio::sync::Notify::new());
+    let signal = {
+        let signalled = signalled.clone();
+        async move {
+            shutdown.await;
+            for service in SERVICES {
+                health
+                    .set_service_status(*service, ServingStatus::NotServing)
+                    .await;
+            }
+            // Ends watch streams and refuses new orders, so the server can drain.
+            stopping.begin_stop();
+            signalled.notify_one();
         }
-        // Ends watch streams and refuses new orders, so the server can drain.
-        stopping.begin_stop();
     };
-    let served = Server::builder()
+    let server = Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -104,8 +109,19 @@ pub async fn serve(
             AdminApi::new(executor.clone(), settings.stuck_after),
             AdminAuth::new(settings.admin_token.clone()),
         ))
-        .serve_with_incoming_shutdown(incoming(listener), signal)
-        .await;
+        .serve_with_incoming_shutdown(incoming(listener), signal);
+    // Draining is bounded: clients that keep connections busy past the
+    // grace period are cut off rather than holding the shutdown hostage.
+    let served = tokio::select! {
+        served = server => served,
+        _ = async {
+            signalled.notified().await;
+            tokio::time::sleep(settings.shutdown_grace).await;
+        } => {
+            tracing::warn!(grace = ?settings.shutdown_grace, "connections still open after the grace period; closing them");
+            Ok(())
+        }
+    };
     executor.shutdown(settings.shutdown_grace).await;
     served?;
     Ok(())

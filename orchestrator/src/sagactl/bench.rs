@@ -86,6 +86,10 @@ pub struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Only place orders; do not follow them to their end (for filling the
+    /// orchestrator with sagas in flight).
+    #[arg(long)]
+    pub no_follow: bool,
 }
 
 #[derive(Default)]
@@ -189,6 +193,10 @@ impl Shared {
             }
         };
         self.tally.placed.fetch_add(1, Ordering::Relaxed);
+        if self.args.no_follow {
+            self.progress.inc(1);
+            return;
+        }
         let ended = tokio::time::timeout(self.args.saga_timeout, async {
             let mut stream = client
                 .watch_order(pb::WatchOrderRequest {
