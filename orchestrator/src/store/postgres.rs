@@ -29,6 +29,15 @@ const SAGA_COLUMNS: &str = "saga_id, idempotency_key, customer_id, items, state,
 /// Statuses with no more work for the executor.
 const SETTLED: &str = "('COMPLETED', 'FAILED', 'CANCELLED', 'NEEDS_ATTENTION')";
 
+/// A statement built once from constants, kept for the life of the process:
+/// the hot path neither formats nor allocates its SQL again.
+macro_rules! sql {
+    ($($format:tt)*) => {{
+        static SQL: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+        *SQL.get_or_init(|| format!($($format)*).leak())
+    }};
+}
+
 /// Saga persistence on PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct PgStore {
@@ -126,13 +135,13 @@ impl SagaStore for PgStore {
         lease_ttl: Duration,
     ) -> Result<(SagaRecord, bool), Error> {
         let status = saga.state.status(&crate::saga::ORDER_SAGA);
-        let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let inserted = sqlx::query(sql!(
             "INSERT INTO sagas (saga_id, idempotency_key, customer_id, items, status, state,
                                 lease_owner, lease_expires_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, now() + make_interval(secs => $8))
              ON CONFLICT (idempotency_key) DO NOTHING
              RETURNING {SAGA_COLUMNS}"
-        )))
+        ))
         .bind(&saga.saga_id)
         .bind(&saga.idempotency_key)
         .bind(&saga.customer_id)
@@ -147,9 +156,9 @@ impl SagaStore for PgStore {
             return Ok((record(&row)?, true));
         }
         // The key was used before: answer with the first saga.
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let row = sqlx::query(sql!(
             "SELECT {SAGA_COLUMNS} FROM sagas WHERE idempotency_key = $1"
-        )))
+        ))
         .bind(&saga.idempotency_key)
         .fetch_one(&self.pool)
         .await?;
@@ -157,18 +166,21 @@ impl SagaStore for PgStore {
     }
 
     async fn load(&self, saga_id: &str) -> Result<Option<SagaRecord>, Error> {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {SAGA_COLUMNS} FROM sagas WHERE saga_id = $1"
-        )))
-        .bind(saga_id)
-        .fetch_optional(&self.pool)
-        .await?
-        .as_ref()
-        .map(record)
-        .transpose()
+        sqlx::query(sql!("SELECT {SAGA_COLUMNS} FROM sagas WHERE saga_id = $1"))
+            .bind(saga_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(record)
+            .transpose()
     }
 
     async fn commit(&self, commit: Commit<'_>) -> Result<Option<i64>, Error> {
+        // Take the connection before building the statement's arguments:
+        // under load, thousands of sagas may wait for one of the pool's
+        // connections, and they should not each hold a copy of their state
+        // and journal while they wait.
+        let mut connection = self.pool.acquire().await?;
         let state = commit.state;
         let derived = Derived::of(state, commit.definition);
         let (next_mode, next_secs) = match commit.next_attempt {
@@ -185,7 +197,7 @@ impl SagaStore for PgStore {
         // One statement, so one round trip and one atomic commit: the saga
         // row (only if its version and lease still match) and its journal
         // rows (only if the row was updated).
-        let sql = format!(
+        let sql = sql!(
             "WITH updated AS (
                 UPDATE sagas SET
                     state = $3, status = $4, version = version + 1,
@@ -223,7 +235,7 @@ impl SagaStore for PgStore {
             SELECT version FROM updated, flush",
             journal_source(16)
         );
-        let query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        let query = sqlx::query_scalar(sql)
             .bind(commit.saga_id)
             .bind(commit.expected_version)
             .bind(Json(state))
@@ -241,7 +253,7 @@ impl SagaStore for PgStore {
             .bind(ttl);
         Ok(bind_journal!(query, columns)
             .bind(commit.durable)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *connection)
             .await?)
     }
 
@@ -251,7 +263,7 @@ impl SagaStore for PgStore {
         limit: i64,
         lease_ttl: Duration,
     ) -> Result<Vec<SagaRecord>, Error> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let rows = sqlx::query(sql!(
             "UPDATE sagas SET lease_owner = $1, lease_expires_at = now() + make_interval(secs => $2)
              WHERE saga_id IN (
                  SELECT saga_id FROM sagas
@@ -262,7 +274,7 @@ impl SagaStore for PgStore {
                  LIMIT $3
                  FOR UPDATE SKIP LOCKED)
              RETURNING {SAGA_COLUMNS}"
-        )))
+        ))
         .bind(owner)
         .bind(lease_ttl.as_secs_f64())
         .bind(limit)
@@ -277,12 +289,12 @@ impl SagaStore for PgStore {
         owner: &str,
         lease_ttl: Duration,
     ) -> Result<Option<SagaRecord>, Error> {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
+        sqlx::query(sql!(
             "UPDATE sagas SET lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3)
              WHERE saga_id = $1 AND status NOT IN {SETTLED}
                AND (lease_owner IS NULL OR lease_expires_at < now())
              RETURNING {SAGA_COLUMNS}"
-        )))
+        ))
         .bind(saga_id)
         .bind(owner)
         .bind(lease_ttl.as_secs_f64())
@@ -339,7 +351,7 @@ impl SagaStore for PgStore {
 
     async fn append_journal(&self, saga_id: &str, entries: &[JournalEntry]) -> Result<(), Error> {
         let columns = JournalColumns::of(entries);
-        let sql = format!(
+        let sql = sql!(
             "INSERT INTO saga_journal
                  (saga_id, step, kind, attempt, outcome, detail, rpc, actor, started_at, finished_at)
              SELECT $1, j.step, j.kind, j.attempt, j.outcome, j.detail, j.rpc, j.actor,
@@ -347,7 +359,7 @@ impl SagaStore for PgStore {
              FROM {}",
             journal_source(2)
         );
-        let query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(saga_id);
+        let query = sqlx::query(sql).bind(saga_id);
         bind_journal!(query, columns).execute(&self.pool).await?;
         Ok(())
     }
@@ -357,7 +369,7 @@ impl SagaStore for PgStore {
             .product_id
             .as_ref()
             .map(|p| serde_json::json!([{ "product_id": p }]));
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let rows = sqlx::query(sql!(
             "SELECT {SAGA_COLUMNS} FROM sagas
              WHERE ($1::text IS NULL OR status = $1)
                AND ($2::text IS NULL OR customer_id = $2)
@@ -368,7 +380,7 @@ impl SagaStore for PgStore {
                AND ($6::text IS NULL OR saga_id < $6)
              ORDER BY saga_id DESC
              LIMIT $7"
-        )))
+        ))
         .bind(filter.status.map(Status::as_str))
         .bind(&filter.customer_id)
         .bind(product.map(Json))
