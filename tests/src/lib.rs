@@ -11,8 +11,8 @@ pub mod process;
 mod system;
 
 pub use system::{
-    Audit, SpawnedOrchestrator, System, fault, place_request, settled, spawn_orchestrator,
-    spawn_system, spawn_system_with, test_settings,
+    Audit, SpawnedOrchestrator, System, compensations, delay, fault, place_request, settled,
+    spawn_orchestrator, spawn_system, spawn_system_with, test_settings,
 };
 
 use std::sync::Once;

@@ -421,6 +421,27 @@ impl System {
             .balance_cents)
     }
 
+    /// Journal rows of one saga.
+    pub async fn journal_rows(&self, order_id: &str) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM saga_journal WHERE saga_id = $1")
+                .bind(order_id)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// The payment participant's record of the saga (CHARGED, REFUNDED,
+    /// TOMBSTONE), if any.
+    pub async fn charge_state(&self, order_id: &str) -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT state FROM charges WHERE saga_id = $1")
+                .bind(order_id)
+                .fetch_optional(self.participants.payment.pool())
+                .await?,
+        )
+    }
+
     /// Checks the design's invariants over every saga in the database and
     /// every seeded product and account; the error says which one broke.
     pub async fn audit(&self) -> Result<Audit> {
@@ -609,6 +630,25 @@ pub fn fault(rpc: &str, mode: &str, code: tonic::Code, count: u32) -> SetFaultRe
         percent: 0,
         latency_ms: 0,
     }
+}
+
+/// A DELAY fault of `latency_ms` on every call of `rpc`.
+pub fn delay(rpc: &str, latency_ms: u32) -> SetFaultRequest {
+    SetFaultRequest {
+        latency_ms,
+        ..fault(rpc, "DELAY", tonic::Code::Ok, 0)
+    }
+}
+
+/// The steps an order compensated, in order (the call in flight excluded).
+pub fn compensations(order: &GetOrderStatusResponse) -> Vec<String> {
+    use proto::saga::v1::{StepKind, StepOutcome};
+    order
+        .history
+        .iter()
+        .filter(|e| e.kind() == StepKind::Compensation && e.outcome() != StepOutcome::InFlight)
+        .map(|e| e.step.clone())
+        .collect()
 }
 
 /// Terminal or NEEDS_ATTENTION.

@@ -5,8 +5,7 @@
 
 use std::time::Duration;
 
-use harness::{System, expect_code, fault, spawn_system, spawn_system_with};
-use proto::fault::v1::SetFaultRequest;
+use harness::{System, compensations, delay, expect_code, fault, spawn_system, spawn_system_with};
 use proto::saga::v1::{
     CancelOrderRequest, CancelOrderResponse, GetOrderStatusResponse, OrderStatus, StepKind,
     StepOutcome,
@@ -14,14 +13,6 @@ use proto::saga::v1::{
 use tonic::Code;
 
 const SETTLE: Duration = Duration::from_secs(20);
-
-/// A DELAY fault of `latency_ms` on every call of `rpc`.
-fn delay(rpc: &str, latency_ms: u32) -> SetFaultRequest {
-    SetFaultRequest {
-        latency_ms,
-        ..fault(rpc, "DELAY", Code::Ok, 0)
-    }
-}
 
 async fn cancel(
     system: &System,
@@ -36,24 +27,6 @@ async fn cancel(
         })
         .await
         .map(tonic::Response::into_inner)
-}
-
-/// Journal rows of one saga.
-async fn journal_rows(system: &System, order_id: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM saga_journal WHERE saga_id = $1")
-        .bind(order_id)
-        .fetch_one(&system.pool)
-        .await
-        .unwrap()
-}
-
-/// The payment participant's record of the saga, if any.
-async fn charge_state(system: &System, order_id: &str) -> Option<String> {
-    sqlx::query_scalar("SELECT state FROM charges WHERE saga_id = $1")
-        .bind(order_id)
-        .fetch_optional(system.participants.payment.pool())
-        .await
-        .unwrap()
 }
 
 /// The CONTROL entries of an order: (step, outcome, detail).
@@ -75,16 +48,6 @@ fn actions(order: &GetOrderStatusResponse, step: &str) -> Vec<StepOutcome> {
         .filter(|e| e.step == step && e.kind() == StepKind::Action)
         .map(|e| e.outcome())
         .filter(|o| *o != StepOutcome::InFlight)
-        .collect()
-}
-
-/// The steps compensated, in order.
-fn compensations(order: &GetOrderStatusResponse) -> Vec<String> {
-    order
-        .history
-        .iter()
-        .filter(|e| e.kind() == StepKind::Compensation && e.outcome() != StepOutcome::InFlight)
-        .map(|e| e.step.clone())
         .collect()
 }
 
@@ -133,7 +96,7 @@ async fn cancel_while_reserving_releases_and_charges_nothing() {
     assert_eq!(compensations(&order), ["reserve_inventory"]);
     assert_eq!(system.stock("widget").await.unwrap(), (10, 0));
     assert_eq!(system.balance("alice").await.unwrap(), 10_000);
-    assert_eq!(charge_state(&system, &id).await, None);
+    assert_eq!(system.charge_state(&id).await.unwrap(), None);
     let audit = system.audit().await.unwrap();
     assert_eq!(audit.count("CANCELLED"), 1);
 }
@@ -169,7 +132,7 @@ async fn cancel_while_charging_refunds_and_releases() {
     );
     assert!(actions(&order, "ship_order").is_empty(), "never shipped");
     assert_eq!(
-        charge_state(&system, &id).await.as_deref(),
+        system.charge_state(&id).await.unwrap().as_deref(),
         Some("REFUNDED")
     );
     assert_eq!(system.balance("alice").await.unwrap(), 10_000);
@@ -281,7 +244,7 @@ async fn cancel_after_completed_is_refused_and_changes_nothing() {
     let id = system.place("alice", &[("widget", 1)]).await.unwrap();
     let order = system.wait_settled(&id, SETTLE).await.unwrap();
     assert_eq!(order.status(), OrderStatus::Completed);
-    let journalled = journal_rows(&system, &id).await;
+    let journalled = system.journal_rows(&id).await.unwrap();
 
     let message = expect_code(cancel(&system, &id, "").await, Code::FailedPrecondition);
     assert!(message.contains("COMPLETED"), "{message}");
@@ -289,7 +252,7 @@ async fn cancel_after_completed_is_refused_and_changes_nothing() {
     let after = system.status(&id).await.unwrap();
     assert_eq!(after.status(), OrderStatus::Completed);
     assert_eq!(after.failure_reason, "");
-    assert_eq!(journal_rows(&system, &id).await, journalled);
+    assert_eq!(system.journal_rows(&id).await.unwrap(), journalled);
     assert_eq!(system.balance("alice").await.unwrap(), 10_000 - 500);
     system.audit().await.unwrap();
 }
@@ -301,7 +264,7 @@ async fn cancel_after_failed_answers_failed_and_changes_nothing() {
     let id = system.place("alice", &[("widget", 11)]).await.unwrap();
     let order = system.wait_settled(&id, SETTLE).await.unwrap();
     assert_eq!(order.status(), OrderStatus::Failed);
-    let journalled = journal_rows(&system, &id).await;
+    let journalled = system.journal_rows(&id).await.unwrap();
 
     let reply = cancel(&system, &id, "never mind").await.unwrap();
     assert_eq!(reply.status(), OrderStatus::Failed);
@@ -310,7 +273,7 @@ async fn cancel_after_failed_answers_failed_and_changes_nothing() {
     assert_eq!(after.status(), OrderStatus::Failed);
     assert_eq!(after.failure_reason, order.failure_reason);
     assert!(controls(&after).is_empty());
-    assert_eq!(journal_rows(&system, &id).await, journalled);
+    assert_eq!(system.journal_rows(&id).await.unwrap(), journalled);
     system.audit().await.unwrap();
 }
 
@@ -339,7 +302,7 @@ async fn cancel_is_recorded_once_and_cancelled_orders_stay_cancelled() {
         "the first request's reason stays: {}",
         order.failure_reason
     );
-    let journalled = journal_rows(&system, &id).await;
+    let journalled = system.journal_rows(&id).await.unwrap();
 
     let again = cancel(&system, &id, "third").await.unwrap();
     assert_eq!(again.status(), OrderStatus::Cancelled);
@@ -347,7 +310,7 @@ async fn cancel_is_recorded_once_and_cancelled_orders_stay_cancelled() {
     assert_eq!(after.status(), OrderStatus::Cancelled);
     assert_eq!(after.failure_reason, order.failure_reason);
     assert_eq!(controls(&after).len(), 1);
-    assert_eq!(journal_rows(&system, &id).await, journalled);
+    assert_eq!(system.journal_rows(&id).await.unwrap(), journalled);
     assert_eq!(system.stock("widget").await.unwrap(), (10, 0));
     system.audit().await.unwrap();
 }
@@ -359,7 +322,7 @@ async fn a_cancel_reason_over_512_bytes_is_invalid() {
     let id = system.place("alice", &[("widget", 1)]).await.unwrap();
     let order = system.wait_settled(&id, SETTLE).await.unwrap();
     assert_eq!(order.status(), OrderStatus::Completed);
-    let journalled = journal_rows(&system, &id).await;
+    let journalled = system.journal_rows(&id).await.unwrap();
 
     let message = expect_code(
         cancel(&system, &id, &"x".repeat(513)).await,
@@ -371,7 +334,7 @@ async fn a_cancel_reason_over_512_bytes_is_invalid() {
         cancel(&system, &id, &"x".repeat(512)).await,
         Code::FailedPrecondition,
     );
-    assert_eq!(journal_rows(&system, &id).await, journalled);
+    assert_eq!(system.journal_rows(&id).await.unwrap(), journalled);
     assert_eq!(
         system.status(&id).await.unwrap().status(),
         OrderStatus::Completed

@@ -3,8 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use harness::{System, expect_code, fault, place_request, spawn_system, spawn_system_with};
-use proto::fault::v1::SetFaultRequest;
+use harness::{
+    System, compensations, delay, expect_code, fault, place_request, spawn_system,
+    spawn_system_with,
+};
 use proto::saga::v1::{
     CancelOrderRequest, GetOrderStatusRequest, GetOrderStatusResponse, ListOrdersRequest,
     OrderStatus, StepKind, StepOutcome, WatchOrderRequest,
@@ -117,36 +119,10 @@ async fn bad_orders_are_rejected_and_nothing_is_recorded() {
     assert_eq!(recorded, 0);
 }
 
-/// A DELAY fault of `latency_ms` on every call of `rpc`.
-fn delay(rpc: &str, latency_ms: u32) -> SetFaultRequest {
-    SetFaultRequest {
-        latency_ms,
-        ..fault(rpc, "DELAY", Code::Ok, 0)
-    }
-}
-
 /// Rows in the orchestrator's sagas table.
 async fn saga_rows(system: &System) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM sagas")
         .fetch_one(&system.pool)
-        .await
-        .unwrap()
-}
-
-/// Journal rows of one saga.
-async fn journal_rows(system: &System, order_id: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM saga_journal WHERE saga_id = $1")
-        .bind(order_id)
-        .fetch_one(&system.pool)
-        .await
-        .unwrap()
-}
-
-/// The payment participant's record of the saga (CHARGED, REFUNDED, TOMBSTONE).
-async fn charge_state(system: &System, order_id: &str) -> Option<String> {
-    sqlx::query_scalar("SELECT state FROM charges WHERE saga_id = $1")
-        .bind(order_id)
-        .fetch_optional(system.participants.payment.pool())
         .await
         .unwrap()
 }
@@ -157,16 +133,6 @@ fn steps(order: &GetOrderStatusResponse) -> Vec<(String, StepKind, StepOutcome)>
         .history
         .iter()
         .map(|e| (e.step.clone(), e.kind(), e.outcome()))
-        .collect()
-}
-
-/// The steps compensated, in order.
-fn compensations(order: &GetOrderStatusResponse) -> Vec<String> {
-    order
-        .history
-        .iter()
-        .filter(|e| e.kind() == StepKind::Compensation)
-        .map(|e| e.step.clone())
         .collect()
 }
 
@@ -202,7 +168,7 @@ async fn out_of_stock_fails_without_charging_or_moving_stock() {
     );
     assert_eq!(system.balance("alice").await.unwrap(), 10_000);
     assert_eq!(system.stock("widget").await.unwrap(), (2, 0));
-    assert_eq!(charge_state(&system, &id).await, None);
+    assert_eq!(system.charge_state(&id).await.unwrap(), None);
     let audit = system.audit().await.unwrap();
     assert_eq!(audit.count("FAILED"), 1);
 }
@@ -229,7 +195,10 @@ async fn insufficient_funds_fails_and_releases_the_stock() {
     );
     assert_eq!(system.stock("widget").await.unwrap(), (10, 0));
     assert_eq!(system.balance("alice").await.unwrap(), 1_000);
-    assert_ne!(charge_state(&system, &id).await.as_deref(), Some("CHARGED"));
+    assert_ne!(
+        system.charge_state(&id).await.unwrap().as_deref(),
+        Some("CHARGED")
+    );
     let audit = system.audit().await.unwrap();
     assert_eq!(audit.count("FAILED"), 1);
 }
@@ -280,7 +249,7 @@ async fn a_rejected_shipment_refunds_and_releases_in_reverse_order() {
     assert_eq!(system.balance("alice").await.unwrap(), 10_000);
     assert_eq!(system.stock("widget").await.unwrap(), (10, 0));
     assert_eq!(
-        charge_state(&system, &id).await.as_deref(),
+        system.charge_state(&id).await.unwrap().as_deref(),
         Some("REFUNDED")
     );
     system.audit().await.unwrap();
@@ -395,7 +364,7 @@ async fn a_compensation_out_of_budget_needs_attention_and_stays_so() {
         .filter(|e| e.step == "reserve_inventory" && e.kind() == StepKind::Compensation)
         .count();
     assert_eq!(releases, 5, "the whole compensation budget");
-    let journalled = journal_rows(&system, &id).await;
+    let journalled = system.journal_rows(&id).await.unwrap();
 
     // With the fault gone, nothing resumes it without an operator: another
     // order goes through meanwhile, and this one has not moved.
@@ -407,7 +376,7 @@ async fn a_compensation_out_of_budget_needs_attention_and_stays_so() {
 
     let order = system.status(&id).await.unwrap();
     assert_eq!(order.status(), OrderStatus::NeedsAttention);
-    assert_eq!(journal_rows(&system, &id).await, journalled);
+    assert_eq!(system.journal_rows(&id).await.unwrap(), journalled);
     assert_eq!(
         system.stock("widget").await.unwrap(),
         (6, 4),

@@ -5,22 +5,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use harness::{System, fault, spawn_orchestrator, spawn_system, spawn_system_with, test_settings};
-use proto::fault::v1::SetFaultRequest;
+use harness::{System, delay, spawn_orchestrator, spawn_system, spawn_system_with, test_settings};
 use proto::saga::v1::PlaceOrderRequest;
-use tonic::Code;
 
 /// Long enough that a test finishing "well before" it proves the leases
 /// were handed back rather than left to expire.
 const LONG_LEASE: Duration = Duration::from_secs(60);
-
-/// A DELAY fault of `latency_ms` on every call of `rpc`.
-fn delay(rpc: &str, latency_ms: u32) -> SetFaultRequest {
-    SetFaultRequest {
-        latency_ms,
-        ..fault(rpc, "DELAY", Code::Ok, 0)
-    }
-}
 
 async fn seed(system: &System) {
     system.seed_product("widget", 150, 1_000).await.unwrap();
