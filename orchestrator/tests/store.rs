@@ -4,8 +4,11 @@
 //! its transition, the idempotency key, the sweeper's claim rules, the
 //! filters, and (SQLite) a file that survives a reopen.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use harness::TestDb;
@@ -101,6 +104,8 @@ conformance!(
     the_sweeper_claims_only_due_sagas_without_a_live_lease,
     stuck_and_age_filters_select_the_right_sagas,
     product_and_customer_filters,
+    concurrent_creations_and_commits_each_apply_with_their_journal,
+    racing_commits_to_one_saga_apply_exactly_once,
 );
 
 fn new_saga(id: &str, key: Option<&str>) -> NewSaga {
@@ -199,6 +204,131 @@ async fn a_commit_applies_once_per_version_and_writes_its_journal_only_then(back
     let journal = store.journal("s1").await.unwrap();
     assert_eq!(journal.len(), 1, "the stale commit wrote no journal row");
     assert_eq!(journal[0], entry("reserve_inventory"));
+}
+
+/// Many sagas written at once (PostgreSQL batches them into shared
+/// statements): each creation and transition still applies on its own, with
+/// its own journal rows in order, and a shared idempotency key still records
+/// one saga.
+async fn concurrent_creations_and_commits_each_apply_with_their_journal(backend: Backend) {
+    let store = &backend.store;
+    let ids: Vec<String> = (0..60).map(|n| format!("s{n:02}")).collect();
+    // s00..s09 and s10..s19 share keys pairwise; the rest have none.
+    let keys: Vec<Option<String>> = (0..60)
+        .map(|n| (n < 20).then(|| format!("key-{}", n % 10)))
+        .collect();
+    let created = futures_all(ids.iter().zip(&keys).map(|(id, key)| async move {
+        store
+            .create(&new_saga(id, key.as_deref()), "r1", TTL)
+            .await
+            .unwrap()
+    }))
+    .await;
+    for key in 0..10 {
+        let (a, b) = (&created[key], &created[key + 10]);
+        assert_eq!(a.0.saga_id, b.0.saga_id, "key-{key} names one saga");
+        assert!(a.1 ^ b.1, "exactly one call created the saga of key-{key}");
+    }
+    let winners: Vec<&str> = created
+        .iter()
+        .filter(|(_, fresh)| *fresh)
+        .map(|(saga, _)| saga.saga_id.as_str())
+        .collect();
+    assert_eq!(winners.len(), 50);
+
+    let states: Vec<SagaState> = created.iter().map(|(s, _)| reserved(&s.state)).collect();
+    let journals: Vec<[JournalEntry; 2]> = winners
+        .iter()
+        .map(|id| {
+            [
+                entry(&format!("{id}-first")),
+                entry(&format!("{id}-second")),
+            ]
+        })
+        .collect();
+    let extend = LeaseChange::Extend {
+        owner: "r1",
+        ttl: TTL,
+    };
+    let versions = futures_all(winners.iter().zip(&journals).map(|(id, journal)| {
+        let saga = &created.iter().find(|(s, _)| s.saga_id == *id).unwrap().0;
+        let state = &states[created.iter().position(|(s, _)| s.saga_id == *id).unwrap()];
+        store.commit(commit(id, saga.version, state, journal, extend))
+    }))
+    .await;
+    for (id, version) in winners.iter().zip(versions) {
+        assert_eq!(version.unwrap(), Some(2), "{id} applied once");
+        let saga = store.load(id).await.unwrap().unwrap();
+        assert_eq!(saga.status, Status::ChargingPayment, "{id}");
+        let steps: Vec<String> = store
+            .journal(id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.step)
+            .collect();
+        assert_eq!(steps, [format!("{id}-first"), format!("{id}-second")]);
+    }
+}
+
+/// Twenty writers race one saga from the same version: one wins, and only
+/// its journal row is written.
+async fn racing_commits_to_one_saga_apply_exactly_once(backend: Backend) {
+    let store = &backend.store;
+    let (saga, _) = store
+        .create(&new_saga("s1", None), "r1", TTL)
+        .await
+        .unwrap();
+    let next = reserved(&saga.state);
+    let journals: Vec<[JournalEntry; 1]> = (0..20).map(|n| [entry(&format!("w{n}"))]).collect();
+    let results = futures_all(journals.iter().map(|journal| {
+        store.commit(commit(
+            "s1",
+            saga.version,
+            &next,
+            journal,
+            LeaseChange::Keep,
+        ))
+    }))
+    .await;
+    let won: Vec<usize> = results
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| matches!(r, Ok(Some(_))))
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(won.len(), 1, "exactly one writer wins: {results:?}");
+    assert!(results.iter().all(|r| r.is_ok()));
+    let journal = store.journal("s1").await.unwrap();
+    assert_eq!(journal.len(), 1);
+    assert_eq!(journal[0].step, format!("w{}", won[0]));
+    assert_eq!(
+        store.load("s1").await.unwrap().unwrap().version,
+        saga.version + 1
+    );
+}
+
+/// Runs borrowing futures concurrently on this task; answers in order.
+async fn futures_all<F: Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut pending: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (future, output) in pending.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(value) => *output = Some(value),
+                    Poll::Pending => done = false,
+                }
+            }
+        }
+        if done { Poll::Ready(()) } else { Poll::Pending }
+    })
+    .await;
+    outputs
+        .into_iter()
+        .map(|o| o.expect("every future finished"))
+        .collect()
 }
 
 async fn only_the_lease_owner_commits_and_release_gives_the_lease_up(backend: Backend) {

@@ -2,6 +2,7 @@
 //! payment (Charge / Refund) and fulfillment (Ship / CancelShipment).
 //!
 //! Layout:
+//! - [`batch`]: group commit, many concurrent writes in one transaction.
 //! - [`cli`]: flag parsing, logging and signal helpers for the binaries.
 //! - [`domain`]: validated input types and the system's input limits.
 //! - [`inventory`], [`payment`], [`fulfillment`]: each a store trait with a
@@ -15,6 +16,7 @@
 //! Every action is idempotent per saga_id and every compensation is safe to
 //! run before its action: see the module docs of the stores.
 
+pub mod batch;
 pub mod cli;
 pub mod domain;
 pub mod error;

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use participants::batch::Batcher;
 use sqlx::PgPool;
 use sqlx::postgres::PgRow;
 use sqlx::types::Json;
@@ -38,23 +39,8 @@ macro_rules! sql {
     }};
 }
 
-/// Saga persistence on PostgreSQL.
-#[derive(Debug, Clone)]
-pub struct PgStore {
-    pool: PgPool,
-}
-
-impl PgStore {
-    /// A store on `pool`, after applying the embedded migrations.
-    pub async fn migrate(pool: PgPool) -> Result<Self, Error> {
-        MIGRATIONS.run(&pool).await?;
-        Ok(Self { pool })
-    }
-
-    /// The pool, for tests that inspect the tables.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
+fn stopped(_: participants::batch::Stopped) -> Error {
+    Error::Unavailable("the store's batch writer stopped".into())
 }
 
 fn records(rows: &[PgRow]) -> Result<Vec<SagaRecord>, Error> {
@@ -78,6 +64,12 @@ struct JournalColumns {
 impl JournalColumns {
     fn of(entries: &[JournalEntry]) -> Self {
         let mut columns = Self::default();
+        columns.extend(entries);
+        columns
+    }
+
+    fn extend(&mut self, entries: &[JournalEntry]) {
+        let columns = self;
         for e in entries {
             columns.step.push(e.step.clone());
             columns.kind.push(e.kind.clone());
@@ -89,7 +81,6 @@ impl JournalColumns {
             columns.started_at.push(e.started_at);
             columns.finished_at.push(e.finished_at);
         }
-        columns
     }
 }
 
@@ -126,6 +117,325 @@ macro_rules! bind_journal {
     };
 }
 
+/// Most writes flushed in one statement.
+const MAX_BATCH: usize = 256;
+/// Batches written at once (each holds one pool connection while it does).
+const WRITERS: usize = 4;
+
+/// Saga persistence on PostgreSQL.
+///
+/// Creations and transitions go through a group commit ([`Batcher`]): the
+/// writes of concurrent sagas are flushed together, one statement and one
+/// WAL flush for the whole batch, and each saga's write is still checked
+/// on its own (version and lease) and answered on its own. A lone write
+/// goes out at once; batches form only while an earlier one is in flight.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    creates: Batcher<CreateRow, Result<(SagaRecord, bool), Error>>,
+    commits: Batcher<CommitRow, Result<Option<i64>, Error>>,
+}
+
+impl PgStore {
+    /// A store on `pool`, after applying the embedded migrations. Starts
+    /// the batch writers, so it needs a Tokio runtime.
+    pub async fn migrate(pool: PgPool) -> Result<Self, Error> {
+        MIGRATIONS.run(&pool).await?;
+        let creates = {
+            let pool = pool.clone();
+            Batcher::new(MAX_BATCH, WRITERS, move |rows| {
+                let pool = pool.clone();
+                async move { create_batch(&pool, rows).await }
+            })
+        };
+        let commits = {
+            let pool = pool.clone();
+            Batcher::new(MAX_BATCH, WRITERS, move |rows| {
+                let pool = pool.clone();
+                async move { commit_batch(&pool, rows).await }
+            })
+        };
+        Ok(Self {
+            pool,
+            creates,
+            commits,
+        })
+    }
+
+    /// The pool, for tests that inspect the tables.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// A creation waiting in the batch queue.
+#[derive(Debug)]
+struct CreateRow {
+    saga_id: String,
+    idempotency_key: Option<String>,
+    customer_id: String,
+    items: String,
+    status: &'static str,
+    state: String,
+    owner: String,
+    ttl: f64,
+}
+
+/// Inserts a batch of sagas in one statement. A saga whose idempotency key
+/// was used before (or comes twice in the batch) is not inserted; it is
+/// answered with the saga that holds the key.
+async fn create_batch(
+    pool: &PgPool,
+    rows: Vec<CreateRow>,
+) -> Vec<Result<(SagaRecord, bool), Error>> {
+    let inserted = match insert_sagas(pool, &rows).await {
+        Ok(inserted) => inserted,
+        // One bad row fails the statement: write each on its own so only
+        // that one fails.
+        Err(_) if rows.len() > 1 => {
+            let mut answers = Vec::with_capacity(rows.len());
+            for row in rows {
+                answers.extend(Box::pin(create_batch(pool, vec![row])).await);
+            }
+            return answers;
+        }
+        Err(error) => return vec![Err(error)],
+    };
+    let mut answers = Vec::with_capacity(rows.len());
+    for row in &rows {
+        answers.push(match inserted.iter().find(|r| r.saga_id == row.saga_id) {
+            Some(record) => Ok((record.clone(), true)),
+            None => by_key(pool, row.idempotency_key.as_deref()).await,
+        });
+    }
+    answers
+}
+
+async fn insert_sagas(pool: &PgPool, rows: &[CreateRow]) -> Result<Vec<SagaRecord>, Error> {
+    let column = |f: fn(&CreateRow) -> &str| rows.iter().map(f).collect::<Vec<_>>();
+    let inserted = sqlx::query(sql!(
+        "INSERT INTO sagas (saga_id, idempotency_key, customer_id, items, status, state,
+                            lease_owner, lease_expires_at)
+         SELECT n.saga_id, n.idempotency_key, n.customer_id, n.items::jsonb, n.status,
+                n.state::jsonb, n.owner, now() + make_interval(secs => n.ttl)
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::text[], $8::float8[])
+              AS n(saga_id, idempotency_key, customer_id, items, status, state, owner, ttl)
+         ON CONFLICT (idempotency_key) DO NOTHING
+         RETURNING {SAGA_COLUMNS}"
+    ))
+    .bind(column(|r| &r.saga_id))
+    .bind(
+        rows.iter()
+            .map(|r| r.idempotency_key.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(column(|r| &r.customer_id))
+    .bind(column(|r| &r.items))
+    .bind(column(|r| r.status))
+    .bind(column(|r| &r.state))
+    .bind(column(|r| &r.owner))
+    .bind(rows.iter().map(|r| r.ttl).collect::<Vec<_>>())
+    .fetch_all(pool)
+    .await?;
+    records(&inserted)
+}
+
+/// The saga holding an idempotency key, for a creation that found it used.
+async fn by_key(pool: &PgPool, key: Option<&str>) -> Result<(SagaRecord, bool), Error> {
+    let row = sqlx::query(sql!(
+        "SELECT {SAGA_COLUMNS} FROM sagas WHERE idempotency_key = $1"
+    ))
+    .bind(key)
+    .fetch_one(pool)
+    .await?;
+    Ok((record(&row)?, false))
+}
+
+/// A transition waiting in the batch queue: a [`Commit`] with its derived
+/// columns, owned.
+#[derive(Debug)]
+struct CommitRow {
+    saga_id: String,
+    expected_version: i64,
+    state: String,
+    status: &'static str,
+    total_amount_cents: i64,
+    failure_reason: Option<String>,
+    last_error: Option<String>,
+    current_step: Option<&'static str>,
+    attempts: i32,
+    cancel_requested: bool,
+    next_mode: &'static str,
+    next_secs: f64,
+    lease_mode: &'static str,
+    owner: Option<String>,
+    ttl: f64,
+    journal: Vec<JournalEntry>,
+    durable: bool,
+}
+
+impl CommitRow {
+    fn of(commit: &Commit<'_>) -> Result<Self, Error> {
+        let state = commit.state;
+        let derived = Derived::of(state, commit.definition);
+        let (next_mode, next_secs) = match commit.next_attempt {
+            NextAttempt::Keep => ("keep", 0.0),
+            NextAttempt::Clear => ("clear", 0.0),
+            NextAttempt::In(delay) => ("in", delay.as_secs_f64()),
+        };
+        let (lease_mode, owner, ttl) = match commit.lease {
+            LeaseChange::Keep => ("keep", None, 0.0),
+            LeaseChange::Extend { owner, ttl } => ("extend", Some(owner), ttl.as_secs_f64()),
+            LeaseChange::Release { owner } => ("release", Some(owner), 0.0),
+        };
+        Ok(Self {
+            saga_id: commit.saga_id.to_owned(),
+            expected_version: commit.expected_version,
+            state: serde_json::to_string(state)
+                .map_err(|e| Error::Corrupt(format!("cannot encode the saga state: {e}")))?,
+            status: derived.status.as_str(),
+            total_amount_cents: derived.total_amount_cents,
+            failure_reason: state.failure_reason.clone(),
+            last_error: state.last_error.clone(),
+            current_step: derived.current_step,
+            attempts: derived.attempts,
+            cancel_requested: derived.cancel_requested,
+            next_mode,
+            next_secs,
+            lease_mode,
+            owner: owner.map(str::to_owned),
+            ttl,
+            journal: commit.journal.to_vec(),
+            durable: commit.durable,
+        })
+    }
+}
+
+/// Writes a batch of transitions in one statement. Each saga row is updated
+/// only if its version (and lease) still match; its journal rows only if it
+/// was. The batch is flushed to disk before it returns unless every write
+/// in it may be lost (see [`Commit::durable`]).
+async fn commit_batch(pool: &PgPool, rows: Vec<CommitRow>) -> Vec<Result<Option<i64>, Error>> {
+    match update_sagas(pool, &rows).await {
+        Ok(versions) => versions.into_iter().map(Ok).collect(),
+        Err(_) if rows.len() > 1 => {
+            // One bad row (or a deadlock with a concurrent batch) fails the
+            // statement: write each on its own so only a bad one fails.
+            let mut answers = Vec::with_capacity(rows.len());
+            for row in rows {
+                answers.extend(Box::pin(commit_batch(pool, vec![row])).await);
+            }
+            answers
+        }
+        Err(error) => vec![Err(error)],
+    }
+}
+
+async fn update_sagas(pool: &PgPool, rows: &[CommitRow]) -> Result<Vec<Option<i64>>, Error> {
+    let mut journal = JournalColumns::default();
+    let mut journal_of = Vec::new();
+    for (n, row) in rows.iter().enumerate() {
+        journal.extend(&row.journal);
+        journal_of.extend(std::iter::repeat_n(n as i64 + 1, row.journal.len()));
+    }
+    let durable = rows.iter().any(|r| r.durable);
+    let sql = sql!(
+        "WITH c AS (
+            SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[],
+                                 $6::text[], $7::text[], $8::text[], $9::int[], $10::bool[],
+                                 $11::text[], $12::float8[], $13::text[], $14::text[], $15::float8[])
+                WITH ORDINALITY AS c(saga_id, expected_version, state, status, total_amount_cents,
+                                     failure_reason, last_error, current_step, attempts,
+                                     cancel_requested, next_mode, next_secs, lease_mode, owner,
+                                     ttl, n)
+        ), updated AS (
+            UPDATE sagas s SET
+                state = c.state::jsonb, status = c.status, version = s.version + 1,
+                total_amount_cents = c.total_amount_cents, failure_reason = c.failure_reason,
+                last_error = c.last_error, current_step = c.current_step,
+                attempts = c.attempts, cancel_requested = c.cancel_requested,
+                next_attempt_at = CASE c.next_mode
+                    WHEN 'keep' THEN s.next_attempt_at
+                    WHEN 'clear' THEN NULL
+                    ELSE now() + make_interval(secs => c.next_secs) END,
+                lease_owner = CASE c.lease_mode WHEN 'release' THEN NULL ELSE s.lease_owner END,
+                lease_expires_at = CASE c.lease_mode
+                    WHEN 'release' THEN NULL
+                    WHEN 'extend' THEN now() + make_interval(secs => c.ttl)
+                    ELSE s.lease_expires_at END,
+                updated_at = now(),
+                progress_at = CASE
+                    WHEN s.status IS DISTINCT FROM c.status
+                      OR s.current_step IS DISTINCT FROM c.current_step
+                    THEN now() ELSE s.progress_at END,
+                finished_at = CASE WHEN c.status IN ('COMPLETED', 'FAILED', 'CANCELLED')
+                    THEN coalesce(s.finished_at, now()) ELSE NULL END
+            FROM c
+            WHERE s.saga_id = c.saga_id AND s.version = c.expected_version
+              AND (c.owner IS NULL OR s.lease_owner = c.owner)
+            -- Two writes to one saga in a batch: at most one matches.
+            RETURNING c.n, c.saga_id, s.version
+        ), journal AS (
+            INSERT INTO saga_journal
+                (saga_id, step, kind, attempt, outcome, detail, rpc, actor, started_at, finished_at)
+            SELECT u.saga_id, j.step, j.kind, j.attempt, j.outcome, j.detail, j.rpc, j.actor,
+                   to_timestamp(j.started_at), to_timestamp(j.finished_at)
+            FROM updated u
+            JOIN unnest($16::bigint[], $17::text[], $18::text[], $19::int[], $20::text[],
+                        $21::text[], $22::text[], $23::text[], $24::float8[], $25::float8[])
+                 WITH ORDINALITY AS j(n, step, kind, attempt, outcome, detail, rpc, actor,
+                                      started_at, finished_at, position)
+              ON j.n = u.n
+            ORDER BY j.position
+        ), flush AS (
+            -- Read at commit time: 'off' lets this transaction return
+            -- before its WAL is flushed.
+            SELECT set_config('synchronous_commit', CASE WHEN $26 THEN 'on' ELSE 'off' END, true)
+        )
+        SELECT u.n, u.version FROM updated u, flush"
+    );
+    let column = |f: fn(&CommitRow) -> &str| rows.iter().map(f).collect::<Vec<_>>();
+    let query = sqlx::query_as::<_, (i64, i64)>(sql)
+        .bind(column(|r| &r.saga_id))
+        .bind(rows.iter().map(|r| r.expected_version).collect::<Vec<_>>())
+        .bind(column(|r| &r.state))
+        .bind(column(|r| r.status))
+        .bind(
+            rows.iter()
+                .map(|r| r.total_amount_cents)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.failure_reason.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.last_error.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.current_step).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.attempts).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.cancel_requested).collect::<Vec<_>>())
+        .bind(column(|r| r.next_mode))
+        .bind(rows.iter().map(|r| r.next_secs).collect::<Vec<_>>())
+        .bind(column(|r| r.lease_mode))
+        .bind(rows.iter().map(|r| r.owner.as_deref()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.ttl).collect::<Vec<_>>())
+        .bind(&journal_of);
+    let updated = bind_journal!(query, journal)
+        .bind(durable)
+        .fetch_all(pool)
+        .await?;
+    let mut versions = vec![None; rows.len()];
+    for (n, version) in updated {
+        versions[n as usize - 1] = Some(version);
+    }
+    Ok(versions)
+}
+
 #[tonic::async_trait]
 impl SagaStore for PgStore {
     async fn create(
@@ -134,35 +444,18 @@ impl SagaStore for PgStore {
         owner: &str,
         lease_ttl: Duration,
     ) -> Result<(SagaRecord, bool), Error> {
-        let status = saga.state.status(&crate::saga::ORDER_SAGA);
-        let inserted = sqlx::query(sql!(
-            "INSERT INTO sagas (saga_id, idempotency_key, customer_id, items, status, state,
-                                lease_owner, lease_expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, now() + make_interval(secs => $8))
-             ON CONFLICT (idempotency_key) DO NOTHING
-             RETURNING {SAGA_COLUMNS}"
-        ))
-        .bind(&saga.saga_id)
-        .bind(&saga.idempotency_key)
-        .bind(&saga.customer_id)
-        .bind(Json(&saga.items))
-        .bind(status.as_str())
-        .bind(Json(&saga.state))
-        .bind(owner)
-        .bind(lease_ttl.as_secs_f64())
-        .fetch_optional(&self.pool)
-        .await?;
-        if let Some(row) = inserted {
-            return Ok((record(&row)?, true));
-        }
-        // The key was used before: answer with the first saga.
-        let row = sqlx::query(sql!(
-            "SELECT {SAGA_COLUMNS} FROM sagas WHERE idempotency_key = $1"
-        ))
-        .bind(&saga.idempotency_key)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok((record(&row)?, false))
+        let encode = |e: serde_json::Error| Error::Corrupt(format!("cannot encode the saga: {e}"));
+        let row = CreateRow {
+            saga_id: saga.saga_id.clone(),
+            idempotency_key: saga.idempotency_key.clone(),
+            customer_id: saga.customer_id.clone(),
+            items: serde_json::to_string(&saga.items).map_err(encode)?,
+            status: saga.state.status(&crate::saga::ORDER_SAGA).as_str(),
+            state: serde_json::to_string(&saga.state).map_err(encode)?,
+            owner: owner.to_owned(),
+            ttl: lease_ttl.as_secs_f64(),
+        };
+        self.creates.submit(row).await.map_err(stopped)?
     }
 
     async fn load(&self, saga_id: &str) -> Result<Option<SagaRecord>, Error> {
@@ -176,85 +469,8 @@ impl SagaStore for PgStore {
     }
 
     async fn commit(&self, commit: Commit<'_>) -> Result<Option<i64>, Error> {
-        // Take the connection before building the statement's arguments:
-        // under load, thousands of sagas may wait for one of the pool's
-        // connections, and they should not each hold a copy of their state
-        // and journal while they wait.
-        let mut connection = self.pool.acquire().await?;
-        let state = commit.state;
-        let derived = Derived::of(state, commit.definition);
-        let (next_mode, next_secs) = match commit.next_attempt {
-            NextAttempt::Keep => ("keep", 0.0),
-            NextAttempt::Clear => ("clear", 0.0),
-            NextAttempt::In(delay) => ("in", delay.as_secs_f64()),
-        };
-        let (lease_mode, owner, ttl) = match commit.lease {
-            LeaseChange::Keep => ("keep", None, 0.0),
-            LeaseChange::Extend { owner, ttl } => ("extend", Some(owner), ttl.as_secs_f64()),
-            LeaseChange::Release { owner } => ("release", Some(owner), 0.0),
-        };
-        let columns = JournalColumns::of(commit.journal);
-        // One statement, so one round trip and one atomic commit: the saga
-        // row (only if its version and lease still match) and its journal
-        // rows (only if the row was updated).
-        let sql = sql!(
-            "WITH updated AS (
-                UPDATE sagas SET
-                    state = $3, status = $4, version = version + 1,
-                    total_amount_cents = $5, failure_reason = $6, last_error = $7,
-                    current_step = $8, attempts = $9, cancel_requested = $10,
-                    next_attempt_at = CASE $11
-                        WHEN 'keep' THEN next_attempt_at
-                        WHEN 'clear' THEN NULL
-                        ELSE now() + make_interval(secs => $12) END,
-                    lease_owner = CASE $13 WHEN 'release' THEN NULL ELSE lease_owner END,
-                    lease_expires_at = CASE $13
-                        WHEN 'release' THEN NULL
-                        WHEN 'extend' THEN now() + make_interval(secs => $15)
-                        ELSE lease_expires_at END,
-                    updated_at = now(),
-                    progress_at = CASE
-                        WHEN status IS DISTINCT FROM $4 OR current_step IS DISTINCT FROM $8
-                        THEN now() ELSE progress_at END,
-                    finished_at = CASE WHEN $4 IN ('COMPLETED', 'FAILED', 'CANCELLED')
-                        THEN coalesce(finished_at, now()) ELSE NULL END
-                WHERE saga_id = $1 AND version = $2
-                  AND ($14::text IS NULL OR lease_owner = $14)
-                RETURNING version
-            ), journal AS (
-                INSERT INTO saga_journal
-                    (saga_id, step, kind, attempt, outcome, detail, rpc, actor, started_at, finished_at)
-                SELECT $1, j.step, j.kind, j.attempt, j.outcome, j.detail, j.rpc, j.actor,
-                       to_timestamp(j.started_at), to_timestamp(j.finished_at)
-                FROM updated, {}
-            ), flush AS (
-                -- Read at commit time: 'off' lets this transaction return
-                -- before its WAL is flushed.
-                SELECT set_config('synchronous_commit', CASE WHEN $25 THEN 'on' ELSE 'off' END, true)
-            )
-            SELECT version FROM updated, flush",
-            journal_source(16)
-        );
-        let query = sqlx::query_scalar(sql)
-            .bind(commit.saga_id)
-            .bind(commit.expected_version)
-            .bind(Json(state))
-            .bind(derived.status.as_str())
-            .bind(derived.total_amount_cents)
-            .bind(&state.failure_reason)
-            .bind(&state.last_error)
-            .bind(derived.current_step)
-            .bind(derived.attempts)
-            .bind(derived.cancel_requested)
-            .bind(next_mode)
-            .bind(next_secs)
-            .bind(lease_mode)
-            .bind(owner)
-            .bind(ttl);
-        Ok(bind_journal!(query, columns)
-            .bind(commit.durable)
-            .fetch_optional(&mut *connection)
-            .await?)
+        let row = CommitRow::of(&commit)?;
+        self.commits.submit(row).await.map_err(stopped)?
     }
 
     async fn claim_due(
