@@ -291,19 +291,24 @@ impl pb::order_service_server::OrderService for OrderApi {
     ) -> Result<Response<Self::WatchOrderStream>, Status> {
         let order_id = Id::parse("order_id", request.into_inner().order_id).map_err(Error::from)?;
         let executor = self.executor.clone();
-        // Watch before the first read, so no change can slip between.
+        // Watch before the first read, so no change can slip between. A
+        // saga driven here has its latest status in the watch already.
         let mut updates = executor.watch(order_id.as_str());
-        let saga = match self.load(order_id.as_str().to_owned()).await {
-            Ok(saga) => saga,
-            Err(error) => {
-                drop(updates);
-                executor.unwatch(order_id.as_str());
-                return Err(error.into());
-            }
+        let cached = updates.borrow_and_update().clone();
+        let first = match cached {
+            Some(update) => (update.status, update.failure_reason, update.updated_at),
+            None => match self.load(order_id.as_str().to_owned()).await {
+                Ok(saga) => (saga.status, saga.state.failure_reason, saga.updated_at),
+                Err(error) => {
+                    drop(updates);
+                    executor.unwatch(order_id.as_str());
+                    return Err(error.into());
+                }
+            },
         };
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
-            let saga_id = saga.saga_id.clone();
+            let saga_id = order_id.into_inner();
             let message =
                 |status: SagaStatus, reason: Option<String>, at: f64| pb::WatchOrderResponse {
                     order_id: saga_id.clone(),
@@ -313,15 +318,8 @@ impl pb::order_service_server::OrderService for OrderApi {
                 };
             let mut stopping = executor.stopping();
             let mut poll = tokio::time::interval(WATCH_POLL);
-            let mut last = saga.status;
-            let mut open = tx
-                .send(Ok(message(
-                    saga.status,
-                    saga.state.failure_reason.clone(),
-                    saga.updated_at,
-                )))
-                .await
-                .is_ok();
+            let (mut last, reason, at) = first;
+            let mut open = tx.send(Ok(message(last, reason, at))).await.is_ok();
             while open && !last.is_settled() {
                 let next = tokio::select! {
                     changed = updates.changed() => match changed {

@@ -148,8 +148,12 @@ impl Executor {
             .subscribe()
     }
 
-    /// Forgets `saga_id`'s watch once nobody watches it any more.
+    /// Forgets `saga_id`'s watch once nobody watches it any more and no
+    /// driver here keeps its status current.
     pub fn unwatch(&self, saga_id: &str) {
+        if self.is_driving(saga_id) {
+            return; // the driver forgets it when it ends
+        }
         let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
         if watchers
             .get(saga_id)
@@ -311,6 +315,18 @@ impl Executor {
             }
             driving.insert(saga.saga_id.clone(), notify.clone());
         }
+        // While a saga is driven here its watch holds its latest status, so
+        // a WatchOrder needs no read to start.
+        self.watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(saga.saga_id.clone())
+            .or_insert_with(|| watch::channel(None).0)
+            .send_replace(Some(StatusUpdate {
+                status: saga.status,
+                failure_reason: saga.state.failure_reason.clone(),
+                updated_at: saga.updated_at,
+            }));
         let span = tracing::info_span!("saga", saga_id = %saga.saga_id);
         let executor = self.clone();
         tokio::spawn(
@@ -322,6 +338,7 @@ impl Executor {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&saga_id);
+                executor.unwatch(&saga_id);
                 drop(permit);
             }
             .instrument(span),
