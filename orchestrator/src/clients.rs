@@ -4,11 +4,13 @@
 //! protocol: transient codes are retried, everything else is a rejection.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use proto::fulfillment::v1 as fulfillment;
 use proto::inventory::v1 as inventory;
 use proto::payment::v1 as payment;
+use tokio::sync::Semaphore;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
@@ -240,6 +242,55 @@ impl StepCalls for GrpcParticipants {
     }
 }
 
+/// Calls in progress to one participant, by default: enough to keep a
+/// participant busy, few enough for one HTTP/2 connection to carry.
+pub const DEFAULT_MAX_CALLS: usize = 1000;
+
+/// Bounds the calls in progress to each participant (each step). A saga
+/// beyond the bound waits for a slot before its call starts, and so before
+/// its deadline runs: with thousands of sagas in flight against a slow
+/// participant, a waiting saga costs a few bytes instead of an HTTP/2
+/// stream and a call's buffers, and the participant's connection carries
+/// no more streams than it can serve.
+pub struct Bounded {
+    inner: Arc<dyn StepCalls>,
+    slots: [Semaphore; 3],
+}
+
+impl std::fmt::Debug for Bounded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bounded")
+            .field(
+                "free",
+                &self.slots.each_ref().map(Semaphore::available_permits),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bounded {
+    /// `inner`, with at most `max_calls` calls in progress per participant.
+    pub fn new(inner: Arc<dyn StepCalls>, max_calls: usize) -> Self {
+        Self {
+            inner,
+            slots: std::array::from_fn(|_| Semaphore::new(max_calls.max(1))),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl StepCalls for Bounded {
+    async fn call(&self, call: StepCall<'_>) -> Outcome {
+        // Steps beyond the order saga's three go straight through.
+        let _slot = match self.slots.get(call.step) {
+            // Never closed, so acquiring only waits.
+            Some(slots) => slots.acquire().await.ok(),
+            None => None,
+        };
+        self.inner.call(call).await
+    }
+}
+
 /// The gRPC name of a code, e.g. `UNAVAILABLE`.
 pub fn code_name(code: Code) -> &'static str {
     proto::google::rpc::Code::try_from(code as i32)
@@ -296,6 +347,80 @@ mod tests {
                 "{code:?}"
             );
         }
+    }
+
+    /// Counts the calls in progress; each waits until the test opens the
+    /// gate.
+    #[derive(Default)]
+    struct Gated {
+        in_progress: std::sync::atomic::AtomicUsize,
+        peak: std::sync::atomic::AtomicUsize,
+        started: std::sync::atomic::AtomicUsize,
+        gate: tokio::sync::Notify,
+        open: std::sync::atomic::AtomicBool,
+    }
+
+    #[tonic::async_trait]
+    impl StepCalls for Gated {
+        async fn call(&self, _: StepCall<'_>) -> Outcome {
+            use std::sync::atomic::Ordering::SeqCst;
+            let now = self.in_progress.fetch_add(1, SeqCst) + 1;
+            self.peak.fetch_max(now, SeqCst);
+            self.started.fetch_add(1, SeqCst);
+            while !self.open.load(SeqCst) {
+                let opened = self.gate.notified();
+                if self.open.load(SeqCst) {
+                    break;
+                }
+                opened.await;
+            }
+            self.in_progress.fetch_sub(1, SeqCst);
+            Outcome::Succeeded(Vec::new())
+        }
+    }
+
+    #[tokio::test]
+    async fn bounded_calls_wait_for_a_slot_per_participant() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let gated = Arc::new(Gated::default());
+        let bounded = Arc::new(Bounded::new(gated.clone(), 3));
+        let outputs = BTreeMap::new();
+        let call = |step| {
+            let bounded = bounded.clone();
+            let outputs = outputs.clone();
+            tokio::spawn(async move {
+                bounded
+                    .call(StepCall {
+                        saga_id: "s",
+                        step,
+                        kind: Kind::Action,
+                        customer_id: "c",
+                        items: &[],
+                        outputs: &outputs,
+                    })
+                    .await
+            })
+        };
+        // Ten calls to one participant and one to another.
+        let mut calls: Vec<_> = (0..10).map(|_| call(2)).collect();
+        calls.push(call(0));
+        // Every task has run as far as it can: the gate holds the calls
+        // that got a slot, the rest wait for one.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            gated.started.load(SeqCst),
+            4,
+            "3 to fulfillment, 1 to inventory"
+        );
+        gated.open.store(true, SeqCst);
+        gated.gate.notify_waiters();
+        for call in calls {
+            assert_eq!(call.await.unwrap(), Outcome::Succeeded(Vec::new()));
+        }
+        assert_eq!(gated.started.load(SeqCst), 11);
+        assert_eq!(gated.peak.load(SeqCst), 4);
     }
 
     #[test]

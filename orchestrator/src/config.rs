@@ -96,6 +96,12 @@ pub struct ServeArgs {
     #[arg(long, env = "ORCHESTRATOR_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Most calls in progress to each participant; sagas beyond it wait
+    /// their turn (their step deadline starts when their call does).
+    #[arg(long, env = "ORCHESTRATOR_MAX_PARTICIPANT_CALLS",
+          default_value_t = crate::clients::DEFAULT_MAX_CALLS)]
+    pub max_participant_calls: usize,
+
     /// Most connections to the database.
     #[arg(long, env = "ORCHESTRATOR_MAX_CONNECTIONS", default_value_t = 32,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -115,6 +121,8 @@ pub struct Settings {
     pub participants: ParticipantUrls,
     /// Deadline of one participant call.
     pub step_timeout: Duration,
+    /// Most calls in progress to each participant.
+    pub max_participant_calls: usize,
     /// AdminService token, if any.
     pub admin_token: Option<String>,
     /// Stuck threshold.
@@ -145,6 +153,7 @@ impl ServeArgs {
         at_least_one("step-attempts", self.step_attempts.into())?;
         at_least_one("compensation-attempts", self.compensation_attempts.into())?;
         at_least_one("max-in-flight", self.max_in_flight as u64)?;
+        at_least_one("max-participant-calls", self.max_participant_calls as u64)?;
         if self.step_timeout.is_zero() {
             return Err(Error::invalid("--step-timeout must be positive"));
         }
@@ -187,6 +196,7 @@ impl ServeArgs {
                 fulfillment: self.fulfillment_url.clone(),
             },
             step_timeout: self.step_timeout,
+            max_participant_calls: self.max_participant_calls,
             admin_token: self.admin_token.clone(),
             stuck_after: self.stuck_after,
             shutdown_grace: self.shutdown_grace,

@@ -171,6 +171,7 @@ pub async fn run(
         },
         participants: urls,
         step_timeout: args.step_timeout,
+        max_participant_calls: crate::clients::DEFAULT_MAX_CALLS,
         admin_token: None,
         stuck_after: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(10),

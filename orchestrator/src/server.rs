@@ -15,7 +15,7 @@ use tonic_health::ServingStatus;
 
 use crate::admin::{AdminApi, AdminAuth};
 use crate::api::OrderApi;
-use crate::clients::StepCalls;
+use crate::clients::{Bounded, StepCalls};
 use crate::config::Settings;
 use crate::error::Error;
 use crate::executor::Executor;
@@ -55,6 +55,7 @@ pub async fn serve(
     http_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
+    let calls = Arc::new(Bounded::new(calls, settings.max_participant_calls));
     let executor = Executor::new(store, calls, settings.executor.clone());
     executor.start().await?;
     if let Some(http) = http_listener {

@@ -54,6 +54,7 @@ pub fn test_settings(participants: &Participants) -> Settings {
             fulfillment: participants.fulfillment.endpoint().to_owned(),
         },
         step_timeout: Duration::from_secs(2),
+        max_participant_calls: orchestrator::clients::DEFAULT_MAX_CALLS,
         admin_token: None,
         stuck_after: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(5),

@@ -212,7 +212,13 @@ async fn create_batch(
 }
 
 async fn insert_sagas(pool: &PgPool, rows: &[CreateRow]) -> Result<Vec<SagaRecord>, Error> {
-    let column = |f: fn(&CreateRow) -> &str| rows.iter().map(f).collect::<Vec<_>>();
+    // Inserted in idempotency-key order: two batches that share keys wait
+    // for each other on the unique index in the same order, never in a
+    // cycle.
+    let mut sorted: Vec<&CreateRow> = rows.iter().collect();
+    sorted.sort_by(|a, b| a.idempotency_key.cmp(&b.idempotency_key));
+    let rows = sorted;
+    let column = |f: fn(&CreateRow) -> &str| rows.iter().map(|r| f(r)).collect::<Vec<_>>();
     let inserted = sqlx::query(sql!(
         "INSERT INTO sagas (saga_id, idempotency_key, customer_id, items, status, state,
                             lease_owner, lease_expires_at)
@@ -349,6 +355,12 @@ async fn update_sagas(pool: &PgPool, rows: &[CommitRow]) -> Result<Vec<Option<i6
                                      failure_reason, last_error, current_step, attempts,
                                      cancel_requested, next_mode, next_secs, lease_mode, owner,
                                      ttl, n)
+        ), locked AS (
+            -- Row locks in saga_id order, as every multi-row write here
+            -- takes them, so concurrent batches and the lease renewer
+            -- queue behind each other instead of deadlocking.
+            SELECT s.saga_id FROM sagas s WHERE s.saga_id IN (SELECT saga_id FROM c)
+            ORDER BY s.saga_id FOR UPDATE
         ), updated AS (
             UPDATE sagas s SET
                 state = c.state::jsonb, status = c.status, version = s.version + 1,
@@ -371,7 +383,7 @@ async fn update_sagas(pool: &PgPool, rows: &[CommitRow]) -> Result<Vec<Option<i6
                     THEN now() ELSE s.progress_at END,
                 finished_at = CASE WHEN c.status IN ('COMPLETED', 'FAILED', 'CANCELLED')
                     THEN coalesce(s.finished_at, now()) ELSE NULL END
-            FROM c
+            FROM c JOIN locked l ON l.saga_id = c.saga_id
             WHERE s.saga_id = c.saga_id AND s.version = c.expected_version
               AND (c.owner IS NULL OR s.lease_owner = c.owner)
             -- Two writes to one saga in a batch: at most one matches.
@@ -532,7 +544,9 @@ impl SagaStore for PgStore {
         }
         Ok(sqlx::query_scalar(
             "UPDATE sagas SET lease_expires_at = now() + make_interval(secs => $3)
-             WHERE saga_id = ANY($2) AND lease_owner = $1
+             WHERE saga_id IN (SELECT saga_id FROM sagas
+                               WHERE saga_id = ANY($2) AND lease_owner = $1
+                               ORDER BY saga_id FOR UPDATE)
              RETURNING saga_id",
         )
         .bind(owner)
@@ -544,7 +558,9 @@ impl SagaStore for PgStore {
 
     async fn release_leases(&self, owner: &str) -> Result<u64, Error> {
         Ok(sqlx::query(
-            "UPDATE sagas SET lease_owner = NULL, lease_expires_at = NULL WHERE lease_owner = $1",
+            "UPDATE sagas SET lease_owner = NULL, lease_expires_at = NULL
+             WHERE saga_id IN (SELECT saga_id FROM sagas WHERE lease_owner = $1
+                               ORDER BY saga_id FOR UPDATE)",
         )
         .bind(owner)
         .execute(&self.pool)
