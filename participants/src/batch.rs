@@ -23,7 +23,10 @@ pub struct Batcher<T, R> {
 impl<T, R> std::fmt::Debug for Batcher<T, R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Batcher")
-            .field("queued", &(self.queue.max_capacity() - self.queue.capacity()))
+            .field(
+                "queued",
+                &(self.queue.max_capacity() - self.queue.capacity()),
+            )
             .finish()
     }
 }
@@ -131,7 +134,10 @@ mod tests {
             assert_eq!(answer, Ok(n * 10));
         }
         assert!(largest.load(Ordering::SeqCst) > 1, "nothing was batched");
-        assert!(largest.load(Ordering::SeqCst) <= 16, "a batch exceeded its bound");
+        assert!(
+            largest.load(Ordering::SeqCst) <= 16,
+            "a batch exceeded its bound"
+        );
         assert!(flushes.load(Ordering::SeqCst) < 40);
     }
 

@@ -190,6 +190,21 @@ conformance!(
     cancel_shipment_once_and_refuse_a_late_ship,
     cancel_before_ship_leaves_a_tombstone,
     concurrent_replays_ship_once,
+    // Group commit: many calls of each kind at once, so that batches mix them.
+    concurrent_multi_item_reserves_never_oversell,
+    concurrent_new_sagas_and_replays_reserve_once,
+    an_unknown_product_fails_only_its_own_reserve,
+    tombstones_refuse_only_their_own_reserve,
+    concurrent_conflicting_reserves_of_one_saga_keep_one,
+    reserves_replays_and_releases_race_without_deadlock,
+    concurrent_charges_of_mixed_amounts_never_overdraw,
+    concurrent_new_sagas_and_replays_charge_once,
+    an_unknown_account_fails_only_its_own_charge,
+    tombstones_refuse_only_their_own_charge,
+    concurrent_conflicting_charges_of_one_saga_keep_one,
+    charges_replays_and_refunds_race_without_deadlock,
+    concurrent_new_sagas_and_replays_ship_once,
+    tombstones_refuse_only_their_own_ship,
 );
 
 // ---------------------------------------------------------------- inventory
@@ -782,6 +797,650 @@ async fn concurrent_replays_ship_once(kind: Kind) {
         .expect("read")
         .expect("record");
     assert_eq!(record.items, (vec!["p1".into(), "p2".into()], vec![1, 3]));
+}
+
+// ------------------------------------------------------------ group commit
+//
+// On PostgreSQL concurrent Reserves, Charges and Ships are written in
+// batches, with every request the batch does not apply sent down the
+// single-request path. These tests put many calls in flight at once so that
+// batches mix the cases (new sagas, replays, tombstones, unknown products or
+// accounts, shortfalls, a saga twice), and check the exact answers and
+// totals, which must also hold on SQLite.
+
+/// How many of the reserves succeeded.
+fn reserved_ok(results: &[Result<participants::inventory::Reserved, Error>]) -> usize {
+    results.iter().filter(|r| r.is_ok()).count()
+}
+
+async fn concurrent_multi_item_reserves_never_oversell(kind: Kind) {
+    let db = Db::open(kind, Participant::Inventory).await;
+    let store = db.backend.inventory();
+    for (product, price, units) in [("hot", 300, 40), ("x", 20, 1000), ("y", 1, 1000)] {
+        store
+            .upsert_product(&id(product), "", money(price), stock(units))
+            .await
+            .expect("upsert");
+    }
+    // Every order takes one unit of `hot` (40 in stock), some also `x` or
+    // `y`, each listing its items in its own order.
+    let order = |i: usize| match i % 4 {
+        0 => items(&[("hot", 1)]),
+        1 => items(&[("x", 2), ("hot", 1)]),
+        2 => items(&[("hot", 1), ("y", 3), ("x", 2)]),
+        _ => items(&[("y", 3), ("hot", 1)]),
+    };
+    let price = |i: usize| match i % 4 {
+        0 => 300,
+        1 => 300 + 40,
+        2 => 300 + 3 + 40,
+        _ => 300 + 3,
+    };
+    let results = all((0..100).map(|i| {
+        let store = Arc::clone(&store);
+        async move { store.reserve(&id(&format!("s{i}")), &order(i)).await }
+    }))
+    .await;
+    assert_eq!(reserved_ok(&results), 40, "{results:?}");
+
+    let (mut x, mut y) = (0, 0);
+    for (i, result) in results.into_iter().enumerate() {
+        let record = store
+            .reservation(&id(&format!("s{i}")))
+            .await
+            .expect("read");
+        match result {
+            Ok(reserved) => {
+                assert_eq!(reserved.total_amount_cents, price(i), "s{i}");
+                let record = record.expect("a record for every success");
+                assert_eq!(record.state, "ACTIVE");
+                assert_eq!(record.reservation_id, Some(reserved.reservation_id));
+                assert_eq!(record.items, order(i).sorted_columns(), "s{i}");
+                assert_eq!(record.total_amount_cents, price(i));
+                x += if i % 4 == 1 || i % 4 == 2 { 2 } else { 0 };
+                y += if i % 4 == 2 || i % 4 == 3 { 3 } else { 0 };
+            }
+            Err(_) => {
+                let message = rejected!(result, Error::FailedPrecondition);
+                assert!(message.contains("out of stock"), "{message}");
+                assert!(message.contains("product hot"), "{message}");
+                assert_eq!(record, None, "a rejection writes nothing");
+            }
+        }
+    }
+    assert_eq!(levels(&store, "hot").await, (0, 40));
+    assert_eq!(levels(&store, "x").await, (1000 - x, x));
+    assert_eq!(levels(&store, "y").await, (1000 - y, y));
+}
+
+async fn concurrent_new_sagas_and_replays_reserve_once(kind: Kind) {
+    let (_db, store) = inventory(kind).await;
+    for product in ["p1", "p2"] {
+        store
+            .upsert_product(&id(product), "", money(10), stock(100))
+            .await
+            .expect("upsert");
+    }
+    let order = |i: usize| {
+        if i.is_multiple_of(2) {
+            items(&[("p1", 1)])
+        } else {
+            items(&[("p2", 1), ("p1", 1)])
+        }
+    };
+    // s0..s4 reserved before; s0..s19 then each called three times at once.
+    let mut first = Vec::new();
+    for i in 0..5 {
+        first.push(
+            store
+                .reserve(&id(&format!("s{i}")), &order(i))
+                .await
+                .expect("reserve"),
+        );
+    }
+    let results = all((0..60).map(|n| {
+        let store = Arc::clone(&store);
+        let i = n % 20;
+        async move {
+            let reserved = store.reserve(&id(&format!("s{i}")), &order(i)).await;
+            (i, reserved.expect("reserve or replay"))
+        }
+    }))
+    .await;
+    for i in 0..20 {
+        let answers: Vec<_> = results
+            .iter()
+            .filter(|(saga, _)| *saga == i)
+            .map(|(_, reserved)| reserved.clone())
+            .collect();
+        assert_eq!(answers.len(), 3);
+        assert_all_same(&answers);
+        if let Some(earlier) = first.get(i) {
+            assert_eq!(&answers[0], earlier, "s{i} replays its first result");
+        }
+        let record = store
+            .reservation(&id(&format!("s{i}")))
+            .await
+            .expect("read")
+            .expect("record");
+        assert_eq!(
+            record.reservation_id.as_deref(),
+            Some(&*answers[0].reservation_id)
+        );
+        assert_eq!(record.items, order(i).sorted_columns());
+    }
+    // 20 sagas: every one takes a p1, the 10 odd ones a p2 too.
+    assert_eq!(levels(&store, "p1").await, (80, 20));
+    assert_eq!(levels(&store, "p2").await, (90, 10));
+}
+
+async fn an_unknown_product_fails_only_its_own_reserve(kind: Kind) {
+    let (_db, store) = inventory(kind).await;
+    for product in ["p1", "p2"] {
+        store
+            .upsert_product(&id(product), "", money(10), stock(100))
+            .await
+            .expect("upsert");
+    }
+    let results = all((0..30).map(|i| {
+        let store = Arc::clone(&store);
+        let order = if i % 5 == 0 {
+            items(&[("p1", 1), ("ghost", 1)])
+        } else {
+            items(&[("p2", 1), ("p1", 2)])
+        };
+        async move { (i, store.reserve(&id(&format!("s{i}")), &order).await) }
+    }))
+    .await;
+    for (i, result) in results {
+        if i % 5 == 0 {
+            let message = rejected!(result, Error::NotFound);
+            assert!(message.contains("unknown product ghost"), "{message}");
+            let record = store
+                .reservation(&id(&format!("s{i}")))
+                .await
+                .expect("read");
+            assert_eq!(record, None);
+        } else {
+            assert_eq!(result.expect("reserve").total_amount_cents, 30);
+        }
+    }
+    assert_eq!(levels(&store, "p1").await, (100 - 48, 48));
+    assert_eq!(levels(&store, "p2").await, (100 - 24, 24));
+}
+
+async fn tombstones_refuse_only_their_own_reserve(kind: Kind) {
+    let (_db, store) = inventory(kind).await;
+    for i in 0..5 {
+        assert_eq!(
+            store.release(&id(&format!("s{i}"))).await.expect("release"),
+            ReleaseOutcome::Tombstoned
+        );
+    }
+    let results = all((0..10).map(|i| {
+        let store = Arc::clone(&store);
+        async move {
+            let result = store
+                .reserve(&id(&format!("s{i}")), &items(&[("p1", 1)]))
+                .await;
+            (i, result)
+        }
+    }))
+    .await;
+    for (i, result) in results {
+        if i < 5 {
+            let message = rejected!(result, Error::FailedPrecondition);
+            assert!(message.contains("tombstone"), "{message}");
+        } else {
+            assert_eq!(result.expect("reserve").total_amount_cents, 250);
+        }
+    }
+    assert_eq!(levels(&store, "p1").await, (5, 5));
+}
+
+async fn concurrent_conflicting_reserves_of_one_saga_keep_one(kind: Kind) {
+    let (_db, store) = inventory(kind).await;
+    // The same saga, with two different orders, many times at once: one
+    // order wins, its calls all get the same result, the other's are
+    // refused, and the stock moves once.
+    let results = all((0..16).map(|i| {
+        let store = Arc::clone(&store);
+        async move {
+            let quantity = if i % 2 == 0 { 1 } else { 2 };
+            let result = store.reserve(&id("s1"), &items(&[("p1", quantity)])).await;
+            (quantity, result)
+        }
+    }))
+    .await;
+    let record = store
+        .reservation(&id("s1"))
+        .await
+        .expect("read")
+        .expect("record");
+    let winner = record.items.1[0] as i32;
+    for (quantity, result) in results {
+        if quantity == winner {
+            let reserved = result.expect("the winning order");
+            assert_eq!(Some(reserved.reservation_id), record.reservation_id.clone());
+            assert_eq!(reserved.total_amount_cents, 250 * i64::from(winner));
+        } else {
+            let message = rejected!(result, Error::InvalidArgument);
+            assert!(message.contains("other items"), "{message}");
+        }
+    }
+    let winner = i64::from(winner);
+    assert_eq!(levels(&store, "p1").await, (10 - winner, winner));
+}
+
+async fn reserves_replays_and_releases_race_without_deadlock(kind: Kind) {
+    let db = Db::open(kind, Participant::Inventory).await;
+    let store = db.backend.inventory();
+    for product in ["a", "b", "c"] {
+        store
+            .upsert_product(&id(product), "", money(1), stock(1000))
+            .await
+            .expect("upsert");
+    }
+    // Warm up (connections, prepared statements), so that the race below
+    // is between calls rather than connection set-ups.
+    all((0..8).map(|i| {
+        let store = Arc::clone(&store);
+        async move {
+            let saga = id(&format!("warm{i}"));
+            store
+                .reserve(&saga, &items(&[("a", 1)]))
+                .await
+                .expect("reserve");
+            store.release(&saga).await.expect("release")
+        }
+    }))
+    .await;
+    // Each saga: a Reserve, its replay and a Release, all at once, the
+    // sagas' items over the same products in different orders.
+    let results = all((0..40).map(|i| {
+        let store = Arc::clone(&store);
+        async move {
+            let saga = id(&format!("s{i}"));
+            let order = match i % 3 {
+                0 => items(&[("a", 1), ("b", 2), ("c", 3)]),
+                1 => items(&[("c", 3), ("b", 2), ("a", 1)]),
+                _ => items(&[("b", 2), ("a", 1), ("c", 3)]),
+            };
+            let (reserved, replayed, released) = tokio::join!(
+                store.reserve(&saga, &order),
+                store.reserve(&saga, &order),
+                async {
+                    // Now and then a little later, to vary the interleavings.
+                    tokio::time::sleep(Duration::from_millis(i % 4 * 5)).await;
+                    store.release(&saga).await
+                }
+            );
+            (reserved, replayed, released.expect("release"))
+        }
+    }))
+    .await;
+    for (reserved, replayed, released) in results {
+        let mut ok = Vec::new();
+        for result in [reserved, replayed] {
+            match result {
+                Ok(reserved) => ok.push(reserved),
+                Err(_) => {
+                    let message = rejected!(result, Error::FailedPrecondition);
+                    assert!(
+                        message.contains("tombstone") || message.contains("compensated"),
+                        "{message}"
+                    );
+                }
+            }
+        }
+        assert_all_same(&ok);
+        match released {
+            ReleaseOutcome::Released => assert!(!ok.is_empty(), "released what was reserved"),
+            ReleaseOutcome::Tombstoned => assert!(ok.is_empty(), "{ok:?}"),
+            ReleaseOutcome::AlreadyReleased => panic!("released once only"),
+        }
+    }
+    for product in ["a", "b", "c"] {
+        assert_eq!(levels(&store, product).await, (1000, 0), "{product}");
+    }
+}
+
+async fn concurrent_charges_of_mixed_amounts_never_overdraw(kind: Kind) {
+    let (_db, store) = payment(kind, 1000).await;
+    store
+        .upsert_account(&id("bob"), money(500))
+        .await
+        .expect("upsert bob");
+    let charge = |i: usize| {
+        let customer = if i.is_multiple_of(3) { "bob" } else { "alice" };
+        (customer, (i as i64 * 37) % 97 + 1)
+    };
+    let results = all((0..90).map(|i| {
+        let store = Arc::clone(&store);
+        async move {
+            let (customer, amount) = charge(i);
+            let result = store
+                .charge(&id(&format!("s{i}")), &id(customer), money(amount))
+                .await;
+            (i, result)
+        }
+    }))
+    .await;
+    for (customer, initial) in [("alice", 1000), ("bob", 500)] {
+        let balance = store.balance(&id(customer)).await.expect("balance");
+        let (mut charged, mut smallest_refused) = (0, i64::MAX);
+        for (i, result) in results.iter().filter(|(i, _)| charge(*i).0 == customer) {
+            let amount = charge(*i).1;
+            let record = store
+                .charge_record(&id(&format!("s{i}")))
+                .await
+                .expect("read");
+            match result {
+                Ok(charge_id) => {
+                    charged += amount;
+                    let record = record.expect("a record for every success");
+                    assert_eq!(record.charge_id.as_ref(), Some(charge_id));
+                    assert_eq!(record.amount_cents, amount);
+                    assert_eq!(record.customer_id.as_deref(), Some(customer));
+                }
+                Err(Error::FailedPrecondition(message)) => {
+                    assert!(message.contains("insufficient funds"), "{message}");
+                    assert_eq!(record, None, "a refusal writes nothing");
+                    smallest_refused = smallest_refused.min(amount);
+                }
+                Err(other) => panic!("s{i}: {other:?}"),
+            }
+        }
+        assert!(balance >= 0, "{customer}: {balance}");
+        assert_eq!(charged + balance, initial, "{customer}");
+        // Balances only go down here: each refusal saw a balance below its
+        // amount, so the final balance is below every refused amount.
+        assert!(balance < smallest_refused, "{customer}: {balance}");
+        assert!(smallest_refused < i64::MAX, "{customer} was never refused");
+    }
+}
+
+async fn concurrent_new_sagas_and_replays_charge_once(kind: Kind) {
+    let (_db, store) = payment(kind, 1000).await;
+    let amount = |i: usize| money(10 + i as i64);
+    let mut first = Vec::new();
+    for i in 0..5 {
+        first.push(
+            store
+                .charge(&id(&format!("s{i}")), &id("alice"), amount(i))
+                .await
+                .expect("charge"),
+        );
+    }
+    let results = all((0..60).map(|n| {
+        let store = Arc::clone(&store);
+        let i = n % 20;
+        async move {
+            let charged = store
+                .charge(&id(&format!("s{i}")), &id("alice"), amount(i))
+                .await;
+            (i, charged.expect("charge or replay"))
+        }
+    }))
+    .await;
+    for i in 0..20 {
+        let answers: Vec<_> = results
+            .iter()
+            .filter(|(saga, _)| *saga == i)
+            .map(|(_, charge_id)| charge_id.clone())
+            .collect();
+        assert_eq!(answers.len(), 3);
+        assert_all_same(&answers);
+        if let Some(earlier) = first.get(i) {
+            assert_eq!(&answers[0], earlier, "s{i} replays its first result");
+        }
+        let record = store
+            .charge_record(&id(&format!("s{i}")))
+            .await
+            .expect("read")
+            .expect("record");
+        assert_eq!(record.charge_id.as_deref(), Some(&*answers[0]));
+    }
+    let charged: i64 = (0..20).map(|i| amount(i).get()).sum();
+    assert_eq!(
+        store.balance(&id("alice")).await.expect("balance"),
+        1000 - charged
+    );
+}
+
+async fn an_unknown_account_fails_only_its_own_charge(kind: Kind) {
+    let (_db, store) = payment(kind, 1000).await;
+    let results = all((0..30).map(|i| {
+        let store = Arc::clone(&store);
+        let customer = if i % 5 == 0 { "ghost" } else { "alice" };
+        async move {
+            let result = store
+                .charge(&id(&format!("s{i}")), &id(customer), money(10))
+                .await;
+            (i, result)
+        }
+    }))
+    .await;
+    for (i, result) in results {
+        if i % 5 == 0 {
+            let message = rejected!(result, Error::NotFound);
+            assert!(message.contains("unknown account ghost"), "{message}");
+            let record = store
+                .charge_record(&id(&format!("s{i}")))
+                .await
+                .expect("read");
+            assert_eq!(record, None);
+        } else {
+            result.expect("charge");
+        }
+    }
+    assert_eq!(store.balance(&id("alice")).await.expect("balance"), 760);
+}
+
+async fn tombstones_refuse_only_their_own_charge(kind: Kind) {
+    let (_db, store) = payment(kind, 1000).await;
+    for i in 0..5 {
+        assert_eq!(
+            store.refund(&id(&format!("s{i}"))).await.expect("refund"),
+            RefundOutcome::Tombstoned
+        );
+    }
+    let results = all((0..10).map(|i| {
+        let store = Arc::clone(&store);
+        async move {
+            let result = store
+                .charge(&id(&format!("s{i}")), &id("alice"), money(100))
+                .await;
+            (i, result)
+        }
+    }))
+    .await;
+    for (i, result) in results {
+        if i < 5 {
+            let message = rejected!(result, Error::FailedPrecondition);
+            assert!(message.contains("tombstone"), "{message}");
+        } else {
+            result.expect("charge");
+        }
+    }
+    assert_eq!(store.balance(&id("alice")).await.expect("balance"), 500);
+}
+
+async fn concurrent_conflicting_charges_of_one_saga_keep_one(kind: Kind) {
+    let (_db, store) = payment(kind, 1000).await;
+    let results = all((0..16).map(|i| {
+        let store = Arc::clone(&store);
+        async move {
+            let amount = if i % 2 == 0 { 100 } else { 200 };
+            let result = store.charge(&id("s1"), &id("alice"), money(amount)).await;
+            (amount, result)
+        }
+    }))
+    .await;
+    let record = store
+        .charge_record(&id("s1"))
+        .await
+        .expect("read")
+        .expect("record");
+    for (amount, result) in results {
+        if amount == record.amount_cents {
+            assert_eq!(Some(result.expect("the winning charge")), record.charge_id);
+        } else {
+            let message = rejected!(result, Error::InvalidArgument);
+            assert!(message.contains("another customer or amount"), "{message}");
+        }
+    }
+    assert_eq!(
+        store.balance(&id("alice")).await.expect("balance"),
+        1000 - record.amount_cents
+    );
+}
+
+async fn charges_replays_and_refunds_race_without_deadlock(kind: Kind) {
+    let (_db, store) = payment(kind, 1000).await;
+    store
+        .upsert_account(&id("bob"), money(1000))
+        .await
+        .expect("upsert bob");
+    // Warm up (connections, prepared statements), as for the reserves.
+    all((0..8).map(|i| {
+        let store = Arc::clone(&store);
+        async move {
+            let saga = id(&format!("warm{i}"));
+            store
+                .charge(&saga, &id("alice"), money(1))
+                .await
+                .expect("charge");
+            store.refund(&saga).await.expect("refund")
+        }
+    }))
+    .await;
+    let results = all((0..40).map(|i| {
+        let store = Arc::clone(&store);
+        async move {
+            let saga = id(&format!("s{i}"));
+            let customer = id(if i % 2 == 0 { "alice" } else { "bob" });
+            let (charged, replayed, refunded) = tokio::join!(
+                store.charge(&saga, &customer, money(10)),
+                store.charge(&saga, &customer, money(10)),
+                async {
+                    // Now and then a little later, to vary the interleavings.
+                    tokio::time::sleep(Duration::from_millis(i % 4 * 5)).await;
+                    store.refund(&saga).await
+                }
+            );
+            (charged, replayed, refunded.expect("refund"))
+        }
+    }))
+    .await;
+    for (charged, replayed, refunded) in results {
+        let mut ok = Vec::new();
+        for result in [charged, replayed] {
+            match result {
+                Ok(charge_id) => ok.push(charge_id),
+                Err(_) => {
+                    let message = rejected!(result, Error::FailedPrecondition);
+                    assert!(
+                        message.contains("tombstone") || message.contains("compensated"),
+                        "{message}"
+                    );
+                }
+            }
+        }
+        assert_all_same(&ok);
+        match refunded {
+            RefundOutcome::Refunded => assert!(!ok.is_empty(), "refunded what was charged"),
+            RefundOutcome::Tombstoned => assert!(ok.is_empty(), "{ok:?}"),
+            RefundOutcome::AlreadyRefunded => panic!("refunded once only"),
+        }
+    }
+    for customer in ["alice", "bob"] {
+        assert_eq!(store.balance(&id(customer)).await.expect("balance"), 1000);
+    }
+}
+
+async fn concurrent_new_sagas_and_replays_ship_once(kind: Kind) {
+    let (_db, store) = fulfillment(kind).await;
+    let order = |i: usize| {
+        if i.is_multiple_of(2) {
+            items(&[("p1", 1)])
+        } else {
+            items(&[("p2", 2), ("p1", 1)])
+        }
+    };
+    let mut first = Vec::new();
+    for i in 0..5 {
+        first.push(
+            store
+                .ship(&id(&format!("s{i}")), &order(i))
+                .await
+                .expect("ship"),
+        );
+    }
+    let results = all((0..60).map(|n| {
+        let store = Arc::clone(&store);
+        let i = n % 20;
+        async move {
+            let shipped = store.ship(&id(&format!("s{i}")), &order(i)).await;
+            (i, shipped.expect("ship or replay"))
+        }
+    }))
+    .await;
+    for i in 0..20 {
+        let answers: Vec<_> = results
+            .iter()
+            .filter(|(saga, _)| *saga == i)
+            .map(|(_, shipment_id)| shipment_id.clone())
+            .collect();
+        assert_eq!(answers.len(), 3);
+        assert_all_same(&answers);
+        if let Some(earlier) = first.get(i) {
+            assert_eq!(&answers[0], earlier, "s{i} replays its first result");
+        }
+        let record = store
+            .shipment(&id(&format!("s{i}")))
+            .await
+            .expect("read")
+            .expect("record");
+        assert_eq!(record.shipment_id.as_deref(), Some(&*answers[0]));
+        assert_eq!(record.items, order(i).sorted_columns());
+    }
+}
+
+async fn tombstones_refuse_only_their_own_ship(kind: Kind) {
+    let (_db, store) = fulfillment(kind).await;
+    for i in 0..5 {
+        assert_eq!(
+            store.cancel(&id(&format!("s{i}"))).await.expect("cancel"),
+            CancelOutcome::Tombstoned
+        );
+    }
+    let results = all((0..10).map(|i| {
+        let store = Arc::clone(&store);
+        async move {
+            let result = store
+                .ship(&id(&format!("s{i}")), &items(&[("p1", 1)]))
+                .await;
+            (i, result)
+        }
+    }))
+    .await;
+    for (i, result) in results {
+        let record = store
+            .shipment(&id(&format!("s{i}")))
+            .await
+            .expect("read")
+            .expect("record");
+        if i < 5 {
+            let message = rejected!(result, Error::FailedPrecondition);
+            assert!(message.contains("tombstone"), "{message}");
+            assert_eq!(record.state, "TOMBSTONE");
+            assert_eq!(record.items, (vec![], vec![]));
+        } else {
+            assert_eq!(Some(result.expect("ship")), record.shipment_id);
+            assert_eq!(record.items, (vec!["p1".into()], vec![1]));
+        }
+    }
 }
 
 // ------------------------------------------------------- backend selection

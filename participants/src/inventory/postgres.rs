@@ -1,27 +1,373 @@
 //! The inventory store on PostgreSQL.
 //!
-//! Reserve writes the saga's reservation row *first*: a second Reserve for
-//! the same saga waits on that row's unique key and then replays the first
-//! result, instead of racing for stock. Product rows are then locked in
-//! product-id order, so multi-item reservations never deadlock each other.
+//! Reserve is group-committed: concurrent calls queue in a [`Batcher`], and
+//! each batch runs one set-based statement (see [`RESERVE_BATCH`]) that
+//! applies the requests that succeed cleanly. Every other request (a replay,
+//! a tombstone, an unknown product, a shortfall, a saga twice in the batch,
+//! or the whole batch when its transaction fails) then runs through the
+//! single-request path, [`reserve_one`], which gives the exact answer. The
+//! batch only has to be safe and conservative; the answers come from one
+//! place.
+//!
+//! Lock order, the same in every transaction that writes here: product rows
+//! first, locked in product-id order, then the reservation records claimed
+//! (inserted) in saga-id order. Both [`RESERVE_BATCH`] and [`reserve_one`]
+//! follow it, so no two reserves can deadlock, whatever their batches hold.
+//! Release takes its reservation record before the products; why that is
+//! safe is explained in [`PgInventory::release`].
+
+use std::collections::{HashMap, HashSet};
 
 use sqlx::{PgPool, Row};
 
 use super::{InventoryStore, Product, ReleaseOutcome, ReservationRecord, Reserved, price};
+use crate::batch::Batcher;
 use crate::domain::{Cents, Id, Items, new_id};
 use crate::error::Error;
 use crate::record::{Locked, RecordTable, lock_or_tombstone};
+
+/// Most reserves written by one batch.
+const MAX_BATCH: usize = 128;
+/// Batches in flight at once (each holds one connection while it writes).
+const WORKERS: usize = 2;
 
 /// Inventory persistence on PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct PgInventory {
     pool: PgPool,
+    reserves: Batcher<ReserveRequest, Answer<Reserved>>,
+}
+
+/// One queued Reserve.
+#[derive(Debug)]
+struct ReserveRequest {
+    saga_id: Id,
+    items: Items,
 }
 
 impl PgInventory {
-    /// A store on an already migrated pool.
+    /// A store on an already migrated pool. Starts the Reserve batch
+    /// writers, so it must be called inside a Tokio runtime.
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        let reserves = {
+            let pool = pool.clone();
+            Batcher::new(MAX_BATCH, WORKERS, move |batch| {
+                reserve_batch(pool.clone(), batch)
+            })
+        };
+        Self { pool, reserves }
+    }
+}
+
+/// Reads a saga's reservation record, if any.
+async fn read_reservation(pool: &PgPool, saga_id: &Id) -> Result<Option<ReservationRecord>, Error> {
+    let Some(row) = sqlx::query(
+        "SELECT reservation_id, state, total_amount_cents FROM reservations WHERE saga_id = $1",
+    )
+    .bind(saga_id.as_str())
+    .fetch_optional(pool)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let items: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT product_id, quantity FROM reservation_items WHERE saga_id = $1 ORDER BY product_id",
+    )
+    .bind(saga_id.as_str())
+    .fetch_all(pool)
+    .await?;
+    Ok(Some(ReservationRecord {
+        reservation_id: row.try_get("reservation_id")?,
+        state: row.try_get("state")?,
+        items: items.into_iter().unzip(),
+        total_amount_cents: row.try_get("total_amount_cents")?,
+    }))
+}
+
+/// One Reserve on its own, with the exact answer for every case: the path
+/// of every request the batch did not apply.
+#[tracing::instrument(skip_all, fields(saga_id = %saga_id))]
+async fn reserve_one(pool: &PgPool, saga_id: &Id, items: &Items) -> Result<Reserved, Error> {
+    // Five round trips: BEGIN, lock, claim, write, COMMIT. The products are
+    // locked before the claim, the batch's lock order (module docs). A
+    // concurrent call for the same saga waits on those product locks, and
+    // by the time it has them the first call has committed: its claim then
+    // conflicts and it replays the first result.
+    let (product_ids, quantities) = items.sorted_columns();
+    let reservation_id = new_id("rsv");
+    let mut tx = pool.begin().await?;
+    let products: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT product_id, stock, price_cents FROM products
+         WHERE product_id = ANY($1) ORDER BY product_id FOR UPDATE",
+    )
+    .bind(&product_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    // The claim comes before the stock check: a replay must answer its
+    // first result even when the stock is now short (its own units left).
+    let claimed = sqlx::query(
+        "INSERT INTO reservations (saga_id, reservation_id, state) VALUES ($1, $2, 'ACTIVE')
+         ON CONFLICT (saga_id) DO NOTHING",
+    )
+    .bind(saga_id.as_str())
+    .bind(&reservation_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if claimed == 0 {
+        // A replay, a tombstone, or a concurrent call that committed first.
+        tx.rollback().await?;
+        let record = read_reservation(pool, saga_id)
+            .await?
+            .ok_or_else(|| Error::Database(sqlx::Error::Protocol("reservation vanished".into())))?;
+        return record.replay(saga_id, items);
+    }
+    // A rejection drops `tx`, which rolls the claim back.
+    let total = price(&product_ids, &quantities, &products)?;
+
+    // Stock, the reservation's items and its total in one statement.
+    sqlx::query(
+        "WITH moved AS (
+             UPDATE products p SET stock = p.stock - r.quantity,
+                    reserved = p.reserved + r.quantity, updated_at = now()
+             FROM unnest($2::text[], $3::bigint[]) AS r(product_id, quantity)
+             WHERE p.product_id = r.product_id
+             RETURNING p.product_id, r.quantity, p.price_cents
+         ), items AS (
+             INSERT INTO reservation_items (saga_id, product_id, quantity, price_cents)
+             SELECT $1, product_id, quantity, price_cents FROM moved
+         )
+         UPDATE reservations SET total_amount_cents = $4 WHERE saga_id = $1",
+    )
+    .bind(saga_id.as_str())
+    .bind(&product_ids)
+    .bind(&quantities)
+    .bind(total)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    tracing::debug!(%reservation_id, total_amount_cents = total, "reserved");
+    Ok(Reserved {
+        reservation_id,
+        total_amount_cents: total,
+    })
+}
+
+/// The Reserve batch: one statement applies every request of the batch that
+/// succeeds cleanly and returns which ones it applied.
+///
+/// Parameters: per request, in batch order, `$1` saga ids and `$2` new
+/// reservation ids; per item line, `$3` the request's 1-based position,
+/// `$4` product id and `$5` quantity.
+///
+/// - `locked` locks the product rows of every line, in product-id order
+///   (LockRows sits above the Sort), and reads their current stock and
+///   price (under READ COMMITTED a locked row is its latest version).
+/// - `candidate` is gated on `count(*)` over `locked`, so every product lock
+///   is taken before any row flows on to the claim: the lock order of the
+///   module docs holds whatever plan the rest gets. A candidate is a saga
+///   with no record yet (no replay, no tombstone) whose products all exist.
+/// - `demand` is each candidate line with the running sum, per product in
+///   batch order, of what the candidates ask; a request is `accepted` only
+///   if every one of its lines' running sum fits the locked stock. The
+///   running sum counts every candidate before it, accepted or not, so the
+///   accepted requests together can never ask for more than the stock.
+/// - `claimed` inserts the accepted records in saga-id order, ON CONFLICT
+///   DO NOTHING: a concurrent call may have committed the same saga since
+///   our snapshot; it is then not claimed, and replays on the single path.
+/// - `items` and `moved` write the items and move stock to reserved, per
+///   product, for the claimed requests only. `moved` keeps a
+///   `stock >= quantity` guard (and the table has CHECK (stock >= 0)).
+///
+/// The final row returns the claimed sagas and their totals, and the counts
+/// that verify the writes: an item per claimed line and an updated row per
+/// claimed product. Anything else rolls the whole batch back.
+const RESERVE_BATCH: &str = "
+WITH req AS (
+    SELECT r.saga_id, r.reservation_id, r.ord
+    FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS r(saga_id, reservation_id, ord)
+), line AS (
+    SELECT l.ord, l.product_id, l.quantity
+    FROM unnest($3::bigint[], $4::text[], $5::bigint[]) AS l(ord, product_id, quantity)
+), locked AS MATERIALIZED (
+    SELECT product_id, stock, price_cents FROM products
+    WHERE product_id = ANY($4::text[])
+    ORDER BY product_id
+    FOR UPDATE
+), candidate AS MATERIALIZED (
+    SELECT req.ord, req.saga_id, req.reservation_id FROM req
+    WHERE (SELECT count(*) FROM locked) >= 0
+      AND NOT EXISTS (SELECT 1 FROM reservations r WHERE r.saga_id = req.saga_id)
+      AND NOT EXISTS (
+          SELECT 1 FROM line l
+          WHERE l.ord = req.ord
+            AND NOT EXISTS (SELECT 1 FROM locked k WHERE k.product_id = l.product_id))
+), demand AS MATERIALIZED (
+    SELECT l.ord, l.product_id, l.quantity, k.price_cents, k.stock,
+           sum(l.quantity) OVER (PARTITION BY l.product_id ORDER BY l.ord) AS running
+    FROM candidate c
+    JOIN line l ON l.ord = c.ord
+    JOIN locked k ON k.product_id = l.product_id
+), accepted AS (
+    SELECT c.ord, c.saga_id, c.reservation_id FROM candidate c
+    WHERE NOT EXISTS (SELECT 1 FROM demand d WHERE d.ord = c.ord AND d.running > d.stock)
+), claimed AS (
+    INSERT INTO reservations (saga_id, reservation_id, state, total_amount_cents)
+    SELECT a.saga_id, a.reservation_id, 'ACTIVE',
+           (SELECT sum(d.quantity * d.price_cents) FROM demand d WHERE d.ord = a.ord)
+    FROM accepted a
+    ORDER BY a.saga_id
+    ON CONFLICT (saga_id) DO NOTHING
+    RETURNING saga_id, total_amount_cents
+), claimed_lines AS MATERIALIZED (
+    SELECT c.saga_id, d.product_id, d.quantity, d.price_cents
+    FROM claimed c
+    JOIN req ON req.saga_id = c.saga_id
+    JOIN demand d ON d.ord = req.ord
+), items AS (
+    INSERT INTO reservation_items (saga_id, product_id, quantity, price_cents)
+    SELECT saga_id, product_id, quantity, price_cents FROM claimed_lines
+    RETURNING 1
+), moved AS (
+    UPDATE products p
+    SET stock = p.stock - m.quantity, reserved = p.reserved + m.quantity, updated_at = now()
+    FROM (SELECT product_id, sum(quantity)::bigint AS quantity
+          FROM claimed_lines GROUP BY product_id) m
+    WHERE p.product_id = m.product_id AND p.stock >= m.quantity
+    RETURNING 1
+)
+SELECT coalesce(c.saga_ids, '{}') AS saga_ids,
+       coalesce(c.totals, '{}') AS totals,
+       (SELECT count(*) FROM claimed_lines) AS lines,
+       (SELECT count(*) FROM items) AS items,
+       (SELECT count(DISTINCT product_id) FROM claimed_lines) AS products,
+       (SELECT count(*) FROM moved) AS moved
+FROM (SELECT array_agg(saga_id) AS saga_ids, array_agg(total_amount_cents) AS totals
+      FROM claimed) c";
+
+/// Runs [`RESERVE_BATCH`] in a transaction (BEGIN, the statement, COMMIT)
+/// on the sagas of `requests` (distinct), and returns the claimed sagas
+/// with their totals. Rolls back if the writes do not verify.
+async fn apply_reserve_batch(
+    pool: &PgPool,
+    requests: &[(&ReserveRequest, String)],
+) -> Result<HashMap<String, i64>, Error> {
+    let mut saga_ids = Vec::with_capacity(requests.len());
+    let mut reservation_ids = Vec::with_capacity(requests.len());
+    let (mut line_ords, mut line_products, mut line_quantities) = (vec![], vec![], vec![]);
+    for (ord, (request, reservation_id)) in (1i64..).zip(requests) {
+        saga_ids.push(request.saga_id.as_str());
+        reservation_ids.push(reservation_id.as_str());
+        let (product_ids, quantities) = request.items.sorted_columns();
+        line_ords.extend(std::iter::repeat_n(ord, product_ids.len()));
+        line_products.extend(product_ids);
+        line_quantities.extend(quantities);
+    }
+    let mut tx = pool.begin().await?;
+    let (claimed, totals, lines, items, products, moved): (
+        Vec<String>,
+        Vec<i64>,
+        i64,
+        i64,
+        i64,
+        i64,
+    ) = sqlx::query_as(RESERVE_BATCH)
+        .bind(&saga_ids)
+        .bind(&reservation_ids)
+        .bind(&line_ords)
+        .bind(&line_products)
+        .bind(&line_quantities)
+        .fetch_one(&mut *tx)
+        .await?;
+    if items != lines || moved != products || claimed.len() != totals.len() {
+        tx.rollback().await?;
+        return Err(Error::Database(sqlx::Error::Protocol(format!(
+            "reserve batch did not verify: {items} items for {lines} lines, \
+             {moved} products moved of {products}"
+        ))));
+    }
+    tx.commit().await?;
+    Ok(claimed.into_iter().zip(totals).collect())
+}
+
+/// Flushes one batch of Reserves: runs the batch statement and answers
+/// the requests it applied; every other request gets a task of its own
+/// on the single path, started once the batch has committed (so a saga
+/// twice in the batch replays its first request). Answers in request
+/// order.
+#[tracing::instrument(skip_all, fields(batch = requests.len()))]
+async fn reserve_batch(pool: PgPool, requests: Vec<ReserveRequest>) -> Vec<Answer<Reserved>> {
+    // A saga twice in one batch: its first request goes into the batch, the
+    // others take the single path after it, and replay its result.
+    let mut seen = HashSet::with_capacity(requests.len());
+    let batched: Vec<(&ReserveRequest, String)> = requests
+        .iter()
+        .filter(|request| seen.insert(request.saga_id.as_str()))
+        .map(|request| (request, new_id("rsv")))
+        .collect();
+    let mut claimed = match apply_reserve_batch(&pool, &batched).await {
+        Ok(claimed) => claimed,
+        Err(error) => {
+            tracing::warn!(%error, "reserve batch failed; every request takes the single path");
+            HashMap::new()
+        }
+    };
+    let mut reservation_ids: HashMap<&str, String> = batched
+        .into_iter()
+        .map(|(request, reservation_id)| (request.saga_id.as_str(), reservation_id))
+        .collect();
+    tracing::debug!(
+        size = requests.len(),
+        claimed = claimed.len(),
+        single = requests.len() - claimed.len(),
+        "reserve batch"
+    );
+
+    let mut answers = Vec::with_capacity(requests.len());
+    for request in &requests {
+        let saga = request.saga_id.as_str();
+        // Removed on first use: a later duplicate takes the single path.
+        let answer = match (claimed.remove(saga), reservation_ids.remove(saga)) {
+            (Some(total_amount_cents), Some(reservation_id)) => {
+                tracing::debug!(saga_id = saga, %reservation_id, total_amount_cents, "reserved");
+                Answer::Ready(Ok(Reserved {
+                    reservation_id,
+                    total_amount_cents,
+                }))
+            }
+            _ => {
+                let (pool, saga_id, items) =
+                    (pool.clone(), request.saga_id.clone(), request.items.clone());
+                Answer::Single(tokio::spawn(async move {
+                    reserve_one(&pool, &saga_id, &items).await
+                }))
+            }
+        };
+        answers.push(answer);
+    }
+    answers
+}
+
+/// A request's answer: from the batch, or from its single-path task. The
+/// caller awaits the task, so the batch writer is free for the next batch
+/// as soon as its statement has committed, and a request the batch applied
+/// does not wait for the single-path requests of its batch.
+#[derive(Debug)]
+enum Answer<R> {
+    Ready(Result<R, Error>),
+    Single(tokio::task::JoinHandle<Result<R, Error>>),
+}
+
+impl<R> Answer<R> {
+    async fn get(self) -> Result<R, Error> {
+        match self {
+            Self::Ready(result) => result,
+            Self::Single(task) => task.await.unwrap_or_else(|error| {
+                Err(Error::Database(sqlx::Error::Protocol(format!(
+                    "single-path task failed: {error}"
+                ))))
+            }),
+        }
     }
 }
 
@@ -71,92 +417,37 @@ impl InventoryStore for PgInventory {
     }
 
     async fn reservation(&self, saga_id: &Id) -> Result<Option<ReservationRecord>, Error> {
-        let Some(row) = sqlx::query(
-            "SELECT reservation_id, state, total_amount_cents FROM reservations WHERE saga_id = $1",
-        )
-        .bind(saga_id.as_str())
-        .fetch_optional(&self.pool)
-        .await?
-        else {
-            return Ok(None);
-        };
-        let items: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT product_id, quantity FROM reservation_items WHERE saga_id = $1 ORDER BY product_id",
-        )
-        .bind(saga_id.as_str())
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(Some(ReservationRecord {
-            reservation_id: row.try_get("reservation_id")?,
-            state: row.try_get("state")?,
-            items: items.into_iter().unzip(),
-            total_amount_cents: row.try_get("total_amount_cents")?,
-        }))
+        read_reservation(&self.pool, saga_id).await
     }
 
     #[tracing::instrument(skip_all, fields(saga_id = %saga_id))]
     async fn reserve(&self, saga_id: &Id, items: &Items) -> Result<Reserved, Error> {
-        // Five round trips: BEGIN, claim, lock, write, COMMIT. No read first:
-        // a replay or a tombstone makes the claim conflict, and only then is
-        // the record read back.
-        let (product_ids, quantities) = items.sorted_columns();
-        let reservation_id = new_id("rsv");
-        let mut tx = self.pool.begin().await?;
-        let claimed = sqlx::query(
-            "INSERT INTO reservations (saga_id, reservation_id, state) VALUES ($1, $2, 'ACTIVE')
-             ON CONFLICT (saga_id) DO NOTHING",
-        )
-        .bind(saga_id.as_str())
-        .bind(&reservation_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if claimed == 0 {
-            // A replay, a tombstone, or a concurrent call that committed first.
-            tx.rollback().await?;
-            let record = self.reservation(saga_id).await?.ok_or_else(|| {
-                Error::Database(sqlx::Error::Protocol("reservation vanished".into()))
-            })?;
-            return record.replay(saga_id, items);
+        let request = ReserveRequest {
+            saga_id: saga_id.clone(),
+            items: items.clone(),
+        };
+        match self.reserves.submit(request).await {
+            Ok(answer) => answer.get().await,
+            Err(stopped) => {
+                // The batch writer is gone; the single path still answers
+                // exactly (a request it had already written replays).
+                tracing::warn!(error = %stopped, "reserving on the single path");
+                reserve_one(&self.pool, saga_id, items).await
+            }
         }
-
-        let products: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT product_id, stock, price_cents FROM products
-             WHERE product_id = ANY($1) ORDER BY product_id FOR UPDATE",
-        )
-        .bind(&product_ids)
-        .fetch_all(&mut *tx)
-        .await?;
-        let total = price(&product_ids, &quantities, &products)?;
-
-        // Stock, the reservation's items and its total in one statement.
-        sqlx::query(
-            "WITH moved AS (
-                 UPDATE products p SET stock = p.stock - r.quantity,
-                        reserved = p.reserved + r.quantity, updated_at = now()
-                 FROM unnest($2::text[], $3::bigint[]) AS r(product_id, quantity)
-                 WHERE p.product_id = r.product_id
-                 RETURNING p.product_id, r.quantity, p.price_cents
-             ), items AS (
-                 INSERT INTO reservation_items (saga_id, product_id, quantity, price_cents)
-                 SELECT $1, product_id, quantity, price_cents FROM moved
-             )
-             UPDATE reservations SET total_amount_cents = $4 WHERE saga_id = $1",
-        )
-        .bind(saga_id.as_str())
-        .bind(&product_ids)
-        .bind(&quantities)
-        .bind(total)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        tracing::debug!(%reservation_id, total_amount_cents = total, "reserved");
-        Ok(Reserved {
-            reservation_id,
-            total_amount_cents: total,
-        })
     }
 
+    /// Release locks the saga's record before its products, the reverse of
+    /// Reserve's order, and that cannot deadlock with a Reserve (batch or
+    /// single): the only way a Reserve waits on a Release is through its
+    /// claim, and a claim (INSERT ... ON CONFLICT DO NOTHING) does not wait
+    /// on a record that is merely locked (FOR UPDATE): it waits only while
+    /// the record's insert or update is uncommitted. A Release inserts a
+    /// tombstone only when there is nothing to release (it takes no product
+    /// lock afterwards), and updates the record as its last write, when it
+    /// already holds every product lock it needs. So a Release never waits
+    /// for a product while a Reserve waits for it, and among themselves the
+    /// product locks are all taken in product-id order.
     #[tracing::instrument(skip_all, fields(saga_id = %saga_id))]
     async fn release(&self, saga_id: &Id) -> Result<ReleaseOutcome, Error> {
         let mut tx = self.pool.begin().await?;
@@ -180,6 +471,8 @@ impl InventoryStore for PgInventory {
                 .bind(saga_id.as_str())
                 .execute(&mut *tx)
                 .await?;
+                // Last: from here on a concurrent claim of this saga waits
+                // for this transaction, which needs no further lock.
                 sqlx::query(
                     "UPDATE reservations SET state = 'RELEASED', released_at = now() WHERE saga_id = $1",
                 )

@@ -1,26 +1,320 @@
 //! The payment store on PostgreSQL.
 //!
-//! Charge writes the saga's charge row first so that a concurrent replay
-//! waits and then answers the first result; the debit is a single
-//! conditional UPDATE, so concurrent charges can never overdraw.
+//! Charge is group-committed: concurrent calls queue in a [`Batcher`], and
+//! each batch runs one set-based statement (see [`CHARGE_BATCH`]) in a
+//! transaction that applies the requests that succeed cleanly. Every other
+//! request (a replay, a tombstone, an unknown account, insufficient funds,
+//! a saga twice in the batch, or the whole batch when its transaction fails
+//! or does not verify) then runs through the single-request path,
+//! [`charge_one`], which gives the exact answer.
+//!
+//! Lock order, the same in every transaction that charges: the account
+//! rows first, locked in customer-id order, then the charge records claimed
+//! (inserted) in saga-id order. Both [`CHARGE_BATCH`] and [`charge_one`]
+//! follow it, so no two charges can deadlock. Refund takes its charge
+//! record before the account; why that is safe is explained in
+//! [`PgPayment::refund`]. Debits are checked against the locked balance,
+//! and the table's CHECK (balance_cents >= 0) backs that up: concurrent
+//! charges can never overdraw.
+
+use std::collections::{HashMap, HashSet};
 
 use sqlx::PgPool;
 
 use super::{ChargeRecord, PaymentStore, RefundOutcome, insufficient_funds};
+use crate::batch::Batcher;
 use crate::domain::{Cents, Id, new_id};
 use crate::error::Error;
 use crate::record::{Locked, RecordTable, lock_or_tombstone};
+
+/// Most charges written by one batch.
+const MAX_BATCH: usize = 128;
+/// Batches in flight at once (each holds one connection while it writes).
+const WORKERS: usize = 2;
 
 /// Payment persistence on PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct PgPayment {
     pool: PgPool,
+    charges: Batcher<ChargeRequest, Answer<String>>,
+}
+
+/// One queued Charge.
+#[derive(Debug)]
+struct ChargeRequest {
+    saga_id: Id,
+    customer_id: Id,
+    amount: Cents,
 }
 
 impl PgPayment {
-    /// A store on an already migrated pool.
+    /// A store on an already migrated pool. Starts the Charge batch
+    /// writers, so it must be called inside a Tokio runtime.
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        let charges = {
+            let pool = pool.clone();
+            Batcher::new(MAX_BATCH, WORKERS, move |batch| {
+                charge_batch(pool.clone(), batch)
+            })
+        };
+        Self { pool, charges }
+    }
+}
+
+/// Reads a saga's charge record, if any.
+async fn read_charge(pool: &PgPool, saga_id: &Id) -> Result<Option<ChargeRecord>, Error> {
+    Ok(sqlx::query_as(
+        "SELECT charge_id, customer_id, amount_cents, state FROM charges WHERE saga_id = $1",
+    )
+    .bind(saga_id.as_str())
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// One Charge on its own, with the exact answer for every case: the path
+/// of every request the batch did not apply.
+#[tracing::instrument(skip_all, fields(saga_id = %saga_id))]
+async fn charge_one(
+    pool: &PgPool,
+    saga_id: &Id,
+    customer_id: &Id,
+    amount: Cents,
+) -> Result<String, Error> {
+    // Three round trips: BEGIN, lock-claim-and-debit, COMMIT. The account
+    // is locked first (the batch's lock order, module docs): `count(*)` over
+    // `locked` gates the claim, so the lock is taken before the claim's
+    // insert. The claim comes before the debit so that a replay answers its
+    // first result; the debit happens only if the claim did, and only if
+    // the balance covers it. A concurrent call for the same saga waits on
+    // the account lock, then finds the first call's record and replays.
+    let charge_id = new_id("chg");
+    let mut tx = pool.begin().await?;
+    let (claimed, debited): (i64, Option<i64>) = sqlx::query_as(
+        "WITH locked AS MATERIALIZED (
+             SELECT customer_id FROM accounts WHERE customer_id = $3 FOR UPDATE
+         ), claim AS (
+             INSERT INTO charges (saga_id, charge_id, customer_id, amount_cents, state)
+             SELECT $1::text, $2::text, $3::text, $4::bigint, 'CHARGED'
+             WHERE (SELECT count(*) FROM locked) >= 0
+             ON CONFLICT (saga_id) DO NOTHING
+             RETURNING saga_id
+         ), debit AS (
+             UPDATE accounts SET balance_cents = balance_cents - $4, updated_at = now()
+             WHERE customer_id = $3 AND balance_cents >= $4 AND EXISTS (SELECT 1 FROM claim)
+             RETURNING balance_cents
+         )
+         SELECT (SELECT count(*) FROM claim), (SELECT balance_cents FROM debit)",
+    )
+    .bind(saga_id.as_str())
+    .bind(&charge_id)
+    .bind(customer_id.as_str())
+    .bind(amount.get())
+    .fetch_one(&mut *tx)
+    .await?;
+    if claimed == 0 {
+        tx.rollback().await?;
+        let record = read_charge(pool, saga_id)
+            .await?
+            .ok_or_else(|| Error::Database(sqlx::Error::Protocol("charge vanished".into())))?;
+        return record.replay(saga_id, customer_id, amount);
+    }
+    if debited.is_none() {
+        let balance: Option<i64> =
+            sqlx::query_scalar("SELECT balance_cents FROM accounts WHERE customer_id = $1")
+                .bind(customer_id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+        tx.rollback().await?;
+        let balance =
+            balance.ok_or_else(|| Error::NotFound(format!("unknown account {customer_id}")))?;
+        return Err(insufficient_funds(customer_id, balance, amount));
+    }
+    tx.commit().await?;
+    tracing::debug!(%charge_id, amount_cents = amount.get(), "charged");
+    Ok(charge_id)
+}
+
+/// The Charge batch: one statement applies every request of the batch that
+/// succeeds cleanly and returns which ones it applied.
+///
+/// Parameters, per request in batch order: `$1` saga id, `$2` new charge
+/// id, `$3` customer id, `$4` amount.
+///
+/// - `locked` locks the accounts of the batch in customer-id order
+///   (LockRows sits above the Sort) and reads their current balance (under
+///   READ COMMITTED a locked row is its latest version).
+/// - `candidate` is gated on `count(*)` over `locked`, so every account lock
+///   is taken before any row flows on to the claim, whatever the plan. A
+///   candidate is a saga with no record yet (no replay, no tombstone) whose
+///   account exists, with the running sum, per customer in batch order, of
+///   the candidates' amounts. A request is accepted only if its running sum
+///   fits the locked balance; the sum counts every candidate before it,
+///   accepted or not, so the accepted charges together fit the balance.
+/// - `claimed` inserts the accepted records in saga-id order, ON CONFLICT
+///   DO NOTHING: a concurrent call may have committed the same saga since
+///   our snapshot; it is then not claimed, and replays on the single path.
+/// - `debit` takes each customer's sum of claimed amounts, guarded by
+///   `balance_cents >= sum` (and by the table's CHECK (balance_cents >= 0)).
+///
+/// The final row returns the claimed sagas and, to verify the debit, the
+/// number of customers claimed and of accounts debited: if they differ a
+/// guard failed, and the whole batch is rolled back.
+const CHARGE_BATCH: &str = "
+WITH req AS (
+    SELECT r.saga_id, r.charge_id, r.customer_id, r.amount_cents, r.ord
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
+         WITH ORDINALITY AS r(saga_id, charge_id, customer_id, amount_cents, ord)
+), locked AS MATERIALIZED (
+    SELECT customer_id, balance_cents FROM accounts
+    WHERE customer_id = ANY($3::text[])
+    ORDER BY customer_id
+    FOR UPDATE
+), candidate AS MATERIALIZED (
+    SELECT req.saga_id, req.charge_id, req.customer_id, req.amount_cents, k.balance_cents,
+           sum(req.amount_cents) OVER (PARTITION BY req.customer_id ORDER BY req.ord) AS running
+    FROM req
+    JOIN locked k ON k.customer_id = req.customer_id
+    WHERE (SELECT count(*) FROM locked) >= 0
+      AND NOT EXISTS (SELECT 1 FROM charges c WHERE c.saga_id = req.saga_id)
+), claimed AS (
+    INSERT INTO charges (saga_id, charge_id, customer_id, amount_cents, state)
+    SELECT saga_id, charge_id, customer_id, amount_cents, 'CHARGED'
+    FROM candidate
+    WHERE running <= balance_cents
+    ORDER BY saga_id
+    ON CONFLICT (saga_id) DO NOTHING
+    RETURNING saga_id, customer_id, amount_cents
+), debit AS (
+    UPDATE accounts a
+    SET balance_cents = a.balance_cents - m.total, updated_at = now()
+    FROM (SELECT customer_id, sum(amount_cents)::bigint AS total
+          FROM claimed GROUP BY customer_id) m
+    WHERE a.customer_id = m.customer_id AND a.balance_cents >= m.total
+    RETURNING 1
+)
+SELECT coalesce((SELECT array_agg(saga_id) FROM claimed), '{}') AS saga_ids,
+       (SELECT count(DISTINCT customer_id) FROM claimed) AS customers,
+       (SELECT count(*) FROM debit) AS debited";
+
+/// Runs [`CHARGE_BATCH`] in a transaction (BEGIN, the statement, COMMIT)
+/// on the sagas of `requests` (distinct), and returns the claimed sagas.
+/// Rolls back if a debit guard failed.
+async fn apply_charge_batch(
+    pool: &PgPool,
+    requests: &[(&ChargeRequest, String)],
+) -> Result<HashSet<String>, Error> {
+    let mut saga_ids = Vec::with_capacity(requests.len());
+    let mut charge_ids = Vec::with_capacity(requests.len());
+    let mut customer_ids = Vec::with_capacity(requests.len());
+    let mut amounts = Vec::with_capacity(requests.len());
+    for (request, charge_id) in requests {
+        saga_ids.push(request.saga_id.as_str());
+        charge_ids.push(charge_id.as_str());
+        customer_ids.push(request.customer_id.as_str());
+        amounts.push(request.amount.get());
+    }
+    let mut tx = pool.begin().await?;
+    let (claimed, customers, debited): (Vec<String>, i64, i64) = sqlx::query_as(CHARGE_BATCH)
+        .bind(&saga_ids)
+        .bind(&charge_ids)
+        .bind(&customer_ids)
+        .bind(&amounts)
+        .fetch_one(&mut *tx)
+        .await?;
+    if debited != customers {
+        tx.rollback().await?;
+        return Err(Error::Database(sqlx::Error::Protocol(format!(
+            "charge batch did not verify: {debited} accounts debited of {customers}"
+        ))));
+    }
+    tx.commit().await?;
+    Ok(claimed.into_iter().collect())
+}
+
+/// Flushes one batch of Charges: runs the batch statement and answers
+/// the requests it applied; every other request gets a task of its own
+/// on the single path, started once the batch has committed (so a saga
+/// twice in the batch replays its first request). Answers in request
+/// order.
+#[tracing::instrument(skip_all, fields(batch = requests.len()))]
+async fn charge_batch(pool: PgPool, requests: Vec<ChargeRequest>) -> Vec<Answer<String>> {
+    // A saga twice in one batch: its first request goes into the batch, the
+    // others take the single path after it, and replay its result.
+    let mut seen = HashSet::with_capacity(requests.len());
+    let batched: Vec<(&ChargeRequest, String)> = requests
+        .iter()
+        .filter(|request| seen.insert(request.saga_id.as_str()))
+        .map(|request| (request, new_id("chg")))
+        .collect();
+    let mut claimed = match apply_charge_batch(&pool, &batched).await {
+        Ok(claimed) => claimed,
+        Err(error) => {
+            tracing::warn!(%error, "charge batch failed; every request takes the single path");
+            HashSet::new()
+        }
+    };
+    let mut charge_ids: HashMap<&str, String> = batched
+        .into_iter()
+        .map(|(request, charge_id)| (request.saga_id.as_str(), charge_id))
+        .collect();
+    tracing::debug!(
+        size = requests.len(),
+        claimed = claimed.len(),
+        single = requests.len() - claimed.len(),
+        "charge batch"
+    );
+
+    let mut answers = Vec::with_capacity(requests.len());
+    for request in &requests {
+        let saga = request.saga_id.as_str();
+        // Removed on first use: a later duplicate takes the single path.
+        let answer = match (claimed.remove(saga), charge_ids.remove(saga)) {
+            (true, Some(charge_id)) => {
+                tracing::debug!(
+                    saga_id = saga,
+                    %charge_id,
+                    amount_cents = request.amount.get(),
+                    "charged"
+                );
+                Answer::Ready(Ok(charge_id))
+            }
+            _ => {
+                let (pool, saga_id, customer_id, amount) = (
+                    pool.clone(),
+                    request.saga_id.clone(),
+                    request.customer_id.clone(),
+                    request.amount,
+                );
+                Answer::Single(tokio::spawn(async move {
+                    charge_one(&pool, &saga_id, &customer_id, amount).await
+                }))
+            }
+        };
+        answers.push(answer);
+    }
+    answers
+}
+
+/// A request's answer: from the batch, or from its single-path task. The
+/// caller awaits the task, so the batch writer is free for the next batch
+/// as soon as its statement has committed, and a request the batch applied
+/// does not wait for the single-path requests of its batch.
+#[derive(Debug)]
+enum Answer<R> {
+    Ready(Result<R, Error>),
+    Single(tokio::task::JoinHandle<Result<R, Error>>),
+}
+
+impl<R> Answer<R> {
+    async fn get(self) -> Result<R, Error> {
+        match self {
+            Self::Ready(result) => result,
+            Self::Single(task) => task.await.unwrap_or_else(|error| {
+                Err(Error::Database(sqlx::Error::Protocol(format!(
+                    "single-path task failed: {error}"
+                ))))
+            }),
+        }
     }
 }
 
@@ -48,63 +342,36 @@ impl PaymentStore for PgPayment {
     }
 
     async fn charge_record(&self, saga_id: &Id) -> Result<Option<ChargeRecord>, Error> {
-        Ok(sqlx::query_as(
-            "SELECT charge_id, customer_id, amount_cents, state FROM charges WHERE saga_id = $1",
-        )
-        .bind(saga_id.as_str())
-        .fetch_optional(&self.pool)
-        .await?)
+        read_charge(&self.pool, saga_id).await
     }
 
     #[tracing::instrument(skip_all, fields(saga_id = %saga_id))]
     async fn charge(&self, saga_id: &Id, customer_id: &Id, amount: Cents) -> Result<String, Error> {
-        // Three round trips: BEGIN, claim-and-debit, COMMIT. The claim comes
-        // first so a concurrent replay waits on it; the debit only happens
-        // if the claim did, and only if the balance covers it.
-        let charge_id = new_id("chg");
-        let mut tx = self.pool.begin().await?;
-        let (claimed, debited): (i64, Option<i64>) = sqlx::query_as(
-            "WITH claim AS (
-                 INSERT INTO charges (saga_id, charge_id, customer_id, amount_cents, state)
-                 VALUES ($1, $2, $3, $4, 'CHARGED') ON CONFLICT (saga_id) DO NOTHING
-                 RETURNING saga_id
-             ), debit AS (
-                 UPDATE accounts SET balance_cents = balance_cents - $4, updated_at = now()
-                 WHERE customer_id = $3 AND balance_cents >= $4 AND EXISTS (SELECT 1 FROM claim)
-                 RETURNING balance_cents
-             )
-             SELECT (SELECT count(*) FROM claim), (SELECT balance_cents FROM debit)",
-        )
-        .bind(saga_id.as_str())
-        .bind(&charge_id)
-        .bind(customer_id.as_str())
-        .bind(amount.get())
-        .fetch_one(&mut *tx)
-        .await?;
-        if claimed == 0 {
-            tx.rollback().await?;
-            let record = self
-                .charge_record(saga_id)
-                .await?
-                .ok_or_else(|| Error::Database(sqlx::Error::Protocol("charge vanished".into())))?;
-            return record.replay(saga_id, customer_id, amount);
+        let request = ChargeRequest {
+            saga_id: saga_id.clone(),
+            customer_id: customer_id.clone(),
+            amount,
+        };
+        match self.charges.submit(request).await {
+            Ok(answer) => answer.get().await,
+            Err(stopped) => {
+                // The batch writer is gone; the single path still answers
+                // exactly (a request it had already written replays).
+                tracing::warn!(error = %stopped, "charging on the single path");
+                charge_one(&self.pool, saga_id, customer_id, amount).await
+            }
         }
-        if debited.is_none() {
-            let balance: Option<i64> =
-                sqlx::query_scalar("SELECT balance_cents FROM accounts WHERE customer_id = $1")
-                    .bind(customer_id.as_str())
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            tx.rollback().await?;
-            let balance =
-                balance.ok_or_else(|| Error::NotFound(format!("unknown account {customer_id}")))?;
-            return Err(insufficient_funds(customer_id, balance, amount));
-        }
-        tx.commit().await?;
-        tracing::debug!(%charge_id, amount_cents = amount.get(), "charged");
-        Ok(charge_id)
     }
 
+    /// Refund locks the saga's record before the account, the reverse of
+    /// Charge's order, and that cannot deadlock with a Charge (batch or
+    /// single): the only way a Charge waits on a Refund is through its claim,
+    /// and a claim (INSERT ... ON CONFLICT DO NOTHING) does not wait on a
+    /// record that is merely locked (FOR UPDATE): it waits only while the
+    /// record's insert or update is uncommitted. A Refund inserts a
+    /// tombstone only when there is nothing to refund (it locks no account
+    /// afterwards), and updates the record after the credit, when it
+    /// already holds the account's lock and needs no other.
     #[tracing::instrument(skip_all, fields(saga_id = %saga_id))]
     async fn refund(&self, saga_id: &Id) -> Result<RefundOutcome, Error> {
         let mut tx = self.pool.begin().await?;
