@@ -271,6 +271,15 @@ pub async fn connect_pool(
             )))
         })??;
     probe.close().await?;
+    // Every statement of the services looks rows up by key, and the batch
+    // statements do it by arrays of keys. PostgreSQL caches a generic plan
+    // after five runs, chosen on the statistics of that moment: a fresh
+    // table looks empty, a sequential scan looks cheapest, and the plan
+    // would keep scanning the whole table long after it has grown (until
+    // autovacuum next analyzes it). Without sequential scans the cached plans
+    // use the indexes whatever the table's size; a query with no usable
+    // index still scans.
+    let options = options.options([("enable_seqscan", "off")]);
     Ok(PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(connect_timeout)
