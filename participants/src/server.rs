@@ -286,6 +286,23 @@ pub async fn connect_pool(
         .connect_lazy_with(options))
 }
 
+/// A pool of `connections` on the same database as `pool`, for statements
+/// that run many times with the same shape (the batch writers): their plan
+/// is made once per connection and reused, instead of being made again for
+/// every run's arguments (PostgreSQL keeps re-planning a statement whose
+/// generic plan looks costlier than its custom plans, and planning a large
+/// batch statement costs more than running it). With sequential scans off
+/// (see [`connect_pool`]) the generic plans use the keys' indexes.
+pub fn generic_plan_pool(pool: &PgPool, connections: u32) -> PgPool {
+    let options = (*pool.connect_options())
+        .clone()
+        .options([("plan_cache_mode", "force_generic_plan")]);
+    PgPoolOptions::new()
+        .max_connections(connections)
+        .acquire_timeout(pool.options().get_acquire_timeout())
+        .connect_lazy_with(options)
+}
+
 /// Connections accepted on `listener`, with Nagle's algorithm off: gRPC
 /// messages are small, and Nagle plus delayed ACKs would add 40 ms to a
 /// reply that fits in one segment.

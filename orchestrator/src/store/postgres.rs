@@ -119,8 +119,9 @@ macro_rules! bind_journal {
 
 /// Most writes flushed in one statement.
 const MAX_BATCH: usize = 256;
-/// Batches written at once (each holds one pool connection while it does).
-const WRITERS: usize = 4;
+/// Batches of each kind (creations, transitions) written at once, each on
+/// a connection of its own.
+const WRITERS: usize = 2;
 
 /// Saga persistence on PostgreSQL.
 ///
@@ -141,15 +142,18 @@ impl PgStore {
     /// the batch writers, so it needs a Tokio runtime.
     pub async fn migrate(pool: PgPool) -> Result<Self, Error> {
         MIGRATIONS.run(&pool).await?;
+        // The batch statements run on connections of their own that plan
+        // them once: planning a batch statement costs more than running it.
+        let writers = participants::server::generic_plan_pool(&pool, 2 * WRITERS as u32);
         let creates = {
-            let pool = pool.clone();
+            let pool = writers.clone();
             Batcher::new(MAX_BATCH, WRITERS, move |rows| {
                 let pool = pool.clone();
                 async move { create_batch(&pool, rows).await }
             })
         };
         let commits = {
-            let pool = pool.clone();
+            let pool = writers;
             Batcher::new(MAX_BATCH, WRITERS, move |rows| {
                 let pool = pool.clone();
                 async move { commit_batch(&pool, rows).await }

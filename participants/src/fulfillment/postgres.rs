@@ -20,6 +20,7 @@ use crate::batch::Batcher;
 use crate::domain::{Id, Items, new_id};
 use crate::error::Error;
 use crate::record::{Locked, RecordTable, lock_or_tombstone};
+use crate::server::generic_plan_pool;
 
 /// Most shipments written by one batch.
 const MAX_BATCH: usize = 128;
@@ -46,8 +47,9 @@ impl PgFulfillment {
     pub fn new(pool: PgPool) -> Self {
         let ships = {
             let pool = pool.clone();
+            let writers = generic_plan_pool(&pool, WORKERS as u32);
             Batcher::new(MAX_BATCH, WORKERS, move |batch| {
-                ship_batch(pool.clone(), batch)
+                ship_batch(pool.clone(), writers.clone(), batch)
             })
         };
         Self { pool, ships }
@@ -175,7 +177,11 @@ async fn apply_ship_batch(
 /// twice in the batch replays its first request). Answers in request
 /// order.
 #[tracing::instrument(skip_all, fields(batch = requests.len()))]
-async fn ship_batch(pool: PgPool, requests: Vec<ShipRequest>) -> Vec<Answer<String>> {
+async fn ship_batch(
+    pool: PgPool,
+    writers: PgPool,
+    requests: Vec<ShipRequest>,
+) -> Vec<Answer<String>> {
     // A saga twice in one batch: its first request goes into the batch, the
     // others take the single path after it, and replay its result.
     let mut seen = HashSet::with_capacity(requests.len());
@@ -184,7 +190,7 @@ async fn ship_batch(pool: PgPool, requests: Vec<ShipRequest>) -> Vec<Answer<Stri
         .filter(|request| seen.insert(request.saga_id.as_str()))
         .map(|request| (request, new_id("shp")))
         .collect();
-    let mut claimed = match apply_ship_batch(&pool, &batched).await {
+    let mut claimed = match apply_ship_batch(&writers, &batched).await {
         Ok(claimed) => claimed,
         Err(error) => {
             tracing::warn!(%error, "ship batch failed; every request takes the single path");

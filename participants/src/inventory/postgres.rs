@@ -25,6 +25,7 @@ use crate::batch::Batcher;
 use crate::domain::{Cents, Id, Items, new_id};
 use crate::error::Error;
 use crate::record::{Locked, RecordTable, lock_or_tombstone};
+use crate::server::generic_plan_pool;
 
 /// Most reserves written by one batch.
 const MAX_BATCH: usize = 128;
@@ -51,8 +52,9 @@ impl PgInventory {
     pub fn new(pool: PgPool) -> Self {
         let reserves = {
             let pool = pool.clone();
+            let writers = generic_plan_pool(&pool, WORKERS as u32);
             Batcher::new(MAX_BATCH, WORKERS, move |batch| {
-                reserve_batch(pool.clone(), batch)
+                reserve_batch(pool.clone(), writers.clone(), batch)
             })
         };
         Self { pool, reserves }
@@ -296,7 +298,11 @@ async fn apply_reserve_batch(
 /// twice in the batch replays its first request). Answers in request
 /// order.
 #[tracing::instrument(skip_all, fields(batch = requests.len()))]
-async fn reserve_batch(pool: PgPool, requests: Vec<ReserveRequest>) -> Vec<Answer<Reserved>> {
+async fn reserve_batch(
+    pool: PgPool,
+    writers: PgPool,
+    requests: Vec<ReserveRequest>,
+) -> Vec<Answer<Reserved>> {
     // A saga twice in one batch: its first request goes into the batch, the
     // others take the single path after it, and replay its result.
     let mut seen = HashSet::with_capacity(requests.len());
@@ -305,7 +311,7 @@ async fn reserve_batch(pool: PgPool, requests: Vec<ReserveRequest>) -> Vec<Answe
         .filter(|request| seen.insert(request.saga_id.as_str()))
         .map(|request| (request, new_id("rsv")))
         .collect();
-    let mut claimed = match apply_reserve_batch(&pool, &batched).await {
+    let mut claimed = match apply_reserve_batch(&writers, &batched).await {
         Ok(claimed) => claimed,
         Err(error) => {
             tracing::warn!(%error, "reserve batch failed; every request takes the single path");

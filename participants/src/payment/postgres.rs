@@ -26,6 +26,7 @@ use crate::batch::Batcher;
 use crate::domain::{Cents, Id, new_id};
 use crate::error::Error;
 use crate::record::{Locked, RecordTable, lock_or_tombstone};
+use crate::server::generic_plan_pool;
 
 /// Most charges written by one batch.
 const MAX_BATCH: usize = 128;
@@ -53,8 +54,9 @@ impl PgPayment {
     pub fn new(pool: PgPool) -> Self {
         let charges = {
             let pool = pool.clone();
+            let writers = generic_plan_pool(&pool, WORKERS as u32);
             Batcher::new(MAX_BATCH, WORKERS, move |batch| {
-                charge_batch(pool.clone(), batch)
+                charge_batch(pool.clone(), writers.clone(), batch)
             })
         };
         Self { pool, charges }
@@ -237,7 +239,11 @@ async fn apply_charge_batch(
 /// twice in the batch replays its first request). Answers in request
 /// order.
 #[tracing::instrument(skip_all, fields(batch = requests.len()))]
-async fn charge_batch(pool: PgPool, requests: Vec<ChargeRequest>) -> Vec<Answer<String>> {
+async fn charge_batch(
+    pool: PgPool,
+    writers: PgPool,
+    requests: Vec<ChargeRequest>,
+) -> Vec<Answer<String>> {
     // A saga twice in one batch: its first request goes into the batch, the
     // others take the single path after it, and replay its result.
     let mut seen = HashSet::with_capacity(requests.len());
@@ -246,7 +252,7 @@ async fn charge_batch(pool: PgPool, requests: Vec<ChargeRequest>) -> Vec<Answer<
         .filter(|request| seen.insert(request.saga_id.as_str()))
         .map(|request| (request, new_id("chg")))
         .collect();
-    let mut claimed = match apply_charge_batch(&pool, &batched).await {
+    let mut claimed = match apply_charge_batch(&writers, &batched).await {
         Ok(claimed) => claimed,
         Err(error) => {
             tracing::warn!(%error, "charge batch failed; every request takes the single path");
