@@ -134,7 +134,8 @@ const WRITERS: usize = 2;
 pub struct PgStore {
     pool: PgPool,
     creates: Batcher<CreateRow, Result<(SagaRecord, bool), Error>>,
-    commits: Batcher<CommitRow, Result<Option<i64>, Error>>,
+    durable_commits: Batcher<CommitRow, Result<Option<i64>, Error>>,
+    async_commits: Batcher<CommitRow, Result<Option<i64>, Error>>,
 }
 
 impl PgStore {
@@ -144,7 +145,7 @@ impl PgStore {
         MIGRATIONS.run(&pool).await?;
         // The batch statements run on connections of their own that plan
         // them once: planning a batch statement costs more than running it.
-        let writers = participants::server::generic_plan_pool(&pool, 2 * WRITERS as u32);
+        let writers = participants::server::generic_plan_pool(&pool, 2 * WRITERS as u32 + 1);
         let creates = {
             let pool = writers.clone();
             Batcher::new(MAX_BATCH, WRITERS, move |rows| {
@@ -152,17 +153,23 @@ impl PgStore {
                 async move { create_batch(&pool, rows).await }
             })
         };
-        let commits = {
-            let pool = writers;
-            Batcher::new(MAX_BATCH, WRITERS, move |rows| {
+        // Durable and asynchronous transitions queue apart: a progress
+        // write that may skip the WAL flush never waits for one because a
+        // durable write shares its batch.
+        let commits = |writers: &PgPool, workers| {
+            let pool = writers.clone();
+            Batcher::new(MAX_BATCH, workers, move |rows| {
                 let pool = pool.clone();
                 async move { commit_batch(&pool, rows).await }
             })
         };
+        let durable_commits = commits(&writers, WRITERS);
+        let async_commits = commits(&writers, 1);
         Ok(Self {
             pool,
             creates,
-            commits,
+            durable_commits,
+            async_commits,
         })
     }
 
@@ -486,7 +493,12 @@ impl SagaStore for PgStore {
 
     async fn commit(&self, commit: Commit<'_>) -> Result<Option<i64>, Error> {
         let row = CommitRow::of(&commit)?;
-        self.commits.submit(row).await.map_err(stopped)?
+        let queue = if row.durable {
+            &self.durable_commits
+        } else {
+            &self.async_commits
+        };
+        queue.submit(row).await.map_err(stopped)?
     }
 
     async fn claim_due(
