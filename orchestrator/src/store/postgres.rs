@@ -119,9 +119,12 @@ macro_rules! bind_journal {
 
 /// Most writes flushed in one statement.
 const MAX_BATCH: usize = 256;
-/// Batches of each kind (creations, transitions) written at once, each on
-/// a connection of its own.
-const WRITERS: usize = 2;
+/// Batches of each kind (creations, durable and asynchronous transitions)
+/// written at once, each on a connection of its own. One: what queues
+/// while a batch is written forms the next one, so batches grow with the
+/// load and fixed costs are paid once per batch (measured with two writers
+/// per kind: more CPU per saga and lower throughput).
+const WRITERS: usize = 1;
 
 /// Saga persistence on PostgreSQL.
 ///
@@ -145,7 +148,7 @@ impl PgStore {
         MIGRATIONS.run(&pool).await?;
         // The batch statements run on connections of their own that plan
         // them once: planning a batch statement costs more than running it.
-        let writers = participants::server::generic_plan_pool(&pool, 2 * WRITERS as u32 + 1);
+        let writers = participants::server::generic_plan_pool(&pool, 3 * WRITERS as u32);
         let creates = {
             let pool = writers.clone();
             Batcher::new(MAX_BATCH, WRITERS, move |rows| {
@@ -164,7 +167,7 @@ impl PgStore {
             })
         };
         let durable_commits = commits(&writers, WRITERS);
-        let async_commits = commits(&writers, 1);
+        let async_commits = commits(&writers, WRITERS);
         Ok(Self {
             pool,
             creates,

