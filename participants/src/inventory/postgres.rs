@@ -184,9 +184,10 @@ async fn reserve_one(pool: &PgPool, saga_id: &Id, items: &Items) -> Result<Reser
 ///   product, for the claimed requests only. `moved` keeps a
 ///   `stock >= quantity` guard (and the table has CHECK (stock >= 0)).
 ///
-/// The final row returns the claimed sagas and their totals, and the counts
-/// that verify the writes: an item per claimed line and an updated row per
-/// claimed product. Anything else rolls the whole batch back.
+/// The final row returns the claimed sagas and their totals, after
+/// verifying the writes (an item per claimed line and an updated row per
+/// claimed product): anything else fails the statement, which writes
+/// nothing.
 const RESERVE_BATCH: &str = "
 WITH req AS (
     SELECT r.saga_id, r.reservation_id, r.ord
@@ -243,16 +244,24 @@ WITH req AS (
 )
 SELECT coalesce(c.saga_ids, '{}') AS saga_ids,
        coalesce(c.totals, '{}') AS totals,
-       (SELECT count(*) FROM claimed_lines) AS lines,
-       (SELECT count(*) FROM items) AS items,
-       (SELECT count(DISTINCT product_id) FROM claimed_lines) AS products,
-       (SELECT count(*) FROM moved) AS moved
+       -- Writes that do not verify abort the statement, and with it the
+       -- batch's one transaction: the cast of this text to a number raises
+       -- an error that names the cause.
+       CASE WHEN v.items <> v.lines OR v.moved <> v.products
+            THEN ('reserve batch did not verify: ' || v.items || ' items for ' || v.lines
+                  || ' lines, ' || v.moved || ' products moved of ' || v.products)::int
+       END AS failed
 FROM (SELECT array_agg(saga_id) AS saga_ids, array_agg(total_amount_cents) AS totals
-      FROM claimed) c";
+      FROM claimed) c,
+     (SELECT (SELECT count(*) FROM claimed_lines) AS lines,
+             (SELECT count(*) FROM items) AS items,
+             (SELECT count(DISTINCT product_id) FROM claimed_lines) AS products,
+             (SELECT count(*) FROM moved) AS moved) v";
 
-/// Runs [`RESERVE_BATCH`] in a transaction (BEGIN, the statement, COMMIT)
-/// on the sagas of `requests` (distinct), and returns the claimed sagas
-/// with their totals. Rolls back if the writes do not verify.
+/// Runs [`RESERVE_BATCH`] (one statement, its own transaction) on the
+/// sagas of `requests` (distinct), and returns the claimed sagas with their
+/// totals. The statement fails, writing nothing, if its writes do not
+/// verify.
 async fn apply_reserve_batch(
     pool: &PgPool,
     requests: &[(&ReserveRequest, String)],
@@ -268,30 +277,21 @@ async fn apply_reserve_batch(
         line_products.extend(product_ids);
         line_quantities.extend(quantities);
     }
-    let mut tx = pool.begin().await?;
-    let (claimed, totals, lines, items, products, moved): (
-        Vec<String>,
-        Vec<i64>,
-        i64,
-        i64,
-        i64,
-        i64,
-    ) = sqlx::query_as(RESERVE_BATCH)
-        .bind(&saga_ids)
-        .bind(&reservation_ids)
-        .bind(&line_ords)
-        .bind(&line_products)
-        .bind(&line_quantities)
-        .fetch_one(&mut *tx)
-        .await?;
-    if items != lines || moved != products || claimed.len() != totals.len() {
-        tx.rollback().await?;
-        return Err(Error::Database(sqlx::Error::Protocol(format!(
-            "reserve batch did not verify: {items} items for {lines} lines, \
-             {moved} products moved of {products}"
-        ))));
+    // One statement, so one round trip and its own transaction.
+    let (claimed, totals, _failed): (Vec<String>, Vec<i64>, Option<i32>) =
+        sqlx::query_as(RESERVE_BATCH)
+            .bind(&saga_ids)
+            .bind(&reservation_ids)
+            .bind(&line_ords)
+            .bind(&line_products)
+            .bind(&line_quantities)
+            .fetch_one(pool)
+            .await?;
+    if claimed.len() != totals.len() {
+        return Err(Error::Database(sqlx::Error::Protocol(
+            "reserve batch answered unequal columns".into(),
+        )));
     }
-    tx.commit().await?;
     Ok(claimed.into_iter().zip(totals).collect())
 }
 

@@ -198,12 +198,19 @@ WITH req AS (
     RETURNING 1
 )
 SELECT coalesce((SELECT array_agg(saga_id) FROM claimed), '{}') AS saga_ids,
-       (SELECT count(DISTINCT customer_id) FROM claimed) AS customers,
-       (SELECT count(*) FROM debit) AS debited";
+       -- A debit guard that failed aborts the statement, and with it the
+       -- batch's one transaction: the cast of this text to a number raises
+       -- an error that names the cause.
+       CASE WHEN v.debited <> v.customers
+            THEN ('charge batch did not verify: ' || v.debited || ' accounts debited of '
+                  || v.customers)::int
+       END AS failed
+FROM (SELECT (SELECT count(DISTINCT customer_id) FROM claimed) AS customers,
+             (SELECT count(*) FROM debit) AS debited) v";
 
-/// Runs [`CHARGE_BATCH`] in a transaction (BEGIN, the statement, COMMIT)
-/// on the sagas of `requests` (distinct), and returns the claimed sagas.
-/// Rolls back if a debit guard failed.
+/// Runs [`CHARGE_BATCH`] (one statement, its own transaction) on the sagas
+/// of `requests` (distinct), and returns the claimed sagas. The statement
+/// fails, writing nothing, if a debit guard failed.
 async fn apply_charge_batch(
     pool: &PgPool,
     requests: &[(&ChargeRequest, String)],
@@ -218,21 +225,14 @@ async fn apply_charge_batch(
         customer_ids.push(request.customer_id.as_str());
         amounts.push(request.amount.get());
     }
-    let mut tx = pool.begin().await?;
-    let (claimed, customers, debited): (Vec<String>, i64, i64) = sqlx::query_as(CHARGE_BATCH)
+    // One statement, so one round trip and its own transaction.
+    let (claimed, _failed): (Vec<String>, Option<i32>) = sqlx::query_as(CHARGE_BATCH)
         .bind(&saga_ids)
         .bind(&charge_ids)
         .bind(&customer_ids)
         .bind(&amounts)
-        .fetch_one(&mut *tx)
+        .fetch_one(pool)
         .await?;
-    if debited != customers {
-        tx.rollback().await?;
-        return Err(Error::Database(sqlx::Error::Protocol(format!(
-            "charge batch did not verify: {debited} accounts debited of {customers}"
-        ))));
-    }
-    tx.commit().await?;
     Ok(claimed.into_iter().collect())
 }
 
