@@ -60,7 +60,7 @@ echo "{\"pgbench_N\":{\"c1_tps\":$pg1,\"c16_tps\":$pg16}}" | tee -a "$out_json"
 fi
 
 start_system
-for run in "1 500" "16 4000" "64 8000"; do
+for run in "1 1000" "16 4000" "64 8000"; do
   set -- $run
   echo "== closed loop C=$1 N=$2"
   bench --concurrency "$1" --orders "$2" | tee -a "$out_json"
@@ -81,12 +81,15 @@ grpcurl -plaintext -d '{"rpc":"Ship","mode":"DELAY","latency_ms":600000}' "127.0
 orchestrator_pid=$(pgrep -f "release/orchestrator serve --listen 127.0.0.1:$ORCHESTRATOR_PORT")
 rss_before=$(awk '/VmRSS/ {print $2}' "/proc/$orchestrator_pid/status")
 bench --rate 1000 --duration 10s --no-follow >/dev/null
+# Every placed saga is now either still loading (reserving, charging) or
+# waiting at Ship; sample while they settle there.
 peak=0; in_flight=0
 for _ in $(seq 1 20); do
   sleep 1
-  in_flight=$("$sagactl" --endpoint "$O" stats --output json | python3 -c 'import json,sys; print(json.load(sys.stdin)["in_flight"])')
+  now=$("$sagactl" --endpoint "$O" stats --output json | python3 -c 'import json,sys; print(json.load(sys.stdin)["in_flight"])')
   rss=$(awk '/VmRSS/ {print $2}' "/proc/$orchestrator_pid/status")
   [ "$rss" -gt "$peak" ] && peak=$rss
+  [ "$now" -gt "$in_flight" ] && in_flight=$now
 done
 echo "{\"rss\":{\"in_flight\":$in_flight,\"rss_kib_idle\":$rss_before,\"rss_kib_peak\":$peak}}" | tee -a "$out_json"
 stop_system
@@ -112,6 +115,6 @@ for r in rows:
         print(f"\npgbench -N: {r['pgbench_N']['c1_tps']:.0f} tps at 1 client, {r['pgbench_N']['c16_tps']:.0f} tps at 16 clients.")
     if "rss" in r:
         x = r["rss"]
-        print(f"\nOrchestrator RSS: {x['rss_kib_idle']/1024:.0f} MiB idle, {x['rss_kib_peak']/1024:.0f} MiB peak with {x['in_flight']} sagas in flight.")
+        print(f"\nOrchestrator RSS: {x['rss_kib_idle']/1024:.0f} MiB idle, {x['rss_kib_peak']/1024:.0f} MiB peak with up to {x['in_flight']} sagas in flight.")
 PY
 } | tee "$out_md"
