@@ -283,6 +283,10 @@ pub async fn connect_pool(
     Ok(PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(connect_timeout)
+        // No ping before every checkout: it is a round trip per statement.
+        // A connection that died is found out by the statement, which
+        // fails like any database error; the pool then drops it.
+        .test_before_acquire(false)
         .connect_lazy_with(options))
 }
 
@@ -300,6 +304,7 @@ pub fn generic_plan_pool(pool: &PgPool, connections: u32) -> PgPool {
     PgPoolOptions::new()
         .max_connections(connections)
         .acquire_timeout(pool.options().get_acquire_timeout())
+        .test_before_acquire(false)
         .connect_lazy_with(options)
 }
 
