@@ -292,9 +292,13 @@ impl pb::order_service_server::OrderService for OrderApi {
         let order_id = Id::parse("order_id", request.into_inner().order_id).map_err(Error::from)?;
         let executor = self.executor.clone();
         // Watch before the first read, so no change can slip between. A
-        // saga driven here has its latest status in the watch already.
+        // saga driven here has its latest status in the watch already (one
+        // driven elsewhere may have an old one: it is read).
         let mut updates = executor.watch(order_id.as_str());
-        let cached = updates.borrow_and_update().clone();
+        let cached = updates
+            .borrow_and_update()
+            .clone()
+            .filter(|_| executor.is_driving(order_id.as_str()));
         let first = match cached {
             Some(update) => (update.status, update.failure_reason, update.updated_at),
             None => match self.load(order_id.as_str().to_owned()).await {
