@@ -20,6 +20,7 @@ pub mod batch;
 pub mod cli;
 pub mod domain;
 pub mod error;
+mod fast_path;
 pub mod fault;
 pub mod fulfillment;
 pub mod inventory;

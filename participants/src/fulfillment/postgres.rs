@@ -11,7 +11,7 @@
 //! Ship locks nothing but its records; the batch claims them in saga-id
 //! order, so two batches cannot deadlock on the same sagas.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use sqlx::{PgPool, Row};
 
@@ -19,6 +19,7 @@ use super::{CancelOutcome, FulfillmentStore, ShipmentRecord};
 use crate::batch::Batcher;
 use crate::domain::{Id, Items, new_id};
 use crate::error::Error;
+use crate::fast_path::{Answer, answers, claimed_ids, distinct};
 use crate::record::{Locked, RecordTable, lock_or_tombstone};
 use crate::server::generic_plan_pool;
 
@@ -146,12 +147,12 @@ WITH req AS (
 )
 SELECT saga_id FROM claimed";
 
-/// Runs [`SHIP_BATCH`] on the sagas of `requests` (distinct); returns the
-/// claimed sagas.
+/// Runs [`SHIP_BATCH`] on the sagas of `requests` (distinct, each with its
+/// new shipment id); returns the shipment ids of the sagas it claimed.
 async fn apply_ship_batch(
     pool: &PgPool,
     requests: &[(&ShipRequest, String)],
-) -> Result<HashSet<String>, Error> {
+) -> Result<HashMap<String, String>, Error> {
     let mut saga_ids = Vec::with_capacity(requests.len());
     let mut shipment_ids = Vec::with_capacity(requests.len());
     let (mut line_ords, mut line_products, mut line_quantities) = (vec![], vec![], vec![]);
@@ -171,89 +172,26 @@ async fn apply_ship_batch(
         .bind(&line_quantities)
         .fetch_all(pool)
         .await?;
-    Ok(claimed.into_iter().collect())
+    Ok(claimed_ids(claimed, requests, |request: &ShipRequest| {
+        request.saga_id.as_str()
+    }))
 }
 
-/// Flushes one batch of Ships: runs the batch statement and answers
-/// the requests it applied; every other request gets a task of its own
-/// on the single path, started once the batch has committed (so a saga
-/// twice in the batch replays its first request). Answers in request
-/// order.
+/// Flushes one batch of Ships (see [`crate::fast_path`]). Answers in
+/// request order.
 #[tracing::instrument(skip_all, fields(batch = requests.len()))]
 async fn ship_batch(
     pool: PgPool,
     writers: PgPool,
     requests: Vec<ShipRequest>,
 ) -> Vec<Answer<String>> {
-    // A saga twice in one batch: its first request goes into the batch, the
-    // others take the single path after it, and replay its result.
-    let mut seen = HashSet::with_capacity(requests.len());
-    let batched: Vec<(&ShipRequest, String)> = requests
-        .iter()
-        .filter(|request| seen.insert(request.saga_id.as_str()))
-        .map(|request| (request, new_id("shp")))
-        .collect();
-    let mut claimed = match apply_ship_batch(&writers, &batched).await {
-        Ok(claimed) => claimed,
-        Err(error) => {
-            tracing::warn!(%error, "ship batch failed; every request takes the single path");
-            HashSet::new()
-        }
-    };
-    let mut shipment_ids: HashMap<&str, String> = batched
-        .into_iter()
-        .map(|(request, shipment_id)| (request.saga_id.as_str(), shipment_id))
-        .collect();
-    tracing::debug!(
-        size = requests.len(),
-        claimed = claimed.len(),
-        single = requests.len() - claimed.len(),
-        "ship batch"
-    );
-
-    let mut answers = Vec::with_capacity(requests.len());
-    for request in &requests {
-        let saga = request.saga_id.as_str();
-        // Removed on first use: a later duplicate takes the single path.
-        let answer = match (claimed.remove(saga), shipment_ids.remove(saga)) {
-            (true, Some(shipment_id)) => {
-                tracing::debug!(saga_id = saga, %shipment_id, "shipped");
-                Answer::Ready(Ok(shipment_id))
-            }
-            _ => {
-                let (pool, saga_id, items) =
-                    (pool.clone(), request.saga_id.clone(), request.items.clone());
-                Answer::Single(tokio::spawn(async move {
-                    ship_one(&pool, &saga_id, &items).await
-                }))
-            }
-        };
-        answers.push(answer);
-    }
-    answers
-}
-
-/// A request's answer: from the batch, or from its single-path task. The
-/// caller awaits the task, so the batch writer is free for the next batch
-/// as soon as its statement has committed, and a request the batch applied
-/// does not wait for the single-path requests of its batch.
-#[derive(Debug)]
-enum Answer<R> {
-    Ready(Result<R, Error>),
-    Single(tokio::task::JoinHandle<Result<R, Error>>),
-}
-
-impl<R> Answer<R> {
-    async fn get(self) -> Result<R, Error> {
-        match self {
-            Self::Ready(result) => result,
-            Self::Single(task) => task.await.unwrap_or_else(|error| {
-                Err(Error::Database(sqlx::Error::Protocol(format!(
-                    "single-path task failed: {error}"
-                ))))
-            }),
-        }
-    }
+    let saga_id: fn(&ShipRequest) -> &str = |request| request.saga_id.as_str();
+    let batched = distinct(&requests, saga_id, "shp");
+    let applied = apply_ship_batch(&writers, &batched).await;
+    answers("ship", &requests, saga_id, applied, |request| {
+        let (pool, saga_id, items) = (pool.clone(), request.saga_id.clone(), request.items.clone());
+        tokio::spawn(async move { ship_one(&pool, &saga_id, &items).await })
+    })
 }
 
 #[tonic::async_trait]

@@ -16,7 +16,7 @@
 //! Release takes its reservation record before the products; why that is
 //! safe is explained in [`PgInventory::release`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use sqlx::{PgPool, Row};
 
@@ -24,6 +24,7 @@ use super::{InventoryStore, Product, ReleaseOutcome, ReservationRecord, Reserved
 use crate::batch::Batcher;
 use crate::domain::{Cents, Id, Items, new_id};
 use crate::error::Error;
+use crate::fast_path::{Answer, answers, claimed_ids, distinct};
 use crate::record::{Locked, RecordTable, lock_or_tombstone};
 use crate::server::generic_plan_pool;
 
@@ -265,7 +266,7 @@ FROM (SELECT array_agg(saga_id) AS saga_ids, array_agg(total_amount_cents) AS to
 async fn apply_reserve_batch(
     pool: &PgPool,
     requests: &[(&ReserveRequest, String)],
-) -> Result<HashMap<String, i64>, Error> {
+) -> Result<HashMap<String, Reserved>, Error> {
     let mut saga_ids = Vec::with_capacity(requests.len());
     let mut reservation_ids = Vec::with_capacity(requests.len());
     let (mut line_ords, mut line_products, mut line_quantities) = (vec![], vec![], vec![]);
@@ -287,97 +288,49 @@ async fn apply_reserve_batch(
             .bind(&line_quantities)
             .fetch_one(pool)
             .await?;
+    let totals_by_saga: HashMap<String, i64> = claimed
+        .iter()
+        .cloned()
+        .zip(totals.iter().copied())
+        .collect();
     if claimed.len() != totals.len() {
         return Err(Error::Database(sqlx::Error::Protocol(
             "reserve batch answered unequal columns".into(),
         )));
     }
-    Ok(claimed.into_iter().zip(totals).collect())
+    let ids = claimed_ids(claimed, requests, |request: &ReserveRequest| {
+        request.saga_id.as_str()
+    });
+    Ok(ids
+        .into_iter()
+        .filter_map(|(saga, reservation_id)| {
+            let total_amount_cents = *totals_by_saga.get(saga.as_str())?;
+            Some((
+                saga,
+                Reserved {
+                    reservation_id,
+                    total_amount_cents,
+                },
+            ))
+        })
+        .collect())
 }
 
-/// Flushes one batch of Reserves: runs the batch statement and answers
-/// the requests it applied; every other request gets a task of its own
-/// on the single path, started once the batch has committed (so a saga
-/// twice in the batch replays its first request). Answers in request
-/// order.
+/// Flushes one batch of Reserves (see [`crate::fast_path`]). Answers in
+/// request order.
 #[tracing::instrument(skip_all, fields(batch = requests.len()))]
 async fn reserve_batch(
     pool: PgPool,
     writers: PgPool,
     requests: Vec<ReserveRequest>,
 ) -> Vec<Answer<Reserved>> {
-    // A saga twice in one batch: its first request goes into the batch, the
-    // others take the single path after it, and replay its result.
-    let mut seen = HashSet::with_capacity(requests.len());
-    let batched: Vec<(&ReserveRequest, String)> = requests
-        .iter()
-        .filter(|request| seen.insert(request.saga_id.as_str()))
-        .map(|request| (request, new_id("rsv")))
-        .collect();
-    let mut claimed = match apply_reserve_batch(&writers, &batched).await {
-        Ok(claimed) => claimed,
-        Err(error) => {
-            tracing::warn!(%error, "reserve batch failed; every request takes the single path");
-            HashMap::new()
-        }
-    };
-    let mut reservation_ids: HashMap<&str, String> = batched
-        .into_iter()
-        .map(|(request, reservation_id)| (request.saga_id.as_str(), reservation_id))
-        .collect();
-    tracing::debug!(
-        size = requests.len(),
-        claimed = claimed.len(),
-        single = requests.len() - claimed.len(),
-        "reserve batch"
-    );
-
-    let mut answers = Vec::with_capacity(requests.len());
-    for request in &requests {
-        let saga = request.saga_id.as_str();
-        // Removed on first use: a later duplicate takes the single path.
-        let answer = match (claimed.remove(saga), reservation_ids.remove(saga)) {
-            (Some(total_amount_cents), Some(reservation_id)) => {
-                tracing::debug!(saga_id = saga, %reservation_id, total_amount_cents, "reserved");
-                Answer::Ready(Ok(Reserved {
-                    reservation_id,
-                    total_amount_cents,
-                }))
-            }
-            _ => {
-                let (pool, saga_id, items) =
-                    (pool.clone(), request.saga_id.clone(), request.items.clone());
-                Answer::Single(tokio::spawn(async move {
-                    reserve_one(&pool, &saga_id, &items).await
-                }))
-            }
-        };
-        answers.push(answer);
-    }
-    answers
-}
-
-/// A request's answer: from the batch, or from its single-path task. The
-/// caller awaits the task, so the batch writer is free for the next batch
-/// as soon as its statement has committed, and a request the batch applied
-/// does not wait for the single-path requests of its batch.
-#[derive(Debug)]
-enum Answer<R> {
-    Ready(Result<R, Error>),
-    Single(tokio::task::JoinHandle<Result<R, Error>>),
-}
-
-impl<R> Answer<R> {
-    async fn get(self) -> Result<R, Error> {
-        match self {
-            Self::Ready(result) => result,
-            Self::Single(task) => task.await.unwrap_or_else(|error| {
-                Err(Error::Database(sqlx::Error::Protocol(format!(
-                    "single-path task failed: {error}"
-                ))))
-            }),
-        }
-    }
+    let saga_id: fn(&ReserveRequest) -> &str = |request| request.saga_id.as_str();
+    let batched = distinct(&requests, saga_id, "rsv");
+    let applied = apply_reserve_batch(&writers, &batched).await;
+    answers("reserve", &requests, saga_id, applied, |request| {
+        let (pool, saga_id, items) = (pool.clone(), request.saga_id.clone(), request.items.clone());
+        tokio::spawn(async move { reserve_one(&pool, &saga_id, &items).await })
+    })
 }
 
 #[tonic::async_trait]

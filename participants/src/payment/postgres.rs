@@ -17,7 +17,7 @@
 //! and the table's CHECK (balance_cents >= 0) backs that up: concurrent
 //! charges can never overdraw.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use sqlx::PgPool;
 
@@ -25,6 +25,7 @@ use super::{ChargeRecord, PaymentStore, RefundOutcome, insufficient_funds};
 use crate::batch::Batcher;
 use crate::domain::{Cents, Id, new_id};
 use crate::error::Error;
+use crate::fast_path::{Answer, answers, claimed_ids, distinct};
 use crate::record::{Locked, RecordTable, lock_or_tombstone};
 use crate::server::generic_plan_pool;
 
@@ -209,12 +210,13 @@ FROM (SELECT (SELECT count(DISTINCT customer_id) FROM claimed) AS customers,
              (SELECT count(*) FROM debit) AS debited) v";
 
 /// Runs [`CHARGE_BATCH`] (one statement, its own transaction) on the sagas
-/// of `requests` (distinct), and returns the claimed sagas. The statement
-/// fails, writing nothing, if a debit guard failed.
+/// of `requests` (distinct, each with its new charge id), and returns the
+/// charge ids of the sagas it claimed. The statement fails, writing
+/// nothing, if a debit guard failed.
 async fn apply_charge_batch(
     pool: &PgPool,
     requests: &[(&ChargeRequest, String)],
-) -> Result<HashSet<String>, Error> {
+) -> Result<HashMap<String, String>, Error> {
     let mut saga_ids = Vec::with_capacity(requests.len());
     let mut charge_ids = Vec::with_capacity(requests.len());
     let mut customer_ids = Vec::with_capacity(requests.len());
@@ -233,98 +235,31 @@ async fn apply_charge_batch(
         .bind(&amounts)
         .fetch_one(pool)
         .await?;
-    Ok(claimed.into_iter().collect())
+    Ok(claimed_ids(claimed, requests, |request: &ChargeRequest| {
+        request.saga_id.as_str()
+    }))
 }
 
-/// Flushes one batch of Charges: runs the batch statement and answers
-/// the requests it applied; every other request gets a task of its own
-/// on the single path, started once the batch has committed (so a saga
-/// twice in the batch replays its first request). Answers in request
-/// order.
+/// Flushes one batch of Charges (see [`crate::fast_path`]). Answers in
+/// request order.
 #[tracing::instrument(skip_all, fields(batch = requests.len()))]
 async fn charge_batch(
     pool: PgPool,
     writers: PgPool,
     requests: Vec<ChargeRequest>,
 ) -> Vec<Answer<String>> {
-    // A saga twice in one batch: its first request goes into the batch, the
-    // others take the single path after it, and replay its result.
-    let mut seen = HashSet::with_capacity(requests.len());
-    let batched: Vec<(&ChargeRequest, String)> = requests
-        .iter()
-        .filter(|request| seen.insert(request.saga_id.as_str()))
-        .map(|request| (request, new_id("chg")))
-        .collect();
-    let mut claimed = match apply_charge_batch(&writers, &batched).await {
-        Ok(claimed) => claimed,
-        Err(error) => {
-            tracing::warn!(%error, "charge batch failed; every request takes the single path");
-            HashSet::new()
-        }
-    };
-    let mut charge_ids: HashMap<&str, String> = batched
-        .into_iter()
-        .map(|(request, charge_id)| (request.saga_id.as_str(), charge_id))
-        .collect();
-    tracing::debug!(
-        size = requests.len(),
-        claimed = claimed.len(),
-        single = requests.len() - claimed.len(),
-        "charge batch"
-    );
-
-    let mut answers = Vec::with_capacity(requests.len());
-    for request in &requests {
-        let saga = request.saga_id.as_str();
-        // Removed on first use: a later duplicate takes the single path.
-        let answer = match (claimed.remove(saga), charge_ids.remove(saga)) {
-            (true, Some(charge_id)) => {
-                tracing::debug!(
-                    saga_id = saga,
-                    %charge_id,
-                    amount_cents = request.amount.get(),
-                    "charged"
-                );
-                Answer::Ready(Ok(charge_id))
-            }
-            _ => {
-                let (pool, saga_id, customer_id, amount) = (
-                    pool.clone(),
-                    request.saga_id.clone(),
-                    request.customer_id.clone(),
-                    request.amount,
-                );
-                Answer::Single(tokio::spawn(async move {
-                    charge_one(&pool, &saga_id, &customer_id, amount).await
-                }))
-            }
-        };
-        answers.push(answer);
-    }
-    answers
-}
-
-/// A request's answer: from the batch, or from its single-path task. The
-/// caller awaits the task, so the batch writer is free for the next batch
-/// as soon as its statement has committed, and a request the batch applied
-/// does not wait for the single-path requests of its batch.
-#[derive(Debug)]
-enum Answer<R> {
-    Ready(Result<R, Error>),
-    Single(tokio::task::JoinHandle<Result<R, Error>>),
-}
-
-impl<R> Answer<R> {
-    async fn get(self) -> Result<R, Error> {
-        match self {
-            Self::Ready(result) => result,
-            Self::Single(task) => task.await.unwrap_or_else(|error| {
-                Err(Error::Database(sqlx::Error::Protocol(format!(
-                    "single-path task failed: {error}"
-                ))))
-            }),
-        }
-    }
+    let saga_id: fn(&ChargeRequest) -> &str = |request| request.saga_id.as_str();
+    let batched = distinct(&requests, saga_id, "chg");
+    let applied = apply_charge_batch(&writers, &batched).await;
+    answers("charge", &requests, saga_id, applied, |request| {
+        let (pool, saga_id, customer_id, amount) = (
+            pool.clone(),
+            request.saga_id.clone(),
+            request.customer_id.clone(),
+            request.amount,
+        );
+        tokio::spawn(async move { charge_one(&pool, &saga_id, &customer_id, amount).await })
+    })
 }
 
 #[tonic::async_trait]
