@@ -27,7 +27,7 @@ use tracing::Instrument;
 
 use crate::clients::{StepCall, StepCalls};
 use crate::error::Error;
-use crate::saga::{Command, Event, Kind, ORDER_SAGA, Outcome, Phase, Policy, SagaState, Status};
+use crate::saga::{Command, Event, Kind, ORDER_SAGA, Outcome, Policy, SagaState, Status};
 use crate::store::{Commit, JournalEntry, LeaseChange, NextAttempt, SagaRecord, SagaStore};
 
 /// How the executor behaves.
@@ -230,11 +230,12 @@ impl Executor {
         detail: &str,
     ) -> Result<SagaRecord, Error> {
         loop {
-            let saga = self
-                .store
-                .load(saga_id)
-                .await?
-                .ok_or_else(|| Error::NotFound(format!("no order {saga_id}")))?;
+            let saga = recovered(
+                self.store
+                    .load(saga_id)
+                    .await?
+                    .ok_or_else(|| Error::NotFound(format!("no order {saga_id}")))?,
+            );
             let next = saga.state.apply(&ORDER_SAGA, &self.config.policy, event)?;
             if next == saga.state {
                 return Ok(saga);
@@ -298,7 +299,7 @@ impl Executor {
             .claim(saga_id, &self.config.replica_id, self.config.lease_ttl)
             .await
         {
-            Ok(Some(saga)) => self.spawn(saga, permit),
+            Ok(Some(saga)) => self.spawn(recovered(saga), permit),
             Ok(None) => {}
             Err(error) => tracing::warn!(%error, saga_id, "could not claim the saga to resume it"),
         }
@@ -415,7 +416,7 @@ impl Executor {
                     for saga in claimed {
                         tracing::info!(saga_id = %saga.saga_id, status = %saga.status, "claimed saga");
                         match self.permits.clone().try_acquire_owned() {
-                            Ok(permit) => self.spawn(saga, permit),
+                            Ok(permit) => self.spawn(recovered(saga), permit),
                             // Cannot happen with one sweeper; the lease expires
                             // and the saga is claimed again.
                             Err(_) => break,
@@ -457,7 +458,7 @@ impl Executor {
         loop {
             match self.store.load(saga_id).await {
                 Ok(Some(saga)) if saga.lease_owner.as_deref() == Some(&self.config.replica_id) => {
-                    return Some(saga);
+                    return Some(recovered(saga));
                 }
                 Ok(_) => {
                     tracing::info!("lease lost; another replica drives this saga now");
@@ -631,20 +632,7 @@ impl Executor {
                 definition: &ORDER_SAGA,
                 journal,
                 next_attempt: delay.map_or(NextAttempt::Clear, NextAttempt::In),
-                // Progress forward is re-derivable from idempotent replays;
-                // a saga's start, a decision to compensate and every end
-                // are not.
-                durable: !matches!(
-                    (event, next.phase),
-                    (
-                        Event::CallFinished {
-                            kind: Kind::Action,
-                            outcome: Outcome::Succeeded(_),
-                            ..
-                        },
-                        Phase::Forward { .. }
-                    )
-                ),
+                durable: SagaState::must_be_durable(event, &next),
                 lease: if status.is_settled() {
                     LeaseChange::Release { owner }
                 } else {
@@ -682,6 +670,15 @@ impl Executor {
             }
         }
     }
+}
+
+/// A saga read back from the store, ready to be decided on: its state
+/// distrusts forward progress that may not have been durable
+/// ([`SagaState::recovered`]). Only the driver that created a saga and has
+/// written every transition since may trust its own copy.
+fn recovered(mut saga: SagaRecord) -> SagaRecord {
+    saga.state = saga.state.recovered();
+    saga
 }
 
 fn log_status(saga: &SagaRecord, delay: Option<Duration>) {

@@ -7,12 +7,14 @@
 //! handle is dropped, after the service using it has been stopped.
 //! Set `TEST_LOG=1` to see the services' logs.
 
+mod lossy;
 pub mod process;
 mod system;
 
+pub use lossy::LossyStore;
 pub use system::{
     Audit, SpawnedOrchestrator, System, compensations, delay, fault, place_request, settled,
-    spawn_orchestrator, spawn_system, spawn_system_with, test_settings,
+    spawn_orchestrator, spawn_orchestrator_wrapped, spawn_system, spawn_system_with, test_settings,
 };
 
 use std::sync::Once;

@@ -16,6 +16,7 @@ use orchestrator::clients::{GrpcParticipants, ParticipantUrls};
 use orchestrator::config::Settings;
 use orchestrator::executor::ExecutorConfig;
 use orchestrator::saga::Policy;
+use orchestrator::store::SagaStore;
 use participants::ServeOptions;
 use proto::fault::v1::{ClearFaultsRequest, SetFaultRequest};
 use proto::inventory::v1::{GetStockRequest, UpsertProductRequest};
@@ -78,6 +79,16 @@ pub async fn spawn_orchestrator(
     database_url: &str,
     settings: Settings,
 ) -> Result<SpawnedOrchestrator> {
+    spawn_orchestrator_wrapped(database_url, settings, |store| store).await
+}
+
+/// Like [`spawn_orchestrator`], with its store wrapped by `wrap` (e.g. a
+/// [`crate::LossyStore`]).
+pub async fn spawn_orchestrator_wrapped(
+    database_url: &str,
+    settings: Settings,
+    wrap: impl FnOnce(Arc<dyn SagaStore>) -> Arc<dyn SagaStore> + Send + 'static,
+) -> Result<SpawnedOrchestrator> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     listener.set_nonblocking(true)?;
     let endpoint = format!("http://{}", listener.local_addr()?);
@@ -98,6 +109,7 @@ pub async fn spawn_orchestrator(
                 Duration::from_secs(10),
             )
             .await?;
+            let store = wrap(store);
             let calls = GrpcParticipants::new(&settings.participants, settings.step_timeout)?;
             let listener = tokio::net::TcpListener::from_std(listener)
                 .map_err(|e| orchestrator::Error::invalid(e.to_string()))?;

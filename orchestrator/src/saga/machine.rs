@@ -183,6 +183,10 @@ pub enum Phase {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepState {
     /// The action may have been sent: it must be compensated on abort.
+    /// Set when the machine decides to run the step, when a reply for it
+    /// arrives that the state was not waiting for, and for every later
+    /// step when a state is read back from the store
+    /// ([`SagaState::recovered`]).
     pub attempted: bool,
     /// Action attempts whose outcome was recorded.
     pub action_attempts: u32,
@@ -299,6 +303,55 @@ impl SagaState {
         }
     }
 
+    /// The state as read back from the store, before anything is decided
+    /// on it.
+    ///
+    /// Forward progress is committed without waiting for the flush (see
+    /// [`SagaState::must_be_durable`]), and the call to the next step goes
+    /// out before that write is on disk. A database that loses its tail
+    /// (a power loss, a failover to a lagging replica, a restore) can
+    /// therefore hand back a state that does not know later steps were
+    /// attempted. So every step after the current forward step counts as
+    /// possibly attempted: if the saga aborts, their compensations are
+    /// sent too. Compensations are tombstone-safe, so one for a step that
+    /// never ran is harmless (and it fences off a late action). Idempotent,
+    /// and a no-op once the saga compensates: decisions to compensate are
+    /// durable, so a state that compensates already knows what to undo.
+    pub fn recovered(&self) -> SagaState {
+        let mut state = self.clone();
+        let first_unknown = match self.phase {
+            Phase::Pending => 1,
+            Phase::Forward { step } => step + 1,
+            _ => return state,
+        };
+        for step in state.steps.iter_mut().skip(first_unknown) {
+            step.attempted = true;
+        }
+        state
+    }
+
+    /// Whether the write of the transition from `self` to `next` by
+    /// `event` must be on disk before the executor acts on it. Only a
+    /// forward step's success that moves to the next step may be written
+    /// without waiting for the flush: losing it costs a replay (the
+    /// participant answers with its first result), and
+    /// [`SagaState::recovered`] makes compensation cover the steps it
+    /// would have marked. A saga's start, every decision to compensate,
+    /// every retry deadline and every end are durable.
+    pub fn must_be_durable(event: &Event, next: &SagaState) -> bool {
+        !matches!(
+            (event, next.phase),
+            (
+                Event::CallFinished {
+                    kind: Kind::Action,
+                    outcome: Outcome::Succeeded(_),
+                    ..
+                },
+                Phase::Forward { .. }
+            )
+        )
+    }
+
     /// The status the API reports.
     pub fn status(&self, definition: &Definition) -> Status {
         match self.phase {
@@ -413,14 +466,23 @@ impl SagaState {
         attempt: u32,
         outcome: &Outcome,
     ) {
-        // Only the outcome of the call the state is waiting for counts: a
-        // late reply (a call sent before a cancel switched the saga to
-        // compensation, or before a takeover) is absorbed; the executor
-        // still journals it.
+        // Only the outcome of the call the state is waiting for drives the
+        // saga. A late reply (a call sent before a cancel switched the saga
+        // to compensation, before a takeover, or before the database lost
+        // the write that marked its step) is journalled by the executor and
+        // otherwise absorbed, except that an action the state did not
+        // believe was sent now counts as attempted, so an abort undoes it.
         if self.current() != Some((step, kind))
             || self.current_attempts() + 1 != attempt
             || matches!(self.phase, Phase::NeedsAttention { .. })
         {
+            let open = !matches!(
+                self.phase,
+                Phase::Completed | Phase::Failed | Phase::Cancelled
+            );
+            if kind == Kind::Action && open && step < self.steps.len() {
+                self.steps[step].attempted = true;
+            }
             return;
         }
         self.waiting_retry = false;

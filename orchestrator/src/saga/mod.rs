@@ -32,9 +32,21 @@
 //! | before pivot         | operator abort                 | as cancel, but ends Failed                      |
 //! | Completed            | cancel / abort                 | refused (`Error::AlreadyCompleted`)             |
 //! | Failed, Cancelled    | cancel                         | unchanged (the API answers the status)          |
+//! | not terminal         | late outcome of an action      | unchanged but for: its step counts as attempted |
 //! | any terminal         | late call outcome              | unchanged (absorbed; journalled by the executor)|
 //!
 //! Anything not listed is an explicit [`Error`].
+//!
+//! ## What survives a database that loses its tail
+//!
+//! Forward progress is committed without waiting for the flush
+//! ([`SagaState::must_be_durable`]): a state read back after a crash may
+//! predate the writes that marked later steps attempted, while their calls
+//! went out. The executor therefore decides only on
+//! [`SagaState::recovered`] copies of what it reads, in which every step
+//! after the current forward step counts as attempted, and an abort sends
+//! their (tombstone-safe) compensations too. Only the driver that wrote
+//! every transition since the saga's durable start trusts its own copy.
 
 mod machine;
 #[cfg(test)]

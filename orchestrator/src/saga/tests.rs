@@ -559,3 +559,235 @@ proptest! {
         }
     }
 }
+
+// ---- a database that loses its asynchronously committed tail ----
+
+/// Applies the outcome of the due call, keeping `durable` (what survives a
+/// database crash) in step with the executor's commit rule.
+fn answer_durably(state: &SagaState, durable: &mut SagaState, outcome: Outcome) -> SagaState {
+    let Some(
+        Command::Call {
+            step,
+            kind,
+            attempt,
+        }
+        | Command::RetryLater {
+            step,
+            kind,
+            attempt,
+        },
+    ) = state.next_command()
+    else {
+        return state.clone();
+    };
+    let event = Event::CallFinished {
+        step,
+        kind,
+        attempt,
+        outcome,
+    };
+    let next = state.apply(DEF, &POLICY, &event).unwrap();
+    if SagaState::must_be_durable(&event, &next) {
+        *durable = next.clone();
+    }
+    next
+}
+
+#[test]
+fn only_forward_progress_may_skip_the_flush() {
+    let start = SagaState::new(DEF);
+    let mut durable = start.clone();
+    let reserved = answer_durably(&start, &mut durable, ok());
+    assert_eq!(reserved.phase, Phase::Forward { step: 1 });
+    assert_eq!(
+        durable, start,
+        "reserve's success is committed without a flush"
+    );
+    let retrying = answer_durably(&reserved, &mut durable, transient());
+    assert_eq!(durable, retrying, "a retry deadline is durable");
+    let charged = answer_durably(&retrying, &mut durable, ok());
+    assert_eq!(durable, retrying);
+    let completed = answer_durably(&charged, &mut durable, ok());
+    assert_eq!(completed.phase, Phase::Completed);
+    assert_eq!(durable, completed, "the end is durable");
+    let failing = answer_durably(&charged, &mut durable, rejected());
+    assert_eq!(failing.phase, Phase::Compensating { step: 2 });
+    assert_eq!(durable, failing, "a decision to compensate is durable");
+}
+
+#[test]
+fn a_recovered_state_counts_every_later_step_as_possibly_attempted() {
+    let start = SagaState::new(DEF);
+    let recovered = start.recovered();
+    assert!(recovered.steps.iter().all(|s| s.attempted));
+    assert_eq!(recovered.phase, start.phase);
+    assert_eq!(recovered.next_command(), start.next_command());
+    assert_eq!(recovered.recovered(), recovered, "idempotent");
+
+    let at_charge = run([ok()]);
+    let recovered = at_charge.recovered();
+    assert!(recovered.steps.iter().all(|s| s.attempted));
+
+    // Compensating: the decision was durable and knows what to undo.
+    let compensating = run([ok(), rejected()]);
+    assert_eq!(compensating.recovered(), compensating);
+    let done = run([ok(), ok(), ok()]);
+    assert_eq!(done.recovered(), done);
+}
+
+/// The case the design's "compensate every attempted step" missed when all
+/// databases shared one WAL: the saga's start is durable, Reserve and
+/// Charge succeed (committed without a flush), Ship is sent, the database
+/// loses those two writes, Reserve's replay fails, the client cancels.
+#[test]
+fn a_cancel_after_a_lost_tail_refunds_the_charge_and_cancels_the_shipment() {
+    let start = SagaState::new(DEF);
+    let mut durable = start.clone();
+    let reserved = answer_durably(&start, &mut durable, ok());
+    let shipping = answer_durably(&reserved, &mut durable, ok());
+    assert_eq!(shipping.status(DEF), Status::Shipping);
+    assert_eq!(durable, start, "only the start reached the disk");
+
+    // The database crashes; the driver reads back what survived.
+    let resumed = durable.recovered();
+    // Ship's reply arrives late (timed out), for a step the state is not
+    // running: absorbed, and the step counts as attempted.
+    let resumed = resumed
+        .apply(
+            DEF,
+            &POLICY,
+            &Event::CallFinished {
+                step: 2,
+                kind: Kind::Action,
+                attempt: 1,
+                outcome: transient(),
+            },
+        )
+        .unwrap();
+    assert_eq!(resumed.phase, Phase::Pending);
+    // Reserve's replay fails; the client cancels while it waits to retry.
+    let waiting = answer(&resumed, transient());
+    assert!(waiting.waiting_retry);
+    let mut state = cancel(&waiting).unwrap();
+    let mut compensated = Vec::new();
+    while let Some(Command::Call {
+        step,
+        kind: Kind::Compensation,
+        ..
+    }) = state.next_command()
+    {
+        compensated.push(step);
+        state = answer(&state, ok());
+    }
+    assert_eq!(state.phase, Phase::Cancelled);
+    assert_eq!(compensated, [2, 1, 0], "cancel shipment, refund, release");
+}
+
+#[test]
+fn a_late_action_reply_marks_its_step_attempted_until_the_saga_ends() {
+    let late = |state: &SagaState, step| {
+        state
+            .apply(
+                DEF,
+                &POLICY,
+                &Event::CallFinished {
+                    step,
+                    kind: Kind::Action,
+                    attempt: 1,
+                    outcome: ok(),
+                },
+            )
+            .unwrap()
+    };
+    let pending = SagaState::new(DEF);
+    let marked = late(&pending, 1);
+    assert!(marked.steps[1].attempted);
+    assert!(!marked.steps[1].succeeded, "a late success drives nothing");
+    assert_eq!(marked.phase, Phase::Pending);
+    let cancelled = cancel(&answer(&run([transient()]), transient())).unwrap();
+    let ended = std::iter::successors(Some(cancelled), |s| {
+        s.next_command().map(|_| answer(s, ok()))
+    })
+    .last()
+    .unwrap();
+    assert_eq!(ended.phase, Phase::Cancelled);
+    assert_eq!(late(&ended, 1), ended, "terminal states stay as they are");
+}
+
+#[derive(Debug, Clone)]
+enum Fault {
+    Answer(u8),
+    Cancel,
+    Abort,
+    /// The database loses everything not yet flushed; the saga resumes from
+    /// what survived.
+    Crash,
+}
+
+fn fault() -> impl Strategy<Value = Fault> {
+    prop_oneof![
+        8 => (0u8..3).prop_map(Fault::Answer),
+        1 => Just(Fault::Cancel),
+        1 => Just(Fault::Abort),
+        2 => Just(Fault::Crash),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Whatever the database loses of its asynchronously committed tail, a
+    /// saga that does not complete sends the compensation of every action
+    /// it ever sent, and one that completes sends none.
+    #[test]
+    fn lost_progress_never_leaves_an_action_uncompensated(
+        faults in proptest::collection::vec(fault(), 0..60),
+    ) {
+        let mut state = SagaState::new(DEF);
+        let mut durable = state.clone();
+        let mut sent: Vec<usize> = vec![0];
+        let mut compensated: Vec<usize> = Vec::new();
+        let mut step_once = |state: &SagaState, durable: &mut SagaState, outcome| {
+            match state.next_command() {
+                Some(Command::Call { step, kind, .. } | Command::RetryLater { step, kind, .. }) => {
+                    match kind {
+                        Kind::Action => sent.push(step),
+                        Kind::Compensation => compensated.push(step),
+                    }
+                    answer_durably(state, durable, outcome)
+                }
+                None => state.clone(),
+            }
+        };
+        for fault in faults.iter().chain(std::iter::repeat_n(&Fault::Answer(0), 40)) {
+            state = match fault {
+                Fault::Answer(0) => step_once(&state, &mut durable, ok()),
+                Fault::Answer(1) => step_once(&state, &mut durable, transient()),
+                Fault::Answer(_) => step_once(&state, &mut durable, rejected()),
+                // Requests are committed durably.
+                Fault::Cancel => cancel(&state).unwrap_or(state.clone()),
+                Fault::Abort => state
+                    .apply(DEF, &POLICY, &Event::OperatorAbort { reason: "x".into() })
+                    .unwrap_or(state.clone()),
+                Fault::Crash => durable.recovered(),
+            };
+            if matches!(fault, Fault::Cancel | Fault::Abort) {
+                durable = state.clone();
+            }
+            if let Phase::NeedsAttention { .. } = state.phase {
+                state = state.apply(DEF, &POLICY, &Event::OperatorRetry).unwrap();
+                durable = state.clone();
+            }
+        }
+        let status = state.status(DEF);
+        prop_assert!(status.is_terminal(), "ended {status:?}");
+        if status == Status::Completed {
+            prop_assert!(compensated.is_empty(), "compensated {compensated:?}");
+        } else {
+            for step in &sent {
+                prop_assert!(compensated.contains(step),
+                    "action {step} sent ({sent:?}) but never compensated ({compensated:?})");
+            }
+        }
+    }
+}

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use harness::{System, delay, spawn_orchestrator, spawn_system, spawn_system_with, test_settings};
-use proto::saga::v1::PlaceOrderRequest;
+use proto::fault::v1::SetFaultRequest;
+use proto::saga::v1::{CancelOrderRequest, OrderStatus, PlaceOrderRequest};
 
 /// Long enough that a test finishing "well before" it proves the leases
 /// were handed back rather than left to expire.
@@ -358,4 +359,119 @@ async fn two_replicas_share_a_database_and_the_survivor_finishes_a_killed_ones_s
         "calls by two replicas overlap: {overlapping:?}"
     );
     survivor.stop().await.unwrap();
+}
+
+/// The database loses the asynchronously committed progress of a saga
+/// whose later calls already went out (reserve and charge succeeded, ship
+/// was sent), as a power loss with `synchronous_commit = off` does. The
+/// saga resumes from its durable start, its replayed Reserve fails, the
+/// client cancels: the charge must be refunded and the shipment fenced off,
+/// although the state read back never said they were attempted.
+#[tokio::test]
+async fn a_cancel_after_the_database_lost_progress_undoes_every_step_that_went_out() {
+    let mut system = spawn_system_with(|s| {
+        s.step_timeout = Duration::from_millis(800);
+        // Reserve keeps failing until the client cancels.
+        s.executor.policy.action_attempts = 1_000;
+    })
+    .await
+    .unwrap();
+    system.seed_product("widget", 250, 10).await.unwrap();
+    system.seed_account("alice", 10_000).await.unwrap();
+    // Only the lossy orchestrator drives sagas.
+    system.orchestrator.take().unwrap().stop().await.unwrap();
+    let lossy = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let slot = lossy.clone();
+    let orchestrator = harness::spawn_orchestrator_wrapped(
+        system.database_url(),
+        system.settings.clone(),
+        move |store| {
+            let store = harness::LossyStore::new(store);
+            *slot.lock().unwrap() = Some(store.clone());
+            store
+        },
+    )
+    .await
+    .unwrap();
+    let lossy = lossy.lock().unwrap().clone().unwrap();
+    system.orchestrator = Some(orchestrator);
+
+    // Ship answers after the deadline: the saga's reply to it is a timeout.
+    system
+        .fault(
+            "fulfillment",
+            SetFaultRequest {
+                count: 1,
+                ..delay("Ship", 2_000)
+            },
+        )
+        .await
+        .unwrap();
+    // Reserve's and Charge's successes are acknowledged and lost.
+    lossy.lose_next(2);
+    let order = system.place("alice", &[("widget", 2)]).await.unwrap();
+
+    // Charged (the write saying so was lost): from now on Reserve fails,
+    // so the resumed saga cannot replay past it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while system.balance("alice").await.unwrap() != 9_500 {
+        assert!(Instant::now() < deadline, "never charged");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    system
+        .fault(
+            "inventory",
+            harness::fault("Reserve", "FAIL_BEFORE", tonic::Code::Unavailable, 0),
+        )
+        .await
+        .unwrap();
+    assert_eq!(lossy.lost(), 2, "both progress writes were lost");
+
+    // The saga is back at Reserve, retrying; Ship's late timeout is in
+    // the journal.
+    let retrying = system
+        .wait_for(&order, Duration::from_secs(10), |s| {
+            s.history.iter().any(|e| {
+                e.step == "reserve_inventory"
+                    && e.outcome() == proto::saga::v1::StepOutcome::RetryableFailure
+            })
+        })
+        .await
+        .unwrap();
+    assert!(
+        retrying
+            .history
+            .iter()
+            .any(|e| e.step == "ship_order" && e.kind() == proto::saga::v1::StepKind::Action),
+        "the late reply of Ship is journalled: {:?}",
+        retrying.history
+    );
+
+    system
+        .orders()
+        .cancel_order(CancelOrderRequest {
+            order_id: order.clone(),
+            reason: "changed my mind".into(),
+        })
+        .await
+        .unwrap();
+    let done = system
+        .wait_settled(&order, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(done.status(), OrderStatus::Cancelled);
+    assert_eq!(
+        system.balance("alice").await.unwrap(),
+        10_000,
+        "the charge the lost write recorded was refunded: {:?}",
+        harness::compensations(&done)
+    );
+    assert_eq!(system.stock("widget").await.unwrap(), (10, 0));
+    assert_eq!(
+        harness::compensations(&done),
+        ["ship_order", "charge_payment", "reserve_inventory"]
+    );
+    system.clear_faults().await.unwrap();
+    let audit = system.audit().await.unwrap();
+    assert_eq!(audit.count("CANCELLED"), 1, "{audit:?}");
 }

@@ -1,0 +1,123 @@
+//! A store that loses asynchronously committed writes, as a database does
+//! when it crashes before flushing them (a power loss with
+//! `synchronous_commit = off`, a failover to a replica that lagged).
+//!
+//! Armed with [`LossyStore::lose_next`], it acknowledges the next `n`
+//! commits that were allowed to skip the flush ([`Commit::durable`] false)
+//! and writes nothing: the writer believes its version moved on, the
+//! database still holds the earlier one, and the writer's next commit
+//! finds the older row, as after the crash.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use orchestrator::Error;
+use orchestrator::store::{
+    Commit, JournalEntry, ListFilter, NewSaga, SagaRecord, SagaStore, Stats,
+};
+
+/// A [`SagaStore`] that drops armed asynchronous commits.
+pub struct LossyStore {
+    inner: Arc<dyn SagaStore>,
+    to_lose: AtomicU32,
+    lost: AtomicU32,
+}
+
+impl LossyStore {
+    /// Wraps `inner`; loses nothing until armed.
+    pub fn new(inner: Arc<dyn SagaStore>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            to_lose: AtomicU32::new(0),
+            lost: AtomicU32::new(0),
+        })
+    }
+
+    /// Loses the next `n` asynchronous commits.
+    pub fn lose_next(&self, n: u32) {
+        self.to_lose.store(n, Ordering::SeqCst);
+    }
+
+    /// Asynchronous commits lost so far.
+    pub fn lost(&self) -> u32 {
+        self.lost.load(Ordering::SeqCst)
+    }
+}
+
+#[tonic::async_trait]
+impl SagaStore for LossyStore {
+    async fn create(
+        &self,
+        saga: &NewSaga,
+        owner: &str,
+        lease_ttl: Duration,
+    ) -> Result<(SagaRecord, bool), Error> {
+        self.inner.create(saga, owner, lease_ttl).await
+    }
+
+    async fn load(&self, saga_id: &str) -> Result<Option<SagaRecord>, Error> {
+        self.inner.load(saga_id).await
+    }
+
+    async fn commit(&self, commit: Commit<'_>) -> Result<Option<i64>, Error> {
+        if !commit.durable
+            && self
+                .to_lose
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            self.lost.fetch_add(1, Ordering::SeqCst);
+            // Acknowledged, never written.
+            return Ok(Some(commit.expected_version + 1));
+        }
+        self.inner.commit(commit).await
+    }
+
+    async fn claim_due(
+        &self,
+        owner: &str,
+        limit: i64,
+        lease_ttl: Duration,
+    ) -> Result<Vec<SagaRecord>, Error> {
+        self.inner.claim_due(owner, limit, lease_ttl).await
+    }
+
+    async fn claim(
+        &self,
+        saga_id: &str,
+        owner: &str,
+        lease_ttl: Duration,
+    ) -> Result<Option<SagaRecord>, Error> {
+        self.inner.claim(saga_id, owner, lease_ttl).await
+    }
+
+    async fn renew_leases(
+        &self,
+        owner: &str,
+        saga_ids: &[String],
+        lease_ttl: Duration,
+    ) -> Result<Vec<String>, Error> {
+        self.inner.renew_leases(owner, saga_ids, lease_ttl).await
+    }
+
+    async fn release_leases(&self, owner: &str) -> Result<u64, Error> {
+        self.inner.release_leases(owner).await
+    }
+
+    async fn journal(&self, saga_id: &str) -> Result<Vec<JournalEntry>, Error> {
+        self.inner.journal(saga_id).await
+    }
+
+    async fn append_journal(&self, saga_id: &str, entries: &[JournalEntry]) -> Result<(), Error> {
+        self.inner.append_journal(saga_id, entries).await
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<SagaRecord>, Error> {
+        self.inner.list(filter).await
+    }
+
+    async fn stats(&self) -> Result<Stats, Error> {
+        self.inner.stats().await
+    }
+}
