@@ -21,9 +21,9 @@ fn rejected() -> Outcome {
     Outcome::Rejected("out of stock".into())
 }
 
-/// Applies the outcome of the call the state asks for next.
-fn answer(state: &SagaState, outcome: Outcome) -> SagaState {
-    let (step, kind, attempt) = match state.next_command().expect("a call is due") {
+/// The call the state asks for next, now or after a backoff.
+fn due(state: &SagaState) -> Option<(usize, Kind, u32)> {
+    match state.next_command()? {
         Command::Call {
             step,
             kind,
@@ -33,8 +33,13 @@ fn answer(state: &SagaState, outcome: Outcome) -> SagaState {
             step,
             kind,
             attempt,
-        } => (step, kind, attempt),
-    };
+        } => Some((step, kind, attempt)),
+    }
+}
+
+/// Applies the outcome of the call the state asks for next.
+fn answer(state: &SagaState, outcome: Outcome) -> SagaState {
+    let (step, kind, attempt) = due(state).expect("a call is due");
     state
         .apply(
             DEF,
@@ -436,19 +441,7 @@ fn drive(inputs: &[Input], policy: &Policy) -> (SagaState, Trace, bool) {
     let mut state = SagaState::new(DEF);
     let mut ran_after_completed = false;
     let send = |state: &SagaState, outcome: Outcome, trace: &mut Trace| -> SagaState {
-        let Some(
-            Command::Call {
-                step,
-                kind,
-                attempt,
-            }
-            | Command::RetryLater {
-                step,
-                kind,
-                attempt,
-            },
-        ) = state.next_command()
-        else {
+        let Some((step, kind, attempt)) = due(state) else {
             return state.clone();
         };
         match kind {
@@ -565,19 +558,7 @@ proptest! {
 /// Applies the outcome of the due call, keeping `durable` (what survives a
 /// database crash) in step with the executor's commit rule.
 fn answer_durably(state: &SagaState, durable: &mut SagaState, outcome: Outcome) -> SagaState {
-    let Some(
-        Command::Call {
-            step,
-            kind,
-            attempt,
-        }
-        | Command::RetryLater {
-            step,
-            kind,
-            attempt,
-        },
-    ) = state.next_command()
-    else {
+    let Some((step, kind, attempt)) = due(state) else {
         return state.clone();
     };
     let event = Event::CallFinished {
@@ -748,8 +729,8 @@ proptest! {
         let mut sent: Vec<usize> = vec![0];
         let mut compensated: Vec<usize> = Vec::new();
         let mut step_once = |state: &SagaState, durable: &mut SagaState, outcome| {
-            match state.next_command() {
-                Some(Command::Call { step, kind, .. } | Command::RetryLater { step, kind, .. }) => {
+            match due(state) {
+                Some((step, kind, _)) => {
                     match kind {
                         Kind::Action => sent.push(step),
                         Kind::Compensation => compensated.push(step),
