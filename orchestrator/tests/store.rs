@@ -79,6 +79,36 @@ async fn sqlite() -> Backend {
     }
 }
 
+impl Backend {
+    /// Sets a saga's version behind the store's back.
+    async fn set_version(&self, saga_id: &str, version: i64) {
+        let sql = "UPDATE sagas SET version = $1 WHERE saga_id = $2";
+        match (&self._db, &self.file) {
+            (Some(db), _) => {
+                let pool = sqlx::PgPool::connect(db.url()).await.unwrap();
+                sqlx::query(sql)
+                    .bind(version)
+                    .bind(saga_id)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+            }
+            (None, Some(file)) => {
+                let pool = sqlx::SqlitePool::connect(&file.url()).await.unwrap();
+                sqlx::query(sql)
+                    .bind(version)
+                    .bind(saga_id)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+            }
+            (None, None) => unreachable!("every backend has a database"),
+        }
+    }
+}
+
 /// Runs each named test on both backends.
 macro_rules! conformance {
     ($($test:ident),* $(,)?) => {
@@ -106,6 +136,7 @@ conformance!(
     product_and_customer_filters,
     concurrent_creations_and_commits_each_apply_with_their_journal,
     racing_commits_to_one_saga_apply_exactly_once,
+    a_version_lost_with_the_tail_is_never_issued_again,
 );
 
 fn new_saga(id: &str, key: Option<&str>) -> NewSaga {
@@ -189,7 +220,7 @@ async fn a_commit_applies_once_per_version_and_writes_its_journal_only_then(back
         .await
         .unwrap()
         .expect("the first commit applies");
-    assert_eq!(version, saga.version + 1);
+    assert!(version > saga.version, "{version} after {}", saga.version);
     // The same expected version again: a lost race, nothing written.
     let stale = store
         .commit(commit("s1", saga.version, &next, &journal, extend))
@@ -257,7 +288,7 @@ async fn concurrent_creations_and_commits_each_apply_with_their_journal(backend:
     }))
     .await;
     for (id, version) in winners.iter().zip(versions) {
-        assert_eq!(version.unwrap(), Some(2), "{id} applied once");
+        assert!(version.unwrap().is_some_and(|v| v > 1), "{id} applied once");
         let saga = store.load(id).await.unwrap().unwrap();
         assert_eq!(saga.status, Status::ChargingPayment, "{id}");
         let steps: Vec<String> = store
@@ -302,10 +333,47 @@ async fn racing_commits_to_one_saga_apply_exactly_once(backend: Backend) {
     let journal = store.journal("s1").await.unwrap();
     assert_eq!(journal.len(), 1);
     assert_eq!(journal[0].step, format!("w{}", won[0]));
-    assert_eq!(
-        store.load("s1").await.unwrap().unwrap().version,
-        saga.version + 1
-    );
+    assert!(store.load("s1").await.unwrap().unwrap().version > saga.version);
+}
+
+/// The database loses the tail that held a version (as after a power loss
+/// with asynchronous commits, or a restore): the versions written after it
+/// are new ones, so the writer that still holds the lost version cannot
+/// commit over a state it never read.
+async fn a_version_lost_with_the_tail_is_never_issued_again(backend: Backend) {
+    let store = &backend.store;
+    let (saga, _) = store
+        .create(&new_saga("s1", None), "r1", TTL)
+        .await
+        .unwrap();
+    let next = reserved(&saga.state);
+    let lost = store
+        .commit(commit("s1", saga.version, &next, &[], LeaseChange::Keep))
+        .await
+        .unwrap()
+        .unwrap();
+    // The crash: the row is back as it was before that commit.
+    backend.set_version("s1", saga.version).await;
+    let cancel = next
+        .apply(
+            &ORDER_SAGA,
+            &POLICY,
+            &Event::CancelRequested { reason: None },
+        )
+        .unwrap();
+    let after = store
+        .commit(commit("s1", saga.version, &cancel, &[], LeaseChange::Keep))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(after, lost, "a lost version was issued again");
+    // The writer that saw the lost version loses its race.
+    let stale = store
+        .commit(commit("s1", lost, &next, &[], LeaseChange::Keep))
+        .await
+        .unwrap();
+    assert_eq!(stale, None);
+    assert_eq!(store.load("s1").await.unwrap().unwrap().state, cancel);
 }
 
 /// Runs borrowing futures concurrently on this task; answers in order.

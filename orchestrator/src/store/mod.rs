@@ -61,7 +61,12 @@ pub struct SagaRecord {
     pub state: SagaState,
     /// The status derived from the state when it was written.
     pub status: Status,
-    /// The row's version, for optimistic concurrency.
+    /// The row's version, for optimistic concurrency: 1 when created, then
+    /// the larger of the previous version + 1 and the database clock in
+    /// microseconds. A database that loses its unflushed tail forgets the
+    /// versions it wrote there, and a counter would issue them again; a
+    /// writer still holding one of them would then overwrite a state it
+    /// never read. Clock-based versions are never reissued.
     pub version: i64,
     /// When the next attempt is due.
     pub next_attempt_at: Option<f64>,

@@ -377,7 +377,10 @@ async fn update_sagas(pool: &PgPool, rows: &[CommitRow]) -> Result<Vec<Option<i6
             ORDER BY s.saga_id FOR UPDATE
         ), updated AS (
             UPDATE sagas s SET
-                state = c.state::jsonb, status = c.status, version = s.version + 1,
+                state = c.state::jsonb, status = c.status,
+                -- Never a version issued before (see SagaRecord::version).
+                version = greatest(s.version + 1,
+                                   (extract(epoch FROM clock_timestamp()) * 1000000)::bigint),
                 total_amount_cents = c.total_amount_cents, failure_reason = c.failure_reason,
                 last_error = c.last_error, current_step = c.current_step,
                 attempts = c.attempts, cancel_requested = c.cancel_requested,

@@ -142,7 +142,10 @@ impl SagaStore for SqliteStore {
         let mut tx = self.pool.begin().await?;
         let version: Option<i64> = sqlx::query_scalar(
             "UPDATE sagas SET
-                 state = ?3, status = ?4, version = version + 1,
+                 state = ?3, status = ?4,
+                 -- Never a version issued before (see SagaRecord::version).
+                 version = max(version + 1,
+                               CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)),
                  total_amount_cents = ?5, failure_reason = ?6, last_error = ?7,
                  current_step = ?8, attempts = ?9, cancel_requested = ?10,
                  next_attempt_at = CASE ?11 WHEN 'keep' THEN next_attempt_at
