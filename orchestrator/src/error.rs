@@ -72,7 +72,9 @@ impl From<Error> for Status {
             Error::Unavailable(message) => Status::unavailable(message),
             Error::Unauthenticated(message) => Status::unauthenticated(message),
             Error::Saga(e) => Status::failed_precondition(e.to_string()),
-            Error::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => {
+            // Unreachable, restarting or in crash recovery: the client may
+            // retry (PlaceOrder with its idempotency key) once it is back.
+            Error::Database(ref e) if participants::error::is_transient(e) => {
                 tracing::warn!(%error, "database unavailable");
                 Status::unavailable("database unavailable, try again")
             }
@@ -82,5 +84,22 @@ impl From<Error> for Status {
                 Status::internal("internal error")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreachable_database_is_unavailable_and_a_bug_is_internal() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        for transient in [sqlx::Error::PoolTimedOut, sqlx::Error::Io(io)] {
+            let status = Status::from(Error::Database(transient));
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        }
+        let status = Status::from(Error::Database(sqlx::Error::RowNotFound));
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert_eq!(status.message(), "internal error", "no cause leaks out");
     }
 }

@@ -53,6 +53,20 @@ fn is_transient_sqlite(db: &dyn sqlx::error::DatabaseError) -> bool {
             .is_some_and(|code| matches!(code & 0xff, 5 | 6))
 }
 
+/// Whether a database error is worth retrying as it is: the server could
+/// not be reached or is restarting (connection classes, shutdown, crash
+/// recovery), a pool with no free connection, or a transient conflict.
+pub fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            db.code().is_some_and(|code| is_transient_sqlstate(&code))
+                || is_transient_sqlite(db.as_ref())
+        }
+        _ => false,
+    }
+}
+
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         match error {
