@@ -400,7 +400,10 @@ impl RecordClients {
     }
 
     /// A saga's charge record; None when the payment participant has none.
-    pub async fn charge(&self, saga_id: &str) -> Result<Option<payment::GetChargeResponse>, Status> {
+    pub async fn charge(
+        &self,
+        saga_id: &str,
+    ) -> Result<Option<payment::GetChargeResponse>, Status> {
         let request = self.request(payment::GetChargeRequest {
             saga_id: saga_id.to_owned(),
         });
@@ -441,7 +444,10 @@ impl RecordClients {
     }
 
     /// CancelShipment: cancels a saga's shipment (idempotent).
-    pub async fn cancel_shipment(&self, saga_id: &str) -> Result<fulfillment::CancelOutcome, Status> {
+    pub async fn cancel_shipment(
+        &self,
+        saga_id: &str,
+    ) -> Result<fulfillment::CancelOutcome, Status> {
         let request = self.request(fulfillment::CancelShipmentRequest {
             saga_id: saga_id.to_owned(),
         });

@@ -203,7 +203,7 @@ pub fn check(party: Party, saga: Option<&SagaBrief>, record: Option<&Record>) ->
         };
         return vec![finding(
             Kind::Orphan,
-            format!("no {what} {}", party.active_state()),
+            format!("no {} {what}", party.active_state()),
             describe(party, record),
             format!("{what} still {} for {whose}", record.state),
         )];
@@ -457,8 +457,8 @@ fn charge(saga_id: String, state: i32, customer_id: String, amount_cents: i64) -
 }
 
 fn shipment(saga_id: String, state: i32, items: Vec<fulfillment::Item>) -> Record {
-    let state =
-        fulfillment::ShipmentState::try_from(state).unwrap_or(fulfillment::ShipmentState::Unspecified);
+    let state = fulfillment::ShipmentState::try_from(state)
+        .unwrap_or(fulfillment::ShipmentState::Unspecified);
     Record {
         saga_id,
         active: state == fulfillment::ShipmentState::Shipped,
@@ -516,7 +516,11 @@ async fn list(
 }
 
 /// A participant's record of one saga, read now.
-async fn read(clients: &RecordClients, party: Party, saga_id: &str) -> Result<Option<Record>, Error> {
+async fn read(
+    clients: &RecordClients,
+    party: Party,
+    saga_id: &str,
+) -> Result<Option<Record>, Error> {
     let fail = |status: Status| unreachable_participant(party, &status);
     Ok(match party {
         Party::Inventory => clients
@@ -538,7 +542,11 @@ async fn read(clients: &RecordClients, party: Party, saga_id: &str) -> Result<Op
 }
 
 /// Sends the compensation of `party` for the saga; the outcome's name.
-async fn compensate(clients: &RecordClients, party: Party, saga_id: &str) -> Result<String, Status> {
+async fn compensate(
+    clients: &RecordClients,
+    party: Party,
+    saga_id: &str,
+) -> Result<String, Status> {
     Ok(match party {
         Party::Inventory => clients.release(saga_id).await?.as_str_name().to_owned(),
         Party::Payment => clients.refund(saga_id).await?.as_str_name().to_owned(),
@@ -785,7 +793,11 @@ mod tests {
     fn a_completed_saga_with_matching_records_is_clean() {
         for party in Party::ALL {
             assert_eq!(
-                check(party, Some(&saga(SagaStatus::Completed)), Some(&good(party))),
+                check(
+                    party,
+                    Some(&saga(SagaStatus::Completed)),
+                    Some(&good(party))
+                ),
                 vec![],
                 "{party:?}"
             );
@@ -838,7 +850,11 @@ mod tests {
             items: vec![("gadget".into(), 1), ("widget".into(), 3)],
             ..good(party)
         };
-        let findings = check(Party::Inventory, Some(&completed), Some(&more(Party::Inventory)));
+        let findings = check(
+            Party::Inventory,
+            Some(&completed),
+            Some(&more(Party::Inventory)),
+        );
         assert_eq!(kinds(&findings), [Kind::Mismatch]);
         assert_eq!(findings[0].expected, "gadget x1, widget x2");
         assert_eq!(findings[0].found, "gadget x1, widget x3");
@@ -873,10 +889,7 @@ mod tests {
 
     #[test]
     fn sagas_in_flight_or_needing_attention_are_not_checked() {
-        for status in SagaStatus::ALL
-            .into_iter()
-            .filter(|s| !s.is_terminal())
-        {
+        for status in SagaStatus::ALL.into_iter().filter(|s| !s.is_terminal()) {
             for party in Party::ALL {
                 let saga = saga(status);
                 assert_eq!(check(party, Some(&saga), Some(&good(party))), vec![]);
