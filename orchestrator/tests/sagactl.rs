@@ -560,3 +560,93 @@ async fn reconcile_exits_0_when_clean_and_1_on_discrepancies_even_once_repaired(
         );
     }
 }
+
+/// `orchestrator dev` (SQLite, in memory) as a process: reconcile reads
+/// the embedded participants and repairs there too.
+#[tokio::test]
+async fn reconcile_works_on_the_embedded_mode() {
+    use harness::process::wait_until_serving;
+    use proto::inventory::v1::inventory_service_client::InventoryServiceClient;
+    use proto::inventory::v1::{Item, ReserveRequest};
+    use proto::saga::v1::GetOrderStatusRequest;
+    use proto::saga::v1::order_service_client::OrderServiceClient;
+
+    // A base port with the three after it free (the participants').
+    let base = (0..100)
+        .map(|_| free_port())
+        .find(|&base| {
+            base < 65_000
+                && (0..4).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
+        })
+        .expect("four consecutive free ports");
+    let endpoint = format!("http://127.0.0.1:{base}");
+    let mut dev = Running::start(command(
+        env!("CARGO_BIN_EXE_orchestrator"),
+        &[
+            "dev",
+            "--in-memory",
+            "--listen",
+            &format!("127.0.0.1:{base}"),
+        ],
+        &["ORCHESTRATOR_LISTEN"],
+    ));
+    let channel = wait_until_serving(&mut dev, &endpoint, "saga.v1.AdminService").await;
+
+    let mut orders = OrderServiceClient::new(channel);
+    let id = orders
+        .place_order(harness::place_request("alice", &[("widget", 2)], ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .order_id;
+    let deadline = std::time::Instant::now() + SETTLE;
+    loop {
+        let order = orders
+            .get_order_status(GetOrderStatusRequest {
+                order_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if order.status() == OrderStatus::Completed {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{order:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, stdout, stderr) = sagactl(&endpoint, &["reconcile"]).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+
+    InventoryServiceClient::connect(format!("http://127.0.0.1:{}", base + 1))
+        .await
+        .unwrap()
+        .reserve(ReserveRequest {
+            saga_id: "ord_nobody".into(),
+            items: vec![Item {
+                product_id: "widget".into(),
+                quantity: 1,
+            }],
+        })
+        .await
+        .unwrap();
+    let (code, stdout, _) =
+        sagactl(&endpoint, &["reconcile", "--repair", "--output", "json"]).await;
+    assert_eq!(code, 1, "{stdout}");
+    let document = json(&stdout);
+    assert_eq!(document["repaired"], 1, "{document}");
+    assert_eq!(document["discrepancies"][0]["saga_id"], "ord_nobody");
+    assert_eq!(document["discrepancies"][0]["kind"], "ORPHAN");
+    assert!(document["discrepancies"][0]["saga_status"].is_null());
+    let (code, stdout, _) = sagactl(&endpoint, &["reconcile"]).await;
+    assert_eq!(code, 0, "repaired: {stdout}");
+    assert!(stdout.contains("checked 1 sagas"), "{stdout}");
+    assert!(stdout.contains("2 reservations"), "{stdout}");
+    // Our connection closes (the runtime stays free to close it while the
+    // process is awaited), so the server drains at once.
+    drop(orders);
+    harness::process::terminate(dev.pid());
+    let (status, _, _) = tokio::task::spawn_blocking(move || dev.finish())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
