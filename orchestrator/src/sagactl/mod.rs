@@ -58,9 +58,10 @@ JSON (--output json), one document on stdout; times are RFC 3339 UTC:
                 \"discrepancies_found\", \"sagas_checked\", \"sagas_skipped\",
                 \"reservations_checked\", \"charges_checked\", \"shipments_checked\",
                 \"repaired\", \"repair_failed\"}
-               participant: inventory|payment|fulfillment; kind: ORPHAN (active record,
-               saga FAILED/CANCELLED/unknown: saga_status null), MISSING (COMPLETED
-               saga, record absent or not active), MISMATCH (COMPLETED saga, values differ)
+               participant: inventory|payment|fulfillment; kind: ORPHAN (an active
+               record of a FAILED, CANCELLED or unknown saga; saga_status null when
+               unknown), MISSING (COMPLETED saga, record absent or not active),
+               MISMATCH (COMPLETED saga, values differ)
   SAGA         {\"saga_id\", \"status\", \"customer_id\", \"current_step\", \"attempts\",
                 \"age_seconds\", \"created_at\", \"updated_at\", \"progress_at\",
                 \"next_attempt_at\", \"lease_owner\", \"last_error\", \"stuck_reason\"}
