@@ -1,7 +1,8 @@
 //! `saga.v1.AdminService`, for operators and `sagactl`: find stuck sagas,
-//! explain them, resume or abort them. Every mutating call is journalled
-//! with who asked and why. With `--admin-token`, each call must carry
-//! `authorization: Bearer <token>`.
+//! explain them, resume or abort them; reconcile the sagas with the
+//! participants' records (the join itself is in [`crate::reconcile`]).
+//! Every mutating call is journalled with who asked and why. With
+//! `--admin-token`, each call must carry `authorization: Bearer <token>`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use crate::api::{
 };
 use crate::error::Error;
 use crate::executor::{Executor, now_epoch};
+use crate::reconcile;
 use crate::saga::{Event, Kind, ORDER_SAGA, Status as SagaStatus};
 use crate::store::{ListFilter, SagaRecord};
 
@@ -311,6 +313,112 @@ impl pb::admin_service_server::AdminService for AdminApi {
             finished_last_minute: stats.finished_last_minute,
             in_flight: self.executor.in_flight() as i64,
         }))
+    }
+
+    async fn reconcile(
+        &self,
+        request: Request<pb::ReconcileRequest>,
+    ) -> Result<Response<pb::ReconcileResponse>, Status> {
+        let request = request.into_inner();
+        let operator = match bounded_text("operator", request.operator, MAX_OPERATOR_BYTES)? {
+            operator if operator.trim().is_empty() => "unknown operator".to_owned(),
+            operator => operator,
+        };
+        let limit = match request.limit {
+            0 => DEFAULT_RECONCILE_LIMIT,
+            n @ 1..=MAX_RECONCILE_LIMIT => n,
+            n => {
+                return Err(Error::invalid(format!(
+                    "limit is {n}; it must be between 1 and {MAX_RECONCILE_LIMIT} (0 for {DEFAULT_RECONCILE_LIMIT})"
+                ))
+                .into());
+            }
+        };
+        let page_size = match request.page_size {
+            0 => MAX_RECONCILE_PAGE,
+            n @ 1..=MAX_RECONCILE_PAGE => n,
+            n => {
+                return Err(Error::invalid(format!(
+                    "page_size is {n}; it must be between 1 and {MAX_RECONCILE_PAGE} (0 for {MAX_RECONCILE_PAGE})"
+                ))
+                .into());
+            }
+        };
+        let clients = self.executor.calls().records().ok_or_else(|| {
+            Error::FailedPrecondition(
+                "this orchestrator has no participant clients to reconcile with".to_owned(),
+            )
+        })?;
+        let options = reconcile::Options {
+            repair: request.repair,
+            actor: format!("operator {operator}"),
+            limit: limit as usize,
+            page_size,
+        };
+        let started = std::time::Instant::now();
+        let report = reconcile::run(self.executor.store().as_ref(), &clients, &options).await?;
+        tracing::info!(
+            repair = options.repair,
+            actor = %options.actor,
+            discrepancies = report.found,
+            repaired = report.repaired,
+            repair_failed = report.repair_failed,
+            sagas_checked = report.sagas_checked,
+            sagas_skipped = report.sagas_skipped,
+            took = ?started.elapsed(),
+            "reconciled"
+        );
+        Ok(Response::new(reconcile_pb(report)))
+    }
+}
+
+/// Discrepancies returned by Reconcile when the request says 0, and at most.
+const DEFAULT_RECONCILE_LIMIT: i32 = 1000;
+const MAX_RECONCILE_LIMIT: i32 = 10_000;
+/// Rows per page Reconcile reads from each side, by default and at most
+/// (the participants' listing maximum).
+const MAX_RECONCILE_PAGE: i32 = 1000;
+
+/// The protobuf form of a reconcile report.
+fn reconcile_pb(report: reconcile::Report) -> pb::ReconcileResponse {
+    let [reservations, charges, shipments] = report.records_checked;
+    pb::ReconcileResponse {
+        discrepancies: report
+            .discrepancies
+            .into_iter()
+            .map(|d| pb::Discrepancy {
+                saga_id: d.saga_id,
+                participant: match d.finding.party {
+                    reconcile::Party::Inventory => pb::Participant::Inventory,
+                    reconcile::Party::Payment => pb::Participant::Payment,
+                    reconcile::Party::Fulfillment => pb::Participant::Fulfillment,
+                }
+                .into(),
+                kind: match d.finding.kind {
+                    reconcile::Kind::Orphan => pb::DiscrepancyKind::Orphan,
+                    reconcile::Kind::Missing => pb::DiscrepancyKind::Missing,
+                    reconcile::Kind::Mismatch => pb::DiscrepancyKind::Mismatch,
+                }
+                .into(),
+                saga_status: d
+                    .saga_status
+                    .map_or(pb::OrderStatus::Unspecified, status_pb)
+                    .into(),
+                expected: d.finding.expected,
+                found: d.finding.found,
+                detail: d.finding.detail,
+                repaired: d.repair.as_ref().is_some_and(|r| r.succeeded),
+                repair: d.repair.map(|r| r.detail).unwrap_or_default(),
+            })
+            .collect(),
+        discrepancies_found: report.found,
+        sagas_checked: report.sagas_checked,
+        sagas_skipped: report.sagas_skipped,
+        reservations_checked: reservations,
+        charges_checked: charges,
+        shipments_checked: shipments,
+        repaired: report.repaired,
+        repair_failed: report.repair_failed,
     }
 }
 

@@ -42,6 +42,13 @@ pub trait StepCalls: Send + Sync + 'static {
     /// Makes the call and classifies how it ended. Never fails: every
     /// failure is an outcome the state machine decides on.
     async fn call(&self, call: StepCall<'_>) -> Outcome;
+
+    /// Clients that read and compensate participants' records outside any
+    /// step (Reconcile), on the same channels; None when this
+    /// implementation does not talk to real participants.
+    fn records(&self) -> Option<RecordClients> {
+        None
+    }
 }
 
 /// Where the participants listen.
@@ -240,6 +247,15 @@ impl StepCalls for GrpcParticipants {
             Err(_) => timed_out(),
         }
     }
+
+    fn records(&self) -> Option<RecordClients> {
+        Some(RecordClients {
+            inventory: self.inventory.clone(),
+            payment: self.payment.clone(),
+            fulfillment: self.fulfillment.clone(),
+            timeout: self.timeout,
+        })
+    }
 }
 
 /// Calls in progress to one participant, by default: enough to keep a
@@ -288,6 +304,166 @@ impl StepCalls for Bounded {
             None => None,
         };
         self.inner.call(call).await
+    }
+
+    fn records(&self) -> Option<RecordClients> {
+        self.inner.records()
+    }
+}
+
+/// The participants' record RPCs, outside any saga step: listings, point
+/// reads and compensations, each under the step deadline. What Reconcile
+/// uses; cheap to clone (the channels are the step calls').
+#[derive(Debug, Clone)]
+pub struct RecordClients {
+    inventory: inventory::inventory_service_client::InventoryServiceClient<Channel>,
+    payment: payment::payment_service_client::PaymentServiceClient<Channel>,
+    fulfillment: fulfillment::fulfillment_service_client::FulfillmentServiceClient<Channel>,
+    timeout: Duration,
+}
+
+impl RecordClients {
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request.set_timeout(self.timeout);
+        request
+    }
+
+    /// Runs `call` under the deadline (the client does not enforce it).
+    async fn within<T>(
+        &self,
+        call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+    ) -> Result<T, Status> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(reply) => reply.map(tonic::Response::into_inner),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "no answer within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+
+    /// One page of the inventory's reservation records.
+    pub async fn list_reservations(
+        &self,
+        page_token: String,
+        page_size: i32,
+    ) -> Result<inventory::ListReservationsResponse, Status> {
+        let request = self.request(inventory::ListReservationsRequest {
+            page_size,
+            page_token,
+        });
+        self.within(self.inventory.clone().list_reservations(request))
+            .await
+    }
+
+    /// One page of the payment participant's charge records.
+    pub async fn list_charges(
+        &self,
+        page_token: String,
+        page_size: i32,
+    ) -> Result<payment::ListChargesResponse, Status> {
+        let request = self.request(payment::ListChargesRequest {
+            page_size,
+            page_token,
+        });
+        self.within(self.payment.clone().list_charges(request))
+            .await
+    }
+
+    /// One page of the fulfillment participant's shipment records.
+    pub async fn list_shipments(
+        &self,
+        page_token: String,
+        page_size: i32,
+    ) -> Result<fulfillment::ListShipmentsResponse, Status> {
+        let request = self.request(fulfillment::ListShipmentsRequest {
+            page_size,
+            page_token,
+        });
+        self.within(self.fulfillment.clone().list_shipments(request))
+            .await
+    }
+
+    /// A saga's reservation record; None when the inventory has none.
+    pub async fn reservation(
+        &self,
+        saga_id: &str,
+    ) -> Result<Option<inventory::GetReservationResponse>, Status> {
+        let request = self.request(inventory::GetReservationRequest {
+            saga_id: saga_id.to_owned(),
+        });
+        absent_as_none(
+            self.within(self.inventory.clone().get_reservation(request))
+                .await,
+        )
+    }
+
+    /// A saga's charge record; None when the payment participant has none.
+    pub async fn charge(
+        &self,
+        saga_id: &str,
+    ) -> Result<Option<payment::GetChargeResponse>, Status> {
+        let request = self.request(payment::GetChargeRequest {
+            saga_id: saga_id.to_owned(),
+        });
+        absent_as_none(self.within(self.payment.clone().get_charge(request)).await)
+    }
+
+    /// A saga's shipment record; None when the fulfillment participant has
+    /// none.
+    pub async fn shipment(
+        &self,
+        saga_id: &str,
+    ) -> Result<Option<fulfillment::GetShipmentResponse>, Status> {
+        let request = self.request(fulfillment::GetShipmentRequest {
+            saga_id: saga_id.to_owned(),
+        });
+        absent_as_none(
+            self.within(self.fulfillment.clone().get_shipment(request))
+                .await,
+        )
+    }
+
+    /// Release: puts a saga's reserved units back (idempotent).
+    pub async fn release(&self, saga_id: &str) -> Result<inventory::ReleaseOutcome, Status> {
+        let request = self.request(inventory::ReleaseRequest {
+            saga_id: saga_id.to_owned(),
+        });
+        let reply = self.within(self.inventory.clone().release(request)).await?;
+        Ok(reply.outcome())
+    }
+
+    /// Refund: credits a saga's charge back (idempotent).
+    pub async fn refund(&self, saga_id: &str) -> Result<payment::RefundOutcome, Status> {
+        let request = self.request(payment::RefundRequest {
+            saga_id: saga_id.to_owned(),
+        });
+        let reply = self.within(self.payment.clone().refund(request)).await?;
+        Ok(reply.outcome())
+    }
+
+    /// CancelShipment: cancels a saga's shipment (idempotent).
+    pub async fn cancel_shipment(
+        &self,
+        saga_id: &str,
+    ) -> Result<fulfillment::CancelOutcome, Status> {
+        let request = self.request(fulfillment::CancelShipmentRequest {
+            saga_id: saga_id.to_owned(),
+        });
+        let reply = self
+            .within(self.fulfillment.clone().cancel_shipment(request))
+            .await?;
+        Ok(reply.outcome())
+    }
+}
+
+/// A point read's NOT_FOUND as None.
+fn absent_as_none<T>(reply: Result<T, Status>) -> Result<Option<T>, Status> {
+    match reply {
+        Ok(record) => Ok(Some(record)),
+        Err(status) if status.code() == Code::NotFound => Ok(None),
+        Err(status) => Err(status),
     }
 }
 

@@ -132,6 +132,11 @@ impl Executor {
         &self.store
     }
 
+    /// The participant calls.
+    pub fn calls(&self) -> &Arc<dyn StepCalls> {
+        &self.calls
+    }
+
     /// Sagas driven here now.
     pub fn in_flight(&self) -> usize {
         self.config.max_in_flight - self.permits.available_permits()

@@ -4,6 +4,7 @@
 //! - [`saga`]: the pure state machine (no I/O, no clock).
 //! - [`store`]: saga rows and their journal, behind a trait; PostgreSQL.
 //! - [`error`]: the one error type and its mapping to `tonic::Status`.
+//! - [`reconcile`]: sagas against the participants' records (merge join).
 
 pub mod admin;
 pub mod api;
@@ -12,6 +13,7 @@ pub mod config;
 pub mod dev;
 pub mod error;
 pub mod executor;
+pub mod reconcile;
 pub mod saga;
 pub mod sagactl;
 pub mod server;

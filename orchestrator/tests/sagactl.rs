@@ -424,3 +424,229 @@ async fn help_explains_commands_exit_codes_and_json() {
         assert!(stdout.contains(expected), "--help mentions {expected}");
     }
 }
+
+#[tokio::test]
+async fn reconcile_exits_0_when_clean_and_1_on_discrepancies_even_once_repaired() {
+    use proto::fulfillment::v1::{CancelShipmentRequest, Item, ShipRequest};
+    use proto::payment::v1::ChargeRequest;
+
+    let system = seeded(|_| {}).await;
+    system.seed_account("bob", 100).await.unwrap();
+    let endpoint = endpoint(&system);
+    let completed = system.place("alice", &[("widget", 1)]).await.unwrap();
+    let failed = system.place("bob", &[("widget", 1)]).await.unwrap();
+    for id in [&completed, &failed] {
+        system.wait_settled(id, SETTLE).await.unwrap();
+    }
+    assert_eq!(
+        system.status(&failed).await.unwrap().status(),
+        OrderStatus::Failed
+    );
+
+    let (code, stdout, stderr) = sagactl(&endpoint, &["reconcile"]).await;
+    assert_eq!(code, 0, "clean: {stdout}{stderr}");
+    assert!(stdout.contains("no discrepancies"), "{stdout}");
+    assert!(stdout.contains("checked 2 sagas"), "{stdout}");
+    let (code, stdout, _) = sagactl(&endpoint, &["reconcile", "--output", "json"]).await;
+    assert_eq!(code, 0);
+    let document = json(&stdout);
+    assert_eq!(document["discrepancies"], serde_json::json!([]));
+    assert_eq!(document["discrepancies_found"], 0);
+    assert_eq!(document["sagas_checked"], 2);
+
+    // Behind the orchestrator's back: a shipment for the FAILED saga (an
+    // orphan), a charge for a saga nobody placed (an orphan), and the
+    // COMPLETED saga's shipment cancelled (missing).
+    let fulfillment = system.participants.fulfillment.fulfillment();
+    fulfillment
+        .clone()
+        .ship(ShipRequest {
+            saga_id: failed.clone(),
+            items: vec![Item {
+                product_id: "widget".into(),
+                quantity: 1,
+            }],
+        })
+        .await
+        .unwrap();
+    fulfillment
+        .clone()
+        .cancel_shipment(CancelShipmentRequest {
+            saga_id: completed.clone(),
+        })
+        .await
+        .unwrap();
+    system
+        .participants
+        .payment
+        .payment()
+        .charge(ChargeRequest {
+            saga_id: "ghost".into(),
+            customer_id: "alice".into(),
+            amount_cents: 300,
+        })
+        .await
+        .unwrap();
+
+    let (code, stdout, stderr) = sagactl(&endpoint, &["reconcile"]).await;
+    assert_eq!(code, 1, "discrepancies found: {stdout}{stderr}");
+    for expected in [
+        "ORPHAN",
+        "MISSING",
+        "ghost",
+        "unknown",
+        &failed,
+        &completed,
+        "3 discrepancies",
+        "sagactl reconcile --repair",
+    ] {
+        assert!(stdout.contains(expected), "mentions {expected}: {stdout}");
+    }
+
+    let (code, stdout, stderr) =
+        sagactl(&endpoint, &["reconcile", "--repair", "--operator", "carol"]).await;
+    assert_eq!(code, 1, "found, even if repaired: {stdout}{stderr}");
+    assert!(stdout.contains("repaired 2 orphans"), "{stdout}");
+    assert!(stdout.contains("CancelShipment"), "says what: {stdout}");
+    assert!(stdout.contains("Refund"), "says what: {stdout}");
+
+    // What is left cannot be repaired: the COMPLETED saga's shipment.
+    let (code, stdout, _) =
+        sagactl(&endpoint, &["reconcile", "--repair", "--output", "json"]).await;
+    assert_eq!(code, 1);
+    let document = json(&stdout);
+    assert_eq!(document["discrepancies_found"], 1, "{document}");
+    assert_eq!(document["repaired"], 0);
+    let left = &document["discrepancies"][0];
+    assert_eq!(left["saga_id"], completed.as_str());
+    assert_eq!(left["participant"], "fulfillment");
+    assert_eq!(left["kind"], "MISSING");
+    assert_eq!(left["saga_status"], "COMPLETED");
+    assert_eq!(left["expected"], "SHIPPED");
+    assert_eq!(left["repaired"], false);
+    assert!(left["repair"].is_null());
+
+    // The repair is in the FAILED saga's journal, by the operator.
+    let (_, stdout, _) = sagactl(&endpoint, &["show", &failed, "--output", "json"]).await;
+    let journal = json(&stdout)["journal"].as_array().unwrap().clone();
+    let control: Vec<_> = journal.iter().filter(|e| e["kind"] == "CONTROL").collect();
+    assert_eq!(control.len(), 1, "{journal:?}");
+    assert_eq!(control[0]["actor"], "operator carol");
+    assert_eq!(control[0]["step"], "reconcile");
+    assert_eq!(
+        control[0]["rpc"],
+        "fulfillment.v1.FulfillmentService/CancelShipment"
+    );
+
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let (code, _, stderr) = sagactl(&nowhere, &["reconcile"]).await;
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("cannot reach the orchestrator"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+
+    let (code, stdout, _) = sagactl(&endpoint, &["reconcile", "--help"]).await;
+    assert_eq!(code, 0);
+    for expected in [
+        "ORPHAN",
+        "MISSING",
+        "MISMATCH",
+        "--repair",
+        "--operator",
+        "Exit 1",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "reconcile --help mentions {expected}: {stdout}"
+        );
+    }
+}
+
+/// `orchestrator dev` (SQLite, in memory) as a process: reconcile reads
+/// the embedded participants and repairs there too.
+#[tokio::test]
+async fn reconcile_works_on_the_embedded_mode() {
+    use harness::process::wait_until_serving;
+    use proto::inventory::v1::inventory_service_client::InventoryServiceClient;
+    use proto::inventory::v1::{Item, ReserveRequest};
+    use proto::saga::v1::GetOrderStatusRequest;
+    use proto::saga::v1::order_service_client::OrderServiceClient;
+
+    // A base port with the three after it free (the participants').
+    let base = (0..100)
+        .map(|_| free_port())
+        .find(|&base| {
+            base < 65_000
+                && (0..4).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
+        })
+        .expect("four consecutive free ports");
+    let endpoint = format!("http://127.0.0.1:{base}");
+    let mut dev = Running::start(command(
+        env!("CARGO_BIN_EXE_orchestrator"),
+        &[
+            "dev",
+            "--in-memory",
+            "--listen",
+            &format!("127.0.0.1:{base}"),
+        ],
+        &["ORCHESTRATOR_LISTEN"],
+    ));
+    let channel = wait_until_serving(&mut dev, &endpoint, "saga.v1.AdminService").await;
+
+    let mut orders = OrderServiceClient::new(channel);
+    let id = orders
+        .place_order(harness::place_request("alice", &[("widget", 2)], ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .order_id;
+    let deadline = std::time::Instant::now() + SETTLE;
+    loop {
+        let order = orders
+            .get_order_status(GetOrderStatusRequest {
+                order_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if order.status() == OrderStatus::Completed {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{order:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, stdout, stderr) = sagactl(&endpoint, &["reconcile"]).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+
+    InventoryServiceClient::connect(format!("http://127.0.0.1:{}", base + 1))
+        .await
+        .unwrap()
+        .reserve(ReserveRequest {
+            saga_id: "ord_nobody".into(),
+            items: vec![Item {
+                product_id: "widget".into(),
+                quantity: 1,
+            }],
+        })
+        .await
+        .unwrap();
+    let (code, stdout, _) =
+        sagactl(&endpoint, &["reconcile", "--repair", "--output", "json"]).await;
+    assert_eq!(code, 1, "{stdout}");
+    let document = json(&stdout);
+    assert_eq!(document["repaired"], 1, "{document}");
+    assert_eq!(document["discrepancies"][0]["saga_id"], "ord_nobody");
+    assert_eq!(document["discrepancies"][0]["kind"], "ORPHAN");
+    assert!(document["discrepancies"][0]["saga_status"].is_null());
+    let (code, stdout, _) = sagactl(&endpoint, &["reconcile"]).await;
+    assert_eq!(code, 0, "repaired: {stdout}");
+    assert!(stdout.contains("checked 1 sagas"), "{stdout}");
+    assert!(stdout.contains("2 reservations"), "{stdout}");
+    // Our connection closes (the runtime stays free to close it while the
+    // process is awaited), so the server drains at once.
+    drop(orders);
+    harness::process::terminate(dev.pid());
+    let (status, _, _) = tokio::task::spawn_blocking(move || dev.finish())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}

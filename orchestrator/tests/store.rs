@@ -14,7 +14,8 @@ use std::time::Duration;
 use harness::TestDb;
 use orchestrator::saga::{Event, ORDER_SAGA, Outcome, Policy, SagaState, Status};
 use orchestrator::store::{
-    Commit, JournalEntry, LeaseChange, ListFilter, NewSaga, NextAttempt, OrderItem, SagaStore,
+    Commit, JournalEntry, LeaseChange, ListFilter, NewSaga, NextAttempt, OrderItem, SagaBrief,
+    SagaStore,
 };
 
 const TTL: Duration = Duration::from_secs(30);
@@ -137,6 +138,7 @@ conformance!(
     concurrent_creations_and_commits_each_apply_with_their_journal,
     racing_commits_to_one_saga_apply_exactly_once,
     a_version_lost_with_the_tail_is_never_issued_again,
+    sagas_are_paged_by_id_with_what_reconcile_compares,
 );
 
 fn new_saga(id: &str, key: Option<&str>) -> NewSaga {
@@ -696,4 +698,52 @@ async fn a_sqlite_file_survives_a_reopen() {
     assert!(!created, "the idempotency key survived too");
     assert_eq!(again.saga_id, "s1");
     drop(keep);
+}
+
+async fn sagas_are_paged_by_id_with_what_reconcile_compares(backend: Backend) {
+    let store = &backend.store;
+    assert_eq!(store.sagas_by_id("", 10).await.unwrap(), vec![]);
+    // Created out of id order: the pages are in id order, every status.
+    for id in ["s3", "s1"] {
+        store.create(&new_saga(id, None), "r1", TTL).await.unwrap();
+    }
+    let (s2, _) = store
+        .create(&new_saga("s2", None), "r1", TTL)
+        .await
+        .unwrap();
+    let next = reserved(&s2.state);
+    store
+        .commit(commit("s2", s2.version, &next, &[], LeaseChange::Keep))
+        .await
+        .unwrap()
+        .expect("committed");
+
+    let all = store.sagas_by_id("", 10).await.unwrap();
+    let ids: Vec<&str> = all.iter().map(|s| s.saga_id.as_str()).collect();
+    assert_eq!(ids, ["s1", "s2", "s3"]);
+    assert_eq!(
+        all[1],
+        SagaBrief {
+            saga_id: "s2".into(),
+            status: Status::ChargingPayment,
+            customer_id: "alice".into(),
+            items: vec![OrderItem {
+                product_id: "widget".into(),
+                quantity: 2,
+            }],
+            total_amount_cents: 500,
+        }
+    );
+    assert_eq!(
+        (all[0].status, all[0].total_amount_cents),
+        (Status::Pending, 0)
+    );
+    // What a point read says, in the same shape.
+    let loaded = store.load("s2").await.unwrap().expect("s2");
+    assert_eq!(SagaBrief::from(&loaded), all[1]);
+
+    assert_eq!(store.sagas_by_id("", 2).await.unwrap(), all[..2]);
+    assert_eq!(store.sagas_by_id("s2", 2).await.unwrap(), all[2..]);
+    assert_eq!(store.sagas_by_id("s3", 2).await.unwrap(), vec![]);
+    assert_eq!(store.sagas_by_id("s1x", 10).await.unwrap(), all[1..]);
 }

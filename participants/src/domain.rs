@@ -174,6 +174,77 @@ impl Items {
     }
 }
 
+/// Records per page of a keyset listing when the request says 0.
+pub const DEFAULT_PAGE_SIZE: i32 = 100;
+/// Most records per page of a keyset listing.
+pub const MAX_PAGE_SIZE: i32 = 1000;
+
+/// One page of a listing ordered by saga id, parsed from `page_size` and
+/// `page_token` (the last saga id of the previous page, opaque to clients).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    size: i64,
+    after: Option<Id>,
+}
+
+impl Page {
+    /// Parses a request's paging fields: the size must be 0 (the default,
+    /// [`DEFAULT_PAGE_SIZE`]) or 1..=[`MAX_PAGE_SIZE`], the token empty or
+    /// a saga id.
+    pub fn parse(page_size: i32, page_token: String) -> Result<Self, Error> {
+        let size = match page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n @ 1..=MAX_PAGE_SIZE => n,
+            n => {
+                return Err(Error::invalid(format!(
+                    "page_size is {n}; it must be between 1 and {MAX_PAGE_SIZE} (0 for {DEFAULT_PAGE_SIZE})"
+                )));
+            }
+        };
+        let after = if page_token.is_empty() {
+            None
+        } else {
+            Some(Id::parse("page_token", page_token).map_err(|_| {
+                Error::invalid(
+                    "page_token is not one this listing gave out; start with an empty one",
+                )
+            })?)
+        };
+        Ok(Self {
+            size: i64::from(size),
+            after,
+        })
+    }
+
+    /// Records on this page.
+    pub fn size(&self) -> i64 {
+        self.size
+    }
+
+    /// The key the page starts after; empty for the first page (every saga
+    /// id sorts after the empty string).
+    pub fn after(&self) -> &str {
+        self.after.as_ref().map_or("", Id::as_str)
+    }
+
+    /// Cuts `rows`, fetched with a limit of `size() + 1` so that one more
+    /// row tells whether there is a next page, to the page, and gives the
+    /// token of the next page (empty when this is the last).
+    pub fn finish<T>(&self, mut rows: Vec<T>, key: impl Fn(&T) -> &str) -> (Vec<T>, String) {
+        let size = usize::try_from(self.size).unwrap_or(usize::MAX);
+        if rows.len() > size {
+            rows.truncate(size);
+            let token = rows
+                .last()
+                .map(|row| key(row).to_owned())
+                .unwrap_or_default();
+            (rows, token)
+        } else {
+            (rows, String::new())
+        }
+    }
+}
+
 /// Checks a free-text field's length.
 pub fn bounded_text(field: &str, value: String, max: usize) -> Result<String, Error> {
     if value.len() > max {
@@ -265,6 +336,31 @@ mod tests {
         assert_eq!(
             parsed.sorted_columns(),
             (vec!["a".to_string(), "b".to_string()], vec![1, 2])
+        );
+    }
+
+    #[test]
+    fn pages_parse_sizes_and_tokens_and_cut_one_extra_row() {
+        let first = Page::parse(0, String::new()).unwrap();
+        assert_eq!((first.size(), first.after()), (100, ""));
+        let next = Page::parse(2, "s2".into()).unwrap();
+        assert_eq!((next.size(), next.after()), (2, "s2"));
+        assert!(Page::parse(1000, String::new()).is_ok());
+        for bad in [-1, 1001, i32::MAX] {
+            assert!(Page::parse(bad, String::new()).is_err(), "{bad}");
+        }
+        for bad in [" s1", "a\tb", &"x".repeat(129)] {
+            assert!(Page::parse(0, bad.to_owned()).is_err(), "{bad:?}");
+        }
+        let rows = vec!["s3", "s4", "s5"];
+        assert_eq!(
+            next.finish(rows, |r| r),
+            (vec!["s3", "s4"], "s4".to_owned())
+        );
+        assert_eq!(next.finish(vec!["s3"], |r| r), (vec!["s3"], String::new()));
+        assert_eq!(
+            next.finish(vec!["s3", "s4"], |r| r),
+            (vec!["s3", "s4"], String::new())
         );
     }
 

@@ -4,6 +4,8 @@
 //! One function per backend: PostgreSQL must cope with a concurrent action,
 //! SQLite runs the compensation alone.
 
+use std::collections::HashMap;
+
 use sqlx::{AssertSqlSafe, PgConnection, SqliteConnection};
 
 use crate::domain::Id;
@@ -109,4 +111,29 @@ pub(crate) async fn sqlite_take_or_tombstone(
         .execute(&mut *tx)
         .await?;
     Ok(Locked::Tombstoned)
+}
+
+/// Groups the item rows `(saga_id, product_id, quantity)` of a listed page
+/// per saga, as the two columns (product ids and quantities, in the rows'
+/// order) that the records carry. Rows must come ordered by saga id, then
+/// product id.
+pub(crate) fn items_by_saga(
+    rows: Vec<(String, String, i64)>,
+) -> HashMap<String, (Vec<String>, Vec<i64>)> {
+    let mut grouped: HashMap<String, (Vec<String>, Vec<i64>)> = HashMap::new();
+    for (saga_id, product_id, quantity) in rows {
+        let (products, quantities) = grouped.entry(saga_id).or_default();
+        products.push(product_id);
+        quantities.push(quantity);
+    }
+    grouped
+}
+
+/// Seconds since the Unix epoch as a protobuf timestamp.
+pub(crate) fn timestamp(seconds: f64) -> prost_types::Timestamp {
+    let whole = seconds.floor();
+    prost_types::Timestamp {
+        seconds: whole as i64,
+        nanos: ((seconds - whole) * 1e9) as i32,
+    }
 }

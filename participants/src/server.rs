@@ -81,6 +81,7 @@ impl Participant {
                 "ListProducts",
                 "UpsertProduct",
                 "GetReservation",
+                "ListReservations",
             ],
             Self::Payment => &[
                 "Charge",
@@ -88,8 +89,9 @@ impl Participant {
                 "GetAccount",
                 "UpsertAccount",
                 "GetCharge",
+                "ListCharges",
             ],
-            Self::Fulfillment => &["Ship", "CancelShipment", "GetShipment"],
+            Self::Fulfillment => &["Ship", "CancelShipment", "GetShipment", "ListShipments"],
         }
     }
 

@@ -205,6 +205,10 @@ conformance!(
     charges_replays_and_refunds_race_without_deadlock,
     concurrent_new_sagas_and_replays_ship_once,
     tombstones_refuse_only_their_own_ship,
+    // Listings for reconciliation: every record, in saga-id pages.
+    reservations_are_listed_in_saga_id_pages,
+    charges_are_listed_in_saga_id_pages,
+    shipments_are_listed_in_saga_id_pages,
 );
 
 // ---------------------------------------------------------------- inventory
@@ -1532,4 +1536,176 @@ async fn a_sqlite_file_survives_a_restart() {
     );
     assert_eq!(levels(&store, "p1").await, (7, 3));
     backend.close().await;
+}
+
+// ---------------------------------------------------------------- listings
+//
+// Reconcile reads every record of every participant a page at a time, by
+// saga id: all states, tombstones included, items sorted by product, the
+// keyset pages neither skipping nor repeating a record.
+
+/// Seconds since the epoch, now.
+fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
+}
+
+/// Asserts that a listed time is within a minute of now (both backends
+/// store the database clock, in different types).
+#[track_caller]
+fn recent(at: f64) {
+    assert!(
+        (at - now()).abs() < 60.0,
+        "time {at} is not now ({})",
+        now()
+    );
+}
+
+async fn reservations_are_listed_in_saga_id_pages(kind: Kind) {
+    let (_db, store) = inventory(kind).await;
+    assert_eq!(store.list_reservations("", 10).await.expect("list"), vec![]);
+    // Written out of id order: the listing sorts.
+    store
+        .reserve(&id("s4"), &items(&[("p1", 1)]))
+        .await
+        .expect("reserve s4");
+    store
+        .reserve(&id("s2"), &items(&[("p2", 1), ("p1", 2)]))
+        .await
+        .expect("reserve s2");
+    store.release(&id("s3")).await.expect("tombstone s3");
+    store
+        .reserve(&id("s1"), &items(&[("p1", 1)]))
+        .await
+        .expect("reserve s1");
+    store.release(&id("s4")).await.expect("release s4");
+
+    let all = store.list_reservations("", 10).await.expect("list");
+    let ids: Vec<&str> = all.iter().map(|r| r.saga_id.as_str()).collect();
+    assert_eq!(ids, ["s1", "s2", "s3", "s4"]);
+    let states: Vec<&str> = all.iter().map(|r| r.record.state.as_str()).collect();
+    assert_eq!(states, ["ACTIVE", "ACTIVE", "TOMBSTONE", "RELEASED"]);
+    let s2 = &all[1].record;
+    assert_eq!(s2.items, (vec!["p1".into(), "p2".into()], vec![2, 1]));
+    assert_eq!(s2.total_amount_cents, 2 * 250 + 100);
+    assert!(
+        s2.reservation_id
+            .as_deref()
+            .is_some_and(|r| r.starts_with("rsv_"))
+    );
+    let tombstone = &all[2].record;
+    assert_eq!(
+        (tombstone.reservation_id.as_ref(), &tombstone.items),
+        (None, &(vec![], vec![]))
+    );
+    assert_eq!(all[3].record.items, (vec!["p1".into()], vec![1]));
+    for listed in &all {
+        recent(listed.created_at);
+    }
+    assert_eq!(all[3].released_at.map(recent), Some(()));
+    assert!(all[..3].iter().all(|r| r.released_at.is_none()));
+    // Each listed record is what the point read returns.
+    for listed in &all {
+        let read = store.reservation(&id(&listed.saga_id)).await.expect("read");
+        assert_eq!(read.as_ref(), Some(&listed.record));
+    }
+
+    let first = store.list_reservations("", 2).await.expect("page 1");
+    let second = store.list_reservations("s2", 2).await.expect("page 2");
+    let rest = store.list_reservations("s4", 2).await.expect("page 3");
+    assert_eq!(
+        [first, second].concat(),
+        all,
+        "two pages of two are the whole listing"
+    );
+    assert_eq!(rest, vec![]);
+    // A key between records starts after it.
+    let after = store.list_reservations("s1x", 10).await.expect("after");
+    assert_eq!(after, all[1..]);
+}
+
+async fn charges_are_listed_in_saga_id_pages(kind: Kind) {
+    let (_db, store) = payment(kind, 1000).await;
+    assert_eq!(store.list_charges("", 10).await.expect("list"), vec![]);
+    store
+        .charge(&id("s3"), &id("alice"), money(300))
+        .await
+        .expect("charge s3");
+    store
+        .charge(&id("s1"), &id("alice"), money(100))
+        .await
+        .expect("charge s1");
+    store.refund(&id("s2")).await.expect("tombstone s2");
+    store.refund(&id("s3")).await.expect("refund s3");
+
+    let all = store.list_charges("", 10).await.expect("list");
+    let ids: Vec<&str> = all.iter().map(|c| c.saga_id.as_str()).collect();
+    assert_eq!(ids, ["s1", "s2", "s3"]);
+    let states: Vec<&str> = all.iter().map(|c| c.record.state.as_str()).collect();
+    assert_eq!(states, ["CHARGED", "TOMBSTONE", "REFUNDED"]);
+    assert_eq!(all[0].record.customer_id.as_deref(), Some("alice"));
+    assert_eq!(all[0].record.amount_cents, 100);
+    assert_eq!(
+        (
+            all[1].record.customer_id.as_ref(),
+            all[1].record.amount_cents
+        ),
+        (None, 0)
+    );
+    assert_eq!(all[2].record.amount_cents, 300);
+    for listed in &all {
+        recent(listed.created_at);
+        let read = store
+            .charge_record(&id(&listed.saga_id))
+            .await
+            .expect("read");
+        assert_eq!(read.as_ref(), Some(&listed.record));
+    }
+    assert_eq!(all[2].refunded_at.map(recent), Some(()));
+    assert!(all[..2].iter().all(|c| c.refunded_at.is_none()));
+
+    let first = store.list_charges("", 2).await.expect("page 1");
+    let second = store.list_charges("s2", 2).await.expect("page 2");
+    assert_eq!(first, all[..2]);
+    assert_eq!(second, all[2..]);
+}
+
+async fn shipments_are_listed_in_saga_id_pages(kind: Kind) {
+    let (_db, store) = fulfillment(kind).await;
+    assert_eq!(store.list_shipments("", 10).await.expect("list"), vec![]);
+    store
+        .ship(&id("s2"), &items(&[("p2", 3), ("p1", 1)]))
+        .await
+        .expect("ship s2");
+    store
+        .ship(&id("s1"), &items(&[("p1", 1)]))
+        .await
+        .expect("ship s1");
+    store.cancel(&id("s1")).await.expect("cancel s1");
+    store.cancel(&id("s3")).await.expect("tombstone s3");
+
+    let all = store.list_shipments("", 10).await.expect("list");
+    let ids: Vec<&str> = all.iter().map(|s| s.saga_id.as_str()).collect();
+    assert_eq!(ids, ["s1", "s2", "s3"]);
+    let states: Vec<&str> = all.iter().map(|s| s.record.state.as_str()).collect();
+    assert_eq!(states, ["CANCELLED", "SHIPPED", "TOMBSTONE"]);
+    assert_eq!(
+        all[1].record.items,
+        (vec!["p1".into(), "p2".into()], vec![1, 3])
+    );
+    assert_eq!(all[2].record.items, (vec![], vec![]));
+    for listed in &all {
+        recent(listed.created_at);
+        let read = store.shipment(&id(&listed.saga_id)).await.expect("read");
+        assert_eq!(read.as_ref(), Some(&listed.record));
+    }
+    assert_eq!(all[0].cancelled_at.map(recent), Some(()));
+    assert!(all[1..].iter().all(|s| s.cancelled_at.is_none()));
+
+    let first = store.list_shipments("", 1).await.expect("page 1");
+    let second = store.list_shipments("s1", 1).await.expect("page 2");
+    let third = store.list_shipments("s2", 1).await.expect("page 3");
+    assert_eq!([first, second, third].concat(), all);
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use orchestrator::Error;
 use orchestrator::store::{
-    Commit, JournalEntry, ListFilter, NewSaga, SagaRecord, SagaStore, Stats,
+    Commit, JournalEntry, ListFilter, NewSaga, SagaBrief, SagaRecord, SagaStore, Stats,
 };
 
 /// A [`SagaStore`] that drops armed asynchronous commits.
@@ -119,5 +119,9 @@ impl SagaStore for LossyStore {
 
     async fn stats(&self) -> Result<Stats, Error> {
         self.inner.stats().await
+    }
+
+    async fn sagas_by_id(&self, after: &str, limit: i64) -> Result<Vec<SagaBrief>, Error> {
+        self.inner.sagas_by_id(after, limit).await
     }
 }

@@ -1,12 +1,14 @@
 //! `sagactl`, the operator's CLI over `saga.v1.AdminService`: find what is
 //! stuck, understand why, and resolve it, without touching SQL.
 //!
-//! Exit status: 0 done (for `stuck`: nothing stuck), 1 `stuck` found stuck
-//! sagas, 2 bad usage, 3 the request failed (server unreachable, unknown id,
+//! Exit status: 0 done (for `stuck`: nothing stuck; for `reconcile`: no
+//! discrepancy), 1 `stuck` found stuck sagas or `reconcile` found
+//! discrepancies (even repaired ones), 2 bad usage, 3 the request failed (server unreachable, unknown id,
 //! refused). JSON output (`--output json`) is one document on stdout, with
 //! the schema documented in `sagactl --help` and the README.
 
 pub mod bench;
+pub mod reconcile;
 pub mod render;
 
 use std::time::Duration;
@@ -35,9 +37,12 @@ Examples:
   sagactl stats --output json
   sagactl bench --concurrency 64 --orders 10000  closed-loop load, then one JSON line
   sagactl bench --rate 2000 --duration 10s       open loop: a spike beyond capacity
+  sagactl reconcile                              sagas vs participants' records (exit 1 if any differ)
+  sagactl reconcile --repair --operator alice    and compensate the orphans
 
-Exit status: 0 done (stuck: nothing stuck), 1 stuck sagas found, 2 bad usage,
-3 the request failed (orchestrator unreachable, unknown id, refused).
+Exit status: 0 done (stuck: nothing stuck; reconcile: no discrepancy), 1 stuck
+sagas found, or discrepancies found by reconcile (even when repaired), 2 bad
+usage, 3 the request failed (orchestrator unreachable, unknown id, refused).
 
 JSON (--output json), one document on stdout; times are RFC 3339 UTC:
   list, stuck  {\"sagas\": [SAGA...], \"next_page_token\": \"\"}
@@ -48,6 +53,15 @@ JSON (--output json), one document on stdout; times are RFC 3339 UTC:
   retry, abort {\"saga_id\", \"status\"}
   stats        {\"counts\": {STATUS: n}, \"oldest_non_terminal_age_seconds\",
                 \"started_last_minute\", \"finished_last_minute\", \"in_flight\"}
+  reconcile    {\"discrepancies\": [{\"saga_id\", \"participant\", \"kind\", \"saga_status\",
+                \"expected\", \"found\", \"detail\", \"repaired\", \"repair\"}],
+                \"discrepancies_found\", \"sagas_checked\", \"sagas_skipped\",
+                \"reservations_checked\", \"charges_checked\", \"shipments_checked\",
+                \"repaired\", \"repair_failed\"}
+               participant: inventory|payment|fulfillment; kind: ORPHAN (an active
+               record of a FAILED, CANCELLED or unknown saga; saga_status null when
+               unknown), MISSING (COMPLETED saga, record absent or not active),
+               MISMATCH (COMPLETED saga, values differ)
   SAGA         {\"saga_id\", \"status\", \"customer_id\", \"current_step\", \"attempts\",
                 \"age_seconds\", \"created_at\", \"updated_at\", \"progress_at\",
                 \"next_attempt_at\", \"lease_owner\", \"last_error\", \"stuck_reason\"}
@@ -157,6 +171,15 @@ pub enum Command {
     /// open loop: --rate/--duration), follow each saga to its end, report
     /// sagas/s and latency percentiles, then one JSON line.
     Bench(Box<bench::BenchArgs>),
+    /// Check every finished saga against the participants' own records
+    /// and list the discrepancies: ORPHAN (a reservation, charge or
+    /// shipment still active for a FAILED, CANCELLED or unknown saga),
+    /// MISSING (a COMPLETED saga lacks one), MISMATCH (an amount, customer
+    /// or quantity differs). Sagas in flight or NEEDS_ATTENTION are
+    /// skipped (see `stuck`). With --repair, orphans are compensated and
+    /// the repair journalled on the saga; the rest is only reported. Exit
+    /// 1 if anything was found (even when repaired), 0 if nothing.
+    Reconcile(reconcile::ReconcileArgs),
 }
 
 fn parse_status(text: &str) -> Result<Status, String> {
@@ -214,10 +237,19 @@ struct Client {
 
 impl Client {
     async fn connect(endpoint: &str, token: Option<String>) -> Result<Self, Failure> {
+        Self::connect_with_timeout(endpoint, token, Duration::from_secs(30)).await
+    }
+
+    /// Like `connect`, with `timeout` for each request.
+    async fn connect_with_timeout(
+        endpoint: &str,
+        token: Option<String>,
+        timeout: Duration,
+    ) -> Result<Self, Failure> {
         let channel = Endpoint::from_shared(endpoint.to_owned())
             .map_err(|e| failed(format!("--endpoint {endpoint:?} is not a URL: {e}")))?
             .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(30))
+            .timeout(timeout)
             .connect()
             .await
             .map_err(|e| {
@@ -330,6 +362,9 @@ fn pretty(value: &Value) -> String {
 pub async fn run(cli: Cli) -> Result<Done, Failure> {
     if let Command::Bench(args) = cli.command {
         return bench::run(&cli.endpoint, *args, cli.output == Output::Json).await;
+    }
+    if let Command::Reconcile(args) = cli.command {
+        return reconcile::run(&cli.endpoint, cli.token, args, cli.output == Output::Json).await;
     }
     let client = Client::connect(&cli.endpoint, cli.token.clone()).await?;
     let json_out = cli.output == Output::Json;
@@ -470,7 +505,7 @@ pub async fn run(cli: Cli) -> Result<Done, Failure> {
                 reply.status,
             )))
         }
-        Command::Bench(_) => unreachable!("handled above"),
+        Command::Bench(_) | Command::Reconcile(_) => unreachable!("handled above"),
         Command::Stats => {
             let reply = client
                 .admin

@@ -314,6 +314,54 @@ impl Stats {
     }
 }
 
+/// What Reconcile compares of a saga with the participants' records.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SagaBrief {
+    /// Its id.
+    pub saga_id: String,
+    /// Where it stands.
+    pub status: Status,
+    /// The paying customer.
+    pub customer_id: String,
+    /// What was ordered.
+    pub items: Vec<OrderItem>,
+    /// The total the inventory priced (0 until reserved).
+    pub total_amount_cents: i64,
+}
+
+impl From<&SagaRecord> for SagaBrief {
+    fn from(saga: &SagaRecord) -> Self {
+        Self {
+            saga_id: saga.saga_id.clone(),
+            status: saga.status,
+            customer_id: saga.customer_id.clone(),
+            items: saga.items.clone(),
+            total_amount_cents: saga.total_amount_cents(),
+        }
+    }
+}
+
+/// Reads a [`SagaBrief`] row (the same column names in every backend).
+pub(crate) fn brief<'r, R>(row: &'r R) -> Result<SagaBrief, Error>
+where
+    R: Row,
+    &'static str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    Json<Vec<OrderItem>>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let status: String = row.try_get("status")?;
+    let Json(items) = row.try_get("items")?;
+    Ok(SagaBrief {
+        saga_id: row.try_get("saga_id")?,
+        status: Status::parse(&status)
+            .ok_or_else(|| Error::Corrupt(format!("unknown status {status:?}")))?,
+        customer_id: row.try_get("customer_id")?,
+        items,
+        total_amount_cents: row.try_get("total_amount_cents")?,
+    })
+}
+
 /// Saga persistence. One implementation per database.
 #[tonic::async_trait]
 pub trait SagaStore: Send + Sync + 'static {
@@ -375,4 +423,9 @@ pub trait SagaStore: Send + Sync + 'static {
 
     /// Counts per status and activity of the last minute.
     async fn stats(&self) -> Result<Stats, Error>;
+
+    /// Up to `limit` sagas, every status, with ids after `after` (empty:
+    /// from the start), in saga-id order: a keyset scan of the primary key,
+    /// one page of Reconcile's merge join.
+    async fn sagas_by_id(&self, after: &str, limit: i64) -> Result<Vec<SagaBrief>, Error>;
 }

@@ -10,8 +10,8 @@ use sqlx::postgres::PgRow;
 use sqlx::types::Json;
 
 use super::{
-    Commit, Derived, JournalEntry, LeaseChange, ListFilter, NewSaga, NextAttempt, SagaRecord,
-    SagaStore, Stats, journal_entry, record,
+    Commit, Derived, JournalEntry, LeaseChange, ListFilter, NewSaga, NextAttempt, SagaBrief,
+    SagaRecord, SagaStore, Stats, brief, journal_entry, record,
 };
 use crate::error::Error;
 use crate::saga::Status;
@@ -662,5 +662,17 @@ impl SagaStore for PgStore {
         .fetch_one(&self.pool)
         .await?;
         Ok(Stats::new(counts, oldest, started, finished))
+    }
+
+    async fn sagas_by_id(&self, after: &str, limit: i64) -> Result<Vec<SagaBrief>, Error> {
+        let rows = sqlx::query(
+            "SELECT saga_id, status, customer_id, items, total_amount_cents FROM sagas
+             WHERE saga_id > $1 ORDER BY saga_id LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(brief).collect()
     }
 }

@@ -14,8 +14,9 @@ use std::sync::Arc;
 use proto::fulfillment::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use crate::domain::{Id, Items};
+use crate::domain::{Id, Items, Page};
 use crate::error::Error;
+use crate::record::timestamp;
 
 pub use postgres::PgFulfillment;
 pub use sqlite::SqliteFulfillment;
@@ -62,6 +63,44 @@ impl ShipmentRecord {
     }
 }
 
+/// A saga's shipment record as a listing returns it: the record, the saga
+/// it belongs to and its times (seconds since the Unix epoch).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListedShipment {
+    /// The saga.
+    pub saga_id: String,
+    /// The record.
+    pub record: ShipmentRecord,
+    /// When the record (shipment or tombstone) was written.
+    pub created_at: f64,
+    /// When the shipment was cancelled; None unless `CANCELLED`.
+    pub cancelled_at: Option<f64>,
+}
+
+/// A listed shipment row, in the column order of the listing queries.
+type ShipmentRow = (String, Option<String>, String, f64, Option<f64>);
+
+/// Listed rows with their items (see `record::items_by_saga`).
+fn listed_shipments(
+    rows: Vec<ShipmentRow>,
+    mut items: std::collections::HashMap<String, (Vec<String>, Vec<i64>)>,
+) -> Vec<ListedShipment> {
+    rows.into_iter()
+        .map(
+            |(saga_id, shipment_id, state, created_at, cancelled_at)| ListedShipment {
+                record: ShipmentRecord {
+                    shipment_id,
+                    state,
+                    items: items.remove(&saga_id).unwrap_or_default(),
+                },
+                saga_id,
+                created_at,
+                cancelled_at,
+            },
+        )
+        .collect()
+}
+
 /// Fulfillment persistence: what the gRPC face needs.
 ///
 /// Every implementation keeps the same contract: Ship is idempotent per
@@ -78,6 +117,37 @@ pub trait FulfillmentStore: std::fmt::Debug + Send + Sync + 'static {
 
     /// Cancels the saga's shipment, or writes a tombstone.
     async fn cancel(&self, saga_id: &Id) -> Result<CancelOutcome, Error>;
+
+    /// Up to `limit` shipment records (tombstones included) of sagas with
+    /// ids after `after` (empty: from the start), in saga-id order.
+    async fn list_shipments(&self, after: &str, limit: i64) -> Result<Vec<ListedShipment>, Error>;
+}
+
+fn shipment_state_pb(state: &str) -> pb::ShipmentState {
+    match state {
+        "SHIPPED" => pb::ShipmentState::Shipped,
+        "CANCELLED" => pb::ShipmentState::Cancelled,
+        _ => pb::ShipmentState::Tombstone,
+    }
+}
+
+fn listed_shipment_pb(listed: ListedShipment) -> pb::ShipmentRecord {
+    let (product_ids, quantities) = listed.record.items;
+    pb::ShipmentRecord {
+        saga_id: listed.saga_id,
+        shipment_id: listed.record.shipment_id.unwrap_or_default(),
+        state: shipment_state_pb(&listed.record.state).into(),
+        items: product_ids
+            .into_iter()
+            .zip(quantities)
+            .map(|(product_id, quantity)| pb::Item {
+                product_id,
+                quantity: i32::try_from(quantity).unwrap_or(i32::MAX),
+            })
+            .collect(),
+        created_at: Some(timestamp(listed.created_at)),
+        cancelled_at: listed.cancelled_at.map(timestamp),
+    }
 }
 
 /// The gRPC face of a [`FulfillmentStore`].
@@ -155,6 +225,23 @@ impl pb::fulfillment_service_server::FulfillmentService for FulfillmentGrpc {
                     quantity: quantity as i32,
                 })
                 .collect(),
+        }))
+    }
+
+    async fn list_shipments(
+        &self,
+        request: Request<pb::ListShipmentsRequest>,
+    ) -> Result<Response<pb::ListShipmentsResponse>, Status> {
+        let request = request.into_inner();
+        let page = Page::parse(request.page_size, request.page_token)?;
+        let rows = self
+            .store
+            .list_shipments(page.after(), page.size() + 1)
+            .await?;
+        let (rows, next_page_token) = page.finish(rows, |r| r.saga_id.as_str());
+        Ok(Response::new(pb::ListShipmentsResponse {
+            shipments: rows.into_iter().map(listed_shipment_pb).collect(),
+            next_page_token,
         }))
     }
 }

@@ -15,12 +15,12 @@ use std::collections::HashMap;
 
 use sqlx::{PgPool, Row};
 
-use super::{CancelOutcome, FulfillmentStore, ShipmentRecord};
+use super::{CancelOutcome, FulfillmentStore, ListedShipment, ShipmentRecord, listed_shipments};
 use crate::batch::Batcher;
 use crate::domain::{Id, Items, new_id};
 use crate::error::Error;
 use crate::fast_path::{Answer, answers, claimed_ids, distinct};
-use crate::record::{Locked, RecordTable, lock_or_tombstone};
+use crate::record::{Locked, RecordTable, items_by_saga, lock_or_tombstone};
 use crate::server::generic_plan_pool;
 
 /// Most shipments written by one batch.
@@ -237,5 +237,32 @@ impl FulfillmentStore for PgFulfillment {
         tx.commit().await?;
         tracing::info!(?outcome, "cancel shipment");
         Ok(outcome)
+    }
+
+    async fn list_shipments(&self, after: &str, limit: i64) -> Result<Vec<ListedShipment>, Error> {
+        // A keyset scan of the primary key, then the page's items by their
+        // primary key's saga_id prefix: two index range scans per page.
+        let rows: Vec<super::ShipmentRow> = sqlx::query_as(
+            "SELECT saga_id, shipment_id, state,
+                    extract(epoch FROM created_at)::float8,
+                    extract(epoch FROM cancelled_at)::float8
+             FROM shipments WHERE saga_id > $1 ORDER BY saga_id LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let Some(last) = rows.last().map(|row| row.0.clone()) else {
+            return Ok(Vec::new());
+        };
+        let items: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT saga_id, product_id, quantity FROM shipment_items
+             WHERE saga_id > $1 AND saga_id <= $2 ORDER BY saga_id, product_id",
+        )
+        .bind(after)
+        .bind(&last)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(listed_shipments(rows, items_by_saga(items)))
     }
 }

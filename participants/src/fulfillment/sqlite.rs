@@ -4,10 +4,10 @@
 
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
-use super::{CancelOutcome, FulfillmentStore, ShipmentRecord};
+use super::{CancelOutcome, FulfillmentStore, ListedShipment, ShipmentRecord, listed_shipments};
 use crate::domain::{Id, Items, new_id};
 use crate::error::Error;
-use crate::record::{Locked, RecordTable, sqlite_take_or_tombstone};
+use crate::record::{Locked, RecordTable, items_by_saga, sqlite_take_or_tombstone};
 
 /// Fulfillment persistence on SQLite.
 #[derive(Debug, Clone)]
@@ -108,5 +108,33 @@ impl FulfillmentStore for SqliteFulfillment {
         tx.commit().await?;
         tracing::info!(?outcome, "cancel shipment");
         Ok(outcome)
+    }
+
+    async fn list_shipments(&self, after: &str, limit: i64) -> Result<Vec<ListedShipment>, Error> {
+        // One read transaction, so the items match the records read.
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<super::ShipmentRow> = sqlx::query_as(
+            "SELECT saga_id, shipment_id, state,
+                    (julianday(created_at) - 2440587.5) * 86400.0,
+                    (julianday(cancelled_at) - 2440587.5) * 86400.0
+             FROM shipments WHERE saga_id > ?1 ORDER BY saga_id LIMIT ?2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some(last) = rows.last().map(|row| row.0.clone()) else {
+            return Ok(Vec::new());
+        };
+        let items: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT saga_id, product_id, quantity FROM shipment_items
+             WHERE saga_id > ?1 AND saga_id <= ?2 ORDER BY saga_id, product_id",
+        )
+        .bind(after)
+        .bind(&last)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(listed_shipments(rows, items_by_saga(items)))
     }
 }

@@ -13,8 +13,9 @@ use std::sync::Arc;
 use proto::inventory::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use crate::domain::{Cents, Id, Items, MAX_NAME_BYTES, MAX_PRICE_OR_STOCK, bounded_text};
+use crate::domain::{Cents, Id, Items, MAX_NAME_BYTES, MAX_PRICE_OR_STOCK, Page, bounded_text};
 use crate::error::Error;
+use crate::record::timestamp;
 
 pub use postgres::PgInventory;
 pub use sqlite::SqliteInventory;
@@ -88,6 +89,20 @@ impl ReservationRecord {
     }
 }
 
+/// A saga's reservation record as a listing returns it: the record, the
+/// saga it belongs to and its times (seconds since the Unix epoch).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListedReservation {
+    /// The saga.
+    pub saga_id: String,
+    /// The record.
+    pub record: ReservationRecord,
+    /// When the record (reservation or tombstone) was written.
+    pub created_at: f64,
+    /// When the units were put back; None unless `RELEASED`.
+    pub released_at: Option<f64>,
+}
+
 /// Inventory persistence: what the gRPC face needs.
 ///
 /// Every implementation keeps the same contract: Reserve is idempotent per
@@ -119,6 +134,14 @@ pub trait InventoryStore: std::fmt::Debug + Send + Sync + 'static {
 
     /// Puts the saga's reserved units back, or writes a tombstone.
     async fn release(&self, saga_id: &Id) -> Result<ReleaseOutcome, Error>;
+
+    /// Up to `limit` reservation records (tombstones included) of sagas
+    /// with ids after `after` (empty: from the start), in saga-id order.
+    async fn list_reservations(
+        &self,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<ListedReservation>, Error>;
 }
 
 /// Checks every requested product against the locked rows and prices the
@@ -179,6 +202,34 @@ fn product_pb(p: Product) -> pb::Product {
         price_cents: p.price_cents,
         stock: p.stock,
         reserved: p.reserved,
+    }
+}
+
+fn reservation_state_pb(state: &str) -> pb::ReservationState {
+    match state {
+        "ACTIVE" => pb::ReservationState::Active,
+        "RELEASED" => pb::ReservationState::Released,
+        _ => pb::ReservationState::Tombstone,
+    }
+}
+
+fn listed_reservation_pb(listed: ListedReservation) -> pb::ReservationRecord {
+    let (product_ids, quantities) = listed.record.items;
+    pb::ReservationRecord {
+        saga_id: listed.saga_id,
+        reservation_id: listed.record.reservation_id.unwrap_or_default(),
+        state: reservation_state_pb(&listed.record.state).into(),
+        items: product_ids
+            .into_iter()
+            .zip(quantities)
+            .map(|(product_id, quantity)| pb::Item {
+                product_id,
+                quantity: i32::try_from(quantity).unwrap_or(i32::MAX),
+            })
+            .collect(),
+        total_amount_cents: listed.record.total_amount_cents,
+        created_at: Some(timestamp(listed.created_at)),
+        released_at: listed.released_at.map(timestamp),
     }
 }
 
@@ -315,6 +366,23 @@ impl pb::inventory_service_server::InventoryService for InventoryGrpc {
                 })
                 .collect(),
             total_amount_cents: record.total_amount_cents,
+        }))
+    }
+
+    async fn list_reservations(
+        &self,
+        request: Request<pb::ListReservationsRequest>,
+    ) -> Result<Response<pb::ListReservationsResponse>, Status> {
+        let request = request.into_inner();
+        let page = Page::parse(request.page_size, request.page_token)?;
+        let rows = self
+            .store
+            .list_reservations(page.after(), page.size() + 1)
+            .await?;
+        let (rows, next_page_token) = page.finish(rows, |r| r.saga_id.as_str());
+        Ok(Response::new(pb::ListReservationsResponse {
+            reservations: rows.into_iter().map(listed_reservation_pb).collect(),
+            next_page_token,
         }))
     }
 }

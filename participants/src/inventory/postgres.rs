@@ -20,12 +20,14 @@ use std::collections::HashMap;
 
 use sqlx::{PgPool, Row};
 
-use super::{InventoryStore, Product, ReleaseOutcome, ReservationRecord, Reserved, price};
+use super::{
+    InventoryStore, ListedReservation, Product, ReleaseOutcome, ReservationRecord, Reserved, price,
+};
 use crate::batch::Batcher;
 use crate::domain::{Cents, Id, Items, new_id};
 use crate::error::Error;
 use crate::fast_path::{Answer, answers, claimed_ids, distinct};
-use crate::record::{Locked, RecordTable, lock_or_tombstone};
+use crate::record::{Locked, RecordTable, items_by_saga, lock_or_tombstone};
 use crate::server::generic_plan_pool;
 
 /// Most reserves written by one batch.
@@ -449,5 +451,54 @@ impl InventoryStore for PgInventory {
         tx.commit().await?;
         tracing::info!(?outcome, "release");
         Ok(outcome)
+    }
+
+    async fn list_reservations(
+        &self,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<ListedReservation>, Error> {
+        // A keyset scan of the primary key, then the page's items by their
+        // primary key's saga_id prefix: two index range scans per page.
+        let rows: Vec<(String, Option<String>, String, i64, f64, Option<f64>)> = sqlx::query_as(
+            "SELECT saga_id, reservation_id, state, total_amount_cents,
+                    extract(epoch FROM created_at)::float8,
+                    extract(epoch FROM released_at)::float8
+             FROM reservations WHERE saga_id > $1 ORDER BY saga_id LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let Some(last) = rows.last().map(|row| row.0.clone()) else {
+            return Ok(Vec::new());
+        };
+        let items: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT saga_id, product_id, quantity FROM reservation_items
+             WHERE saga_id > $1 AND saga_id <= $2 ORDER BY saga_id, product_id",
+        )
+        .bind(after)
+        .bind(&last)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut items = items_by_saga(items);
+        Ok(rows
+            .into_iter()
+            .map(
+                |(saga_id, reservation_id, state, total_amount_cents, created_at, released_at)| {
+                    ListedReservation {
+                        record: ReservationRecord {
+                            reservation_id,
+                            state,
+                            items: items.remove(&saga_id).unwrap_or_default(),
+                            total_amount_cents,
+                        },
+                        saga_id,
+                        created_at,
+                        released_at,
+                    }
+                },
+            )
+            .collect())
     }
 }

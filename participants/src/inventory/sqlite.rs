@@ -8,10 +8,12 @@
 
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
-use super::{InventoryStore, Product, ReleaseOutcome, ReservationRecord, Reserved, price};
+use super::{
+    InventoryStore, ListedReservation, Product, ReleaseOutcome, ReservationRecord, Reserved, price,
+};
 use crate::domain::{Cents, Id, Items, new_id};
 use crate::error::Error;
-use crate::record::{Locked, RecordTable, sqlite_take_or_tombstone};
+use crate::record::{Locked, RecordTable, items_by_saga, sqlite_take_or_tombstone};
 
 /// Inventory persistence on SQLite.
 #[derive(Debug, Clone)]
@@ -205,5 +207,55 @@ impl InventoryStore for SqliteInventory {
         tx.commit().await?;
         tracing::info!(?outcome, "release");
         Ok(outcome)
+    }
+
+    async fn list_reservations(
+        &self,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<ListedReservation>, Error> {
+        // One read transaction, so the items match the records read.
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<(String, Option<String>, String, i64, f64, Option<f64>)> = sqlx::query_as(
+            "SELECT saga_id, reservation_id, state, total_amount_cents,
+                    (julianday(created_at) - 2440587.5) * 86400.0,
+                    (julianday(released_at) - 2440587.5) * 86400.0
+             FROM reservations WHERE saga_id > ?1 ORDER BY saga_id LIMIT ?2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some(last) = rows.last().map(|row| row.0.clone()) else {
+            return Ok(Vec::new());
+        };
+        let items: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT saga_id, product_id, quantity FROM reservation_items
+             WHERE saga_id > ?1 AND saga_id <= ?2 ORDER BY saga_id, product_id",
+        )
+        .bind(after)
+        .bind(&last)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut items = items_by_saga(items);
+        Ok(rows
+            .into_iter()
+            .map(
+                |(saga_id, reservation_id, state, total_amount_cents, created_at, released_at)| {
+                    ListedReservation {
+                        record: ReservationRecord {
+                            reservation_id,
+                            state,
+                            items: items.remove(&saga_id).unwrap_or_default(),
+                            total_amount_cents,
+                        },
+                        saga_id,
+                        created_at,
+                        released_at,
+                    }
+                },
+            )
+            .collect())
     }
 }

@@ -12,8 +12,9 @@ use std::sync::Arc;
 use proto::payment::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use crate::domain::{Cents, Id, MAX_MONEY_CENTS};
+use crate::domain::{Cents, Id, MAX_MONEY_CENTS, Page};
 use crate::error::Error;
+use crate::record::timestamp;
 
 pub use postgres::PgPayment;
 pub use sqlite::SqlitePayment;
@@ -65,6 +66,49 @@ impl ChargeRecord {
     }
 }
 
+/// A saga's charge record as a listing returns it: the record, the saga it
+/// belongs to and its times (seconds since the Unix epoch).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListedCharge {
+    /// The saga.
+    pub saga_id: String,
+    /// The record.
+    pub record: ChargeRecord,
+    /// When the record (charge or tombstone) was written.
+    pub created_at: f64,
+    /// When the amount was credited back; None unless `REFUNDED`.
+    pub refunded_at: Option<f64>,
+}
+
+/// A listed charge row, in the column order of the listing queries.
+type ChargeRow = (
+    String,
+    Option<String>,
+    Option<String>,
+    i64,
+    String,
+    f64,
+    Option<f64>,
+);
+
+impl ListedCharge {
+    fn from_row(
+        (saga_id, charge_id, customer_id, amount_cents, state, created_at, refunded_at): ChargeRow,
+    ) -> Self {
+        Self {
+            saga_id,
+            record: ChargeRecord {
+                charge_id,
+                customer_id,
+                amount_cents,
+                state,
+            },
+            created_at,
+            refunded_at,
+        }
+    }
+}
+
 /// Payment persistence: what the gRPC face needs.
 ///
 /// Every implementation keeps the same contract: Charge is idempotent per
@@ -88,6 +132,10 @@ pub trait PaymentStore: std::fmt::Debug + Send + Sync + 'static {
 
     /// Credits the saga's charge back, or writes a tombstone.
     async fn refund(&self, saga_id: &Id) -> Result<RefundOutcome, Error>;
+
+    /// Up to `limit` charge records (tombstones included) of sagas with ids
+    /// after `after` (empty: from the start), in saga-id order.
+    async fn list_charges(&self, after: &str, limit: i64) -> Result<Vec<ListedCharge>, Error>;
 }
 
 /// The rejection of a charge larger than the balance.
@@ -97,6 +145,26 @@ fn insufficient_funds(customer_id: &Id, balance: i64, amount: Cents) -> Error {
         amount.get(),
         amount.get() - balance
     ))
+}
+
+fn charge_state_pb(state: &str) -> pb::ChargeState {
+    match state {
+        "CHARGED" => pb::ChargeState::Charged,
+        "REFUNDED" => pb::ChargeState::Refunded,
+        _ => pb::ChargeState::Tombstone,
+    }
+}
+
+fn listed_charge_pb(listed: ListedCharge) -> pb::ChargeRecord {
+    pb::ChargeRecord {
+        saga_id: listed.saga_id,
+        charge_id: listed.record.charge_id.unwrap_or_default(),
+        state: charge_state_pb(&listed.record.state).into(),
+        customer_id: listed.record.customer_id.unwrap_or_default(),
+        amount_cents: listed.record.amount_cents,
+        created_at: Some(timestamp(listed.created_at)),
+        refunded_at: listed.refunded_at.map(timestamp),
+    }
 }
 
 /// The gRPC face of a [`PaymentStore`].
@@ -189,6 +257,23 @@ impl pb::payment_service_server::PaymentService for PaymentGrpc {
             state: state.into(),
             customer_id: record.customer_id.unwrap_or_default(),
             amount_cents: record.amount_cents,
+        }))
+    }
+
+    async fn list_charges(
+        &self,
+        request: Request<pb::ListChargesRequest>,
+    ) -> Result<Response<pb::ListChargesResponse>, Status> {
+        let request = request.into_inner();
+        let page = Page::parse(request.page_size, request.page_token)?;
+        let rows = self
+            .store
+            .list_charges(page.after(), page.size() + 1)
+            .await?;
+        let (rows, next_page_token) = page.finish(rows, |r| r.saga_id.as_str());
+        Ok(Response::new(pb::ListChargesResponse {
+            charges: rows.into_iter().map(listed_charge_pb).collect(),
+            next_page_token,
         }))
     }
 }

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 
 use sqlx::PgPool;
 
-use super::{ChargeRecord, PaymentStore, RefundOutcome, insufficient_funds};
+use super::{ChargeRecord, ListedCharge, PaymentStore, RefundOutcome, insufficient_funds};
 use crate::batch::Batcher;
 use crate::domain::{Cents, Id, new_id};
 use crate::error::Error;
@@ -344,5 +344,20 @@ impl PaymentStore for PgPayment {
         tx.commit().await?;
         tracing::info!(?outcome, "refund");
         Ok(outcome)
+    }
+
+    async fn list_charges(&self, after: &str, limit: i64) -> Result<Vec<ListedCharge>, Error> {
+        // A keyset scan of the primary key.
+        let rows = sqlx::query_as(
+            "SELECT saga_id, charge_id, customer_id, amount_cents, state,
+                    extract(epoch FROM created_at)::float8,
+                    extract(epoch FROM refunded_at)::float8
+             FROM charges WHERE saga_id > $1 ORDER BY saga_id LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(ListedCharge::from_row).collect())
     }
 }

@@ -6,7 +6,7 @@
 
 use sqlx::{SqliteConnection, SqlitePool};
 
-use super::{ChargeRecord, PaymentStore, RefundOutcome, insufficient_funds};
+use super::{ChargeRecord, ListedCharge, PaymentStore, RefundOutcome, insufficient_funds};
 use crate::domain::{Cents, Id, new_id};
 use crate::error::Error;
 use crate::record::{Locked, RecordTable, sqlite_take_or_tombstone};
@@ -141,5 +141,19 @@ impl PaymentStore for SqlitePayment {
         tx.commit().await?;
         tracing::info!(?outcome, "refund");
         Ok(outcome)
+    }
+
+    async fn list_charges(&self, after: &str, limit: i64) -> Result<Vec<ListedCharge>, Error> {
+        let rows = sqlx::query_as(
+            "SELECT saga_id, charge_id, customer_id, amount_cents, state,
+                    (julianday(created_at) - 2440587.5) * 86400.0,
+                    (julianday(refunded_at) - 2440587.5) * 86400.0
+             FROM charges WHERE saga_id > ?1 ORDER BY saga_id LIMIT ?2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(ListedCharge::from_row).collect())
     }
 }

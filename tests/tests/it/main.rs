@@ -8,4 +8,5 @@ mod fulfillment;
 mod inventory;
 mod orders;
 mod payment;
+mod reconcile;
 mod recovery;
