@@ -9,3 +9,4 @@ mod inventory;
 mod orders;
 mod payment;
 mod recovery;
+mod snapshot;
