@@ -55,6 +55,8 @@ struct Shared {
     upstream: SocketAddr,
     latency_ms: AtomicU64,
     mode: watch::Sender<Mode>,
+    /// Connections held by a black hole right now.
+    held: AtomicU64,
 }
 
 /// A running proxy; stops (and resets its connections) when dropped.
@@ -74,6 +76,7 @@ impl FaultProxy {
             upstream,
             latency_ms: AtomicU64::new(0),
             mode: watch::channel(Mode::default()).0,
+            held: AtomicU64::new(0),
         });
         let accepting = shared.clone();
         let task = tokio::spawn(async move {
@@ -123,6 +126,11 @@ impl FaultProxy {
         });
     }
 
+    /// How many connections a black hole holds right now.
+    pub fn held(&self) -> u64 {
+        self.shared.held.load(Ordering::Relaxed)
+    }
+
     /// Back to plain forwarding: no latency, no black hole.
     pub fn heal(&self) {
         self.set_latency(Duration::ZERO);
@@ -147,18 +155,9 @@ async fn connection(inbound: TcpStream, shared: Arc<Shared>) {
     let resets = mode.borrow().resets;
     // A black-holed participant accepts and then says nothing: not even
     // the upstream connection is made until the black hole ends.
-    loop {
-        let now = *mode.borrow_and_update();
-        if must_end(&now, resets) {
-            reset(&inbound, None);
-            return;
-        }
-        if !now.blackhole {
-            break;
-        }
-        if mode.changed().await.is_err() {
-            return;
-        }
+    if !matches!(hold(&shared, &mut mode, resets).await, Forwarded::Done) {
+        reset(&inbound, None);
+        return;
     }
     let Ok(upstream) = TcpStream::connect(shared.upstream).await else {
         // The participant is down: the client sees a reset connection, as
@@ -257,22 +256,39 @@ async fn forward(
             }
         }
     }
-    loop {
-        let now = *mode.borrow_and_update();
-        if must_end(&now, resets) {
-            return Forwarded::Reset;
-        }
-        if !now.blackhole {
-            break;
-        }
-        if mode.changed().await.is_err() {
-            return Forwarded::Reset;
-        }
+    if !matches!(hold(shared, mode, resets).await, Forwarded::Done) {
+        return Forwarded::Reset;
     }
     match to.write_all(bytes).await {
         Ok(()) => Forwarded::Done,
         Err(_) => Forwarded::Closed,
     }
+}
+
+/// Waits while a black hole is in force: Done when it ended, Reset when a
+/// reset was ordered (or the proxy dropped).
+async fn hold(shared: &Shared, mode: &mut watch::Receiver<Mode>, resets: u64) -> Forwarded {
+    let mut counted = false;
+    let outcome = loop {
+        let now = *mode.borrow_and_update();
+        if must_end(&now, resets) {
+            break Forwarded::Reset;
+        }
+        if !now.blackhole {
+            break Forwarded::Done;
+        }
+        if !counted {
+            shared.held.fetch_add(1, Ordering::Relaxed);
+            counted = true;
+        }
+        if mode.changed().await.is_err() {
+            break Forwarded::Reset;
+        }
+    };
+    if counted {
+        shared.held.fetch_sub(1, Ordering::Relaxed);
+    }
+    outcome
 }
 
 #[cfg(test)]
@@ -381,6 +397,12 @@ mod tests {
         proxy.start_blackhole();
         let mut held = TcpStream::connect(proxy.addr()).await.unwrap();
         held.write_all(b"lost").await.unwrap();
+        // Reset only once the proxy holds it (it accepts asynchronously).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while proxy.held() == 0 {
+            assert!(Instant::now() < deadline, "the proxy never accepted");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         proxy.end_blackhole(AfterBlackhole::Reset);
         let mut buf = [0u8; 4];
         let read = tokio::time::timeout(Duration::from_secs(5), held.read(&mut buf))
