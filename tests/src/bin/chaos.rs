@@ -234,7 +234,16 @@ fn print_report(report: &RunReport) {
         s.canaries
     );
     let _ = writeln!(out, "  outcomes:    {}", counts(&s.outcomes));
-    let _ = writeln!(out, "  faults:      {}", counts(&s.faults));
+    let _ = writeln!(
+        out,
+        "  faults:      {}{}",
+        counts(&s.faults),
+        if s.every_kind_injected {
+            ""
+        } else {
+            " (NOT every kind: raise --duration)"
+        }
+    );
     let _ = writeln!(
         out,
         "  kills:       {}; database crashes/restarts: {}",

@@ -132,7 +132,7 @@ const TRANSIENT: &[Code] = &[
 ];
 
 fn millis(rng: &mut Rng, low: u64, high: u64) -> Duration {
-    Duration::from_millis(low + rng.next() % (high - low + 1))
+    Duration::from_millis(low + rng.next_u64() % (high - low + 1))
 }
 
 fn participant(rng: &mut Rng) -> Participant {
@@ -162,7 +162,7 @@ fn participant_fault(rng: &mut Rng, mode: FaultMode) -> Fault {
     };
     let latency_ms = if mode == FaultMode::Delay {
         // Some beyond the 1 s step deadline.
-        50 + (rng.next() % 1450) as u32
+        50 + (rng.next_u64() % 1450) as u32
     } else {
         0
     };

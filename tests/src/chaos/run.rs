@@ -69,6 +69,8 @@ pub struct Summary {
     pub outcomes: BTreeMap<String, usize>,
     /// Faults injected, per kind.
     pub faults: BTreeMap<String, usize>,
+    /// Every fault kind was injected at least once.
+    pub every_kind_injected: bool,
     /// SIGKILLs of processes.
     pub kills: usize,
     /// Database crashes and restarts.
@@ -219,7 +221,7 @@ async fn drive(
             let mut injected = 0usize;
             let result = loop {
                 // A seeded gap, cut short when the phase ends.
-                let gap = Duration::from_millis(300 + fault_rng.next() % 1_700);
+                let gap = Duration::from_millis(300 + fault_rng.next_u64() % 1_700);
                 let until = Instant::now() + gap;
                 while Instant::now() < until
                     && Instant::now() < phase_end
@@ -496,6 +498,7 @@ fn summarize(
             .count(),
         canaries: records.len() - planned.len(),
         outcomes: audit.by_status.clone(),
+        every_kind_injected: faults.values().all(|n| *n > 0),
         kills: count("kill-orchestrator") + count("kill-participant"),
         crashes: count("crash-orchestrator-db") + count("restart-participants-db"),
         faults,
