@@ -128,15 +128,13 @@ pub async fn run(options: &RunOptions) -> Result<RunReport> {
     ensure!(options.orders > 0, "--orders must be at least 1");
     ensure!(options.concurrency > 0, "--concurrency must be at least 1");
     let tools = PgTools::find()?;
-    // Its drop starts the machine's server again whatever happens below.
-    let machine = MachineServer::find()?;
-    ensure!(
-        machine.is_up(),
-        "the machine's PostgreSQL (127.0.0.1:5432) is not running"
-    );
     let started = Instant::now();
     let cluster_options = ClusterOptions::chaos(2, &options.service_log, options.keep);
     let mut cluster = Cluster::start(&options.binaries, &tools, &cluster_options).await?;
+    // Declared after the cluster, so dropped before it: whatever happens
+    // below (an error, a panic, an interrupt), the machine's server is
+    // started again before the participants' databases are dropped.
+    let machine = MachineServer::find()?;
     if options.echo {
         println!(
             "chaos: system up in {:.1}s (orchestrator PostgreSQL on port {}, logs in {})",
