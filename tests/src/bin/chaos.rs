@@ -275,6 +275,9 @@ fn print_report(report: &RunReport) {
         "  journal:     {} attempts journalled twice (information)",
         s.attempts_journalled_twice
     );
+    for sample in &s.journalled_twice {
+        let _ = writeln!(out, "    {sample}");
+    }
     let _ = writeln!(
         out,
         "  NEEDS_ATTENTION before the operator retry: {}",

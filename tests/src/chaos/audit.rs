@@ -40,6 +40,8 @@ pub struct AuditReport {
     /// Attempts journalled twice (same step, kind and attempt), overlapping
     /// or not: a lost update worth a look, not by itself a violation.
     pub attempts_journalled_twice: usize,
+    /// A few of them: saga, step/kind, attempt, actors, outcomes.
+    pub journalled_twice: Vec<String>,
     /// Products and customers left out of the conservation checks.
     pub unchecked: Vec<String>,
 }
@@ -362,14 +364,23 @@ pub async fn audit(
             ),
         );
     }
-    let twice: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (
-             SELECT 1 FROM saga_journal WHERE kind IN ('ACTION', 'COMPENSATION')
-             GROUP BY saga_id, step, kind, attempt HAVING count(*) > 1) AS d",
+    let twice: Vec<(String, String, i32, String, String, i64)> = sqlx::query_as(
+        "SELECT saga_id, step || '/' || kind, attempt,
+                string_agg(actor, ',' ORDER BY entry_id), string_agg(outcome, ',' ORDER BY entry_id),
+                count(*) OVER ()
+         FROM saga_journal WHERE kind IN ('ACTION', 'COMPENSATION')
+         GROUP BY saga_id, step, kind, attempt HAVING count(*) > 1
+         ORDER BY saga_id LIMIT 5",
     )
-    .fetch_one(db.orchestrator)
+    .fetch_all(db.orchestrator)
     .await
     .context("reading the journal")?;
-    report.attempts_journalled_twice = twice as usize;
+    report.attempts_journalled_twice = twice.first().map_or(0, |row| row.5 as usize);
+    report.journalled_twice = twice
+        .into_iter()
+        .map(|(saga, step, attempt, actors, outcomes, _)| {
+            format!("{saga} {step} attempt {attempt}: by {actors}, outcomes {outcomes}")
+        })
+        .collect();
     Ok(report)
 }

@@ -93,6 +93,8 @@ pub struct Summary {
     pub needs_attention: usize,
     /// Attempts journalled twice (information).
     pub attempts_journalled_twice: usize,
+    /// A few of them.
+    pub journalled_twice: Vec<String>,
     /// `sagactl reconcile`: clean, discrepancies, error, or skipped.
     pub reconcile: String,
     /// Seconds of the fault phase.
@@ -509,6 +511,7 @@ fn summarize(
         invariant_violations: audit.violations.len(),
         needs_attention,
         attempts_journalled_twice: audit.attempts_journalled_twice,
+        journalled_twice: audit.journalled_twice.clone(),
         passed: lost == 0 && violations.is_empty(),
         reconcile,
         fault_phase_seconds: round(fault_phase),

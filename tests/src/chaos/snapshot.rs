@@ -3,7 +3,7 @@
 //! loss, and the saga is then cancelled. Every step the lost progress had
 //! attempted must still be compensated.
 //!
-//! 1. One replica, nothing else in flight; Reserve is delayed 3 s; one
+//! 1. One replica, nothing else in flight; Reserve is delayed 5 s; one
 //!    order is placed.
 //! 2. While Reserve is delayed (the saga's start is on disk), a base backup
 //!    of the orchestrator's PostgreSQL is taken.
@@ -120,7 +120,8 @@ const PRICE: i64 = 2_500;
 const STOCK: i64 = 10;
 const CUSTOMER: &str = "snapshot-customer";
 const BALANCE: i64 = 100_000;
-const RESERVE_DELAY_MS: u32 = 3_000;
+/// The window for the base backup: wide enough for a loaded 2-core machine.
+const RESERVE_DELAY_MS: u32 = 5_000;
 const SHIP_DELAY_MS: u32 = 60_000;
 
 fn fault(rpc: &str, mode: FaultMode, code: Code, count: u32, latency_ms: u32) -> SetFaultRequest {
@@ -170,14 +171,15 @@ async fn wait_for(
     }
 }
 
-/// Runs the scenario; an error means it could not be carried out (not that
+/// Runs the scenario (on a multi-thread runtime: the PostgreSQL tools run
+/// in `block_in_place`); an error means it could not be carried out (not that
 /// the end state is wrong: see [`SnapshotOutcome::violations`]).
 pub async fn run(options: &SnapshotOptions) -> Result<SnapshotOutcome> {
     let tools = PgTools::find()?;
     let cluster_options = ClusterOptions {
         replicas: 1,
         // Longer than Reserve's delay, shorter than Ship's.
-        step_timeout: Duration::from_secs(5),
+        step_timeout: Duration::from_secs(8),
         // The saga must neither give up on Ship before the crash nor on
         // Reserve before the cancel.
         step_attempts: 1000,
