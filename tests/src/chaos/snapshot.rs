@@ -33,10 +33,11 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use super::Binaries;
+use super::audit::{self, Databases};
 use super::cluster::{Cluster, ClusterOptions, ORCHESTRATOR_DB};
 use super::postgres::PgTools;
 use super::timeline::{Event, Timeline};
-use super::workload::{status_name, transient};
+use super::workload::{Initial, OrderRecord, status_name, transient};
 
 /// How the scenario runs.
 #[derive(Debug, Clone)]
@@ -74,6 +75,8 @@ pub struct SnapshotOutcome {
     pub charge: Option<(String, i64)>,
     /// The fulfillment's record of the saga.
     pub shipment: Option<String>,
+    /// What the chaos suite's audit of invariants 1-5 says of the end state.
+    pub audit: Vec<String>,
     /// The steps as they happened.
     pub timeline: Vec<Event>,
 }
@@ -111,6 +114,7 @@ impl SnapshotOutcome {
         if self.shipment.as_deref() == Some("SHIPPED") {
             violations.push(format!("order {id} still has an active shipment"));
         }
+        violations.extend(self.audit.iter().map(|v| format!("audit: {v}")));
         violations
     }
 }
@@ -407,7 +411,23 @@ async fn scenario(cluster: &mut Cluster, timeline: &Timeline) -> Result<Snapshot
             .bind(&order_id)
             .fetch_optional(cluster.pool(Participant::Fulfillment))
             .await?;
+    let initial = Initial {
+        stock: [(PRODUCT.to_owned(), STOCK)].into(),
+        balance: [(CUSTOMER.to_owned(), BALANCE)].into(),
+    };
+    let records = [OrderRecord {
+        key: String::new(),
+        order_id: Some(order_id.clone()),
+        canary: false,
+        place_attempts: 1,
+        cancel: None,
+        abort: None,
+    }];
+    let audit = audit::audit(Databases::of(cluster), &initial, &records)
+        .await?
+        .violations;
     Ok(SnapshotOutcome {
+        audit,
         order_id,
         status: final_status,
         initial_balance: BALANCE,
