@@ -20,8 +20,8 @@ use participants::cli::parse_duration;
 /// invariants from the databases.
 ///
 /// Topology: the orchestrator's database on a PostgreSQL instance of its
-/// own (initdb in a temp dir, WAL archiving configured, fsync on, removed
-/// at the end); the participants' databases on the machine's PostgreSQL
+/// own (initdb in a temp dir, configured for replication so pg_basebackup
+/// works, fsync on, removed at the end); the participants' databases on the machine's PostgreSQL
 /// (127.0.0.1:5432, or $DATABASE_URL), dropped at the end; every
 /// orchestrator-to-participant connection through a TCP fault proxy.
 ///
@@ -43,6 +43,19 @@ use participants::cli::parse_duration;
 /// them with `cargo build --workspace --bins`), or --bin-dir. The random
 /// run needs root (it restarts the machine's PostgreSQL and runs initdb as
 /// the postgres user).
+///
+/// The snapshot scenario (--scenario snapshot): one replica; Reserve
+/// delayed; a pg_basebackup of the orchestrator's instance while the
+/// saga's start is durable but nothing more; Charge succeeds, Ship hangs;
+/// the instance crashed and restored from the backup (the progress,
+/// committed asynchronously, is gone); Reserve failing from then on; the
+/// client cancels. The order must end CANCELLED with the money and the
+/// stock back. With --summary-json, its outcome is written instead.
+///
+/// Environment: DATABASE_URL (the machine's server, default
+/// postgres://postgres@127.0.0.1:5432/postgres), CHAOS_BIN_DIR (the
+/// binaries), PG_BINDIR (initdb, pg_ctl, pg_basebackup), CHAOS_DEBUG
+/// (notes on retried starts).
 ///
 /// Exit status: 0 every invariant held, 1 a violation (or a lost saga, or
 /// reconcile found discrepancies), 2 the run could not be carried out.

@@ -164,7 +164,7 @@ impl Service {
             match self.wait_serving(deadline).await {
                 Ok(()) => return Ok(()),
                 Err(error) if Instant::now() < deadline && self.exited().is_some() => {
-                    tracing_free_note(&format!("{} exited at start, retrying: {error}", self.name));
+                    debug_note(&format!("{} exited at start, retrying: {error}", self.name));
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 Err(error) => return Err(error),
@@ -205,7 +205,7 @@ impl Drop for Service {
 
 /// Notes that matter only when things go wrong go to stderr when
 /// `CHAOS_DEBUG` is set.
-fn tracing_free_note(message: &str) {
+fn debug_note(message: &str) {
     if std::env::var_os("CHAOS_DEBUG").is_some() {
         eprintln!("chaos: {message}");
     }

@@ -41,8 +41,9 @@ impl AfterBlackhole {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 struct Mode {
-    /// Accept, hold, forward nothing.
-    blackhole: bool,
+    /// Black holes in force (they nest): while any is, accept, hold,
+    /// forward nothing.
+    blackholes: u32,
     /// Bumped by every reset: a connection older than the current value is
     /// reset.
     resets: u64,
@@ -111,15 +112,17 @@ impl FaultProxy {
     }
 
     /// From now on, accepts connections but forwards nothing, on new and
-    /// open connections alike, until [`FaultProxy::end_blackhole`].
+    /// open connections alike, until [`FaultProxy::end_blackhole`]. Black
+    /// holes nest: forwarding resumes when the last one ends.
     pub fn start_blackhole(&self) {
-        self.shared.mode.send_modify(|mode| mode.blackhole = true);
+        self.shared.mode.send_modify(|mode| mode.blackholes += 1);
     }
 
-    /// Ends a black hole: forwards what was held, or resets it.
+    /// Ends a black hole: forwards what was held (once no other black hole
+    /// is in force), or resets it.
     pub fn end_blackhole(&self, then: AfterBlackhole) {
         self.shared.mode.send_modify(|mode| {
-            mode.blackhole = false;
+            mode.blackholes = mode.blackholes.saturating_sub(1);
             if then == AfterBlackhole::Reset {
                 mode.resets += 1;
             }
@@ -134,7 +137,7 @@ impl FaultProxy {
     /// Back to plain forwarding: no latency, no black hole.
     pub fn heal(&self) {
         self.set_latency(Duration::ZERO);
-        self.end_blackhole(AfterBlackhole::Resume);
+        self.shared.mode.send_modify(|mode| mode.blackholes = 0);
     }
 }
 
@@ -274,7 +277,7 @@ async fn hold(shared: &Shared, mode: &mut watch::Receiver<Mode>, resets: u64) ->
         if must_end(&now, resets) {
             break Forwarded::Reset;
         }
-        if !now.blackhole {
+        if now.blackholes == 0 {
             break Forwarded::Done;
         }
         if !counted {
