@@ -148,11 +148,11 @@ impl Service {
         self.child.is_some() && self.exited().is_none()
     }
 
-    /// The last lines of its log.
+    /// The last lines of its log, on one line.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        all[all.len().saturating_sub(lines)..].join(" | ")
     }
 
     /// Starts it (again) and waits until its health service says SERVING;
@@ -176,7 +176,7 @@ impl Service {
         loop {
             if let Some(status) = self.exited() {
                 bail!(
-                    "{} exited before serving ({status}); its log ends with:\n{}",
+                    "{} exited before serving ({status}); its log ends with: {}",
                     self.name,
                     self.log_tail(5)
                 );
@@ -186,7 +186,7 @@ impl Service {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "{} not serving at {} in time; its log ends with:\n{}",
+                    "{} not serving at {} in time; its log ends with: {}",
                     self.name,
                     self.endpoint,
                     self.log_tail(5)
