@@ -7,6 +7,7 @@
 //! handle is dropped, after the service using it has been stopped.
 //! Set `TEST_LOG=1` to see the services' logs.
 
+pub mod chaos;
 mod lossy;
 pub mod process;
 mod system;

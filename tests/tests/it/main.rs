@@ -10,3 +10,4 @@ mod orders;
 mod payment;
 mod reconcile;
 mod recovery;
+mod snapshot;
