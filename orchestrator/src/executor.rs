@@ -460,15 +460,25 @@ impl Executor {
 
     /// Reloads a saga; None when this replica no longer holds its lease.
     async fn reload_owned(&self, saga_id: &str) -> Option<SagaRecord> {
+        let saga = self.reload(saga_id).await?;
+        self.owns(&saga).then_some(saga)
+    }
+
+    /// Whether this replica holds the saga's lease; logs when it does not.
+    fn owns(&self, saga: &SagaRecord) -> bool {
+        let owned = saga.lease_owner.as_deref() == Some(&self.config.replica_id);
+        if !owned {
+            tracing::info!("lease lost; another replica drives this saga now");
+        }
+        owned
+    }
+
+    /// Reloads a saga, whoever holds it, retrying while the store fails;
+    /// None when the saga is gone or the executor is stopping.
+    async fn reload(&self, saga_id: &str) -> Option<SagaRecord> {
         loop {
             match self.store.load(saga_id).await {
-                Ok(Some(saga)) if saga.lease_owner.as_deref() == Some(&self.config.replica_id) => {
-                    return Some(recovered(saga));
-                }
-                Ok(_) => {
-                    tracing::info!("lease lost; another replica drives this saga now");
-                    return None;
-                }
+                Ok(saga) => return saga.map(recovered),
                 Err(error) => {
                     tracing::warn!(%error, "cannot reload the saga; retrying");
                     if self.pause(Duration::from_secs(1)).await {
@@ -662,8 +672,25 @@ impl Executor {
                     return Some(delay);
                 }
                 Ok(None) => {
-                    // The row changed under us: re-apply to what is there now.
-                    *saga = self.reload_owned(&saga.saga_id).await?;
+                    // The row changed under us: re-apply to what is there now,
+                    // unless what is there is this very write, which landed
+                    // although its answer was lost (a connection that broke
+                    // after the commit): journalling it again would record
+                    // the call twice.
+                    let fresh = self.reload(&saga.saga_id).await?;
+                    if next != saga.state && fresh.state == next.recovered() {
+                        let changed = fresh.status != saga.status;
+                        *saga = fresh;
+                        if changed {
+                            self.publish(&saga.saga_id, &saga.state, saga.status);
+                            log_status(saga, delay);
+                        }
+                        return Some(delay);
+                    }
+                    if !self.owns(&fresh) {
+                        return None;
+                    }
+                    *saga = fresh;
                 }
                 Err(error) => {
                     tracing::warn!(%error, "cannot record the outcome; retrying");

@@ -7,6 +7,10 @@
 //! and writes nothing: the writer believes its version moved on, the
 //! database still holds the earlier one, and the writer's next commit
 //! finds the older row, as after the crash.
+//!
+//! Armed with [`LossyStore::break_after_next`], it writes the next `n`
+//! commits and then answers with a connection error, as when the link to
+//! the database breaks after a commit and before its answer.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -22,6 +26,7 @@ pub struct LossyStore {
     inner: Arc<dyn SagaStore>,
     to_lose: AtomicU32,
     lost: AtomicU32,
+    to_break: AtomicU32,
 }
 
 impl LossyStore {
@@ -31,12 +36,18 @@ impl LossyStore {
             inner,
             to_lose: AtomicU32::new(0),
             lost: AtomicU32::new(0),
+            to_break: AtomicU32::new(0),
         })
     }
 
     /// Loses the next `n` asynchronous commits.
     pub fn lose_next(&self, n: u32) {
         self.to_lose.store(n, Ordering::SeqCst);
+    }
+
+    /// Writes the next `n` commits, then answers each with an error.
+    pub fn break_after_next(&self, n: u32) {
+        self.to_break.store(n, Ordering::SeqCst);
     }
 
     /// Asynchronous commits lost so far.
@@ -71,7 +82,16 @@ impl SagaStore for LossyStore {
             // Acknowledged, never written.
             return Ok(Some(commit.expected_version + 1));
         }
-        self.inner.commit(commit).await
+        let broken = self
+            .to_break
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        let written = self.inner.commit(commit).await?;
+        if broken {
+            let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "link broke");
+            return Err(Error::Database(sqlx::Error::Io(reset)));
+        }
+        Ok(written)
     }
 
     async fn claim_due(

@@ -475,3 +475,53 @@ async fn a_cancel_after_the_database_lost_progress_undoes_every_step_that_went_o
     let audit = system.audit().await.unwrap();
     assert_eq!(audit.count("CANCELLED"), 1, "{audit:?}");
 }
+
+/// Commits that land while their answers are lost (the link to the
+/// database breaks after the commit): the driver finds its own write on
+/// the retry and journals each call once.
+#[tokio::test]
+async fn a_commit_whose_answer_was_lost_is_journalled_once() {
+    let mut system = spawn_system().await.unwrap();
+    system.seed_product("widget", 250, 10).await.unwrap();
+    system.seed_account("alice", 10_000).await.unwrap();
+    system.orchestrator.take().unwrap().stop().await.unwrap();
+    let slot = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let keep = slot.clone();
+    let orchestrator = harness::spawn_orchestrator_wrapped(
+        system.database_url(),
+        system.settings.clone(),
+        move |store| {
+            let store = harness::LossyStore::new(store);
+            *keep.lock().unwrap() = Some(store.clone());
+            store
+        },
+    )
+    .await
+    .unwrap();
+    let lossy = slot.lock().unwrap().clone().unwrap();
+    system.orchestrator = Some(orchestrator);
+
+    // Every transition of the saga: reserve's, charge's and ship's.
+    lossy.break_after_next(3);
+    let order = system.place("alice", &[("widget", 1)]).await.unwrap();
+    let done = system
+        .wait_settled(&order, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(done.status(), OrderStatus::Completed);
+    let calls: Vec<(String, u32)> = done
+        .history
+        .iter()
+        .map(|e| (e.step.clone(), e.attempt))
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            ("reserve_inventory".to_owned(), 1),
+            ("charge_payment".to_owned(), 1),
+            ("ship_order".to_owned(), 1)
+        ],
+        "each call journalled once"
+    );
+    system.audit().await.unwrap();
+}
