@@ -627,7 +627,24 @@ impl Executor {
         journal: &[JournalEntry],
     ) -> Option<Option<Duration>> {
         let owner = self.config.replica_id.as_str();
+        let mut late_journal: Vec<JournalEntry>;
         loop {
+            // A reply the state read back was not waiting for (the saga was
+            // taken over, reloaded, or the database lost the write that
+            // marked its step): journalled as such, so a replay of the same
+            // attempt number later reads as what it is.
+            let journal = match event {
+                Event::CallFinished {
+                    step,
+                    kind,
+                    attempt,
+                    ..
+                } if !saga.state.awaits(*step, *kind, *attempt) => {
+                    late_journal = journal.iter().map(late_reply).collect();
+                    &late_journal
+                }
+                _ => journal,
+            };
             let next: SagaState = match saga.state.apply(&ORDER_SAGA, &self.config.policy, event) {
                 Ok(next) => next,
                 Err(error) => {
@@ -703,6 +720,22 @@ impl Executor {
         }
     }
 }
+
+/// A journal row of a call as a late reply.
+fn late_reply(entry: &JournalEntry) -> JournalEntry {
+    let detail = if entry.detail.is_empty() {
+        LATE_REPLY.to_owned()
+    } else {
+        format!("{LATE_REPLY}: {}", entry.detail)
+    };
+    JournalEntry {
+        detail,
+        ..entry.clone()
+    }
+}
+
+/// How a late reply's journal row starts.
+pub const LATE_REPLY: &str = "late reply (the saga was not waiting for it)";
 
 /// A saga read back from the store, ready to be decided on: its state
 /// distrusts forward progress that may not have been durable

@@ -395,6 +395,14 @@ impl SagaState {
         }
     }
 
+    /// Whether the outcome of this call drives the saga: it is the call
+    /// the state is waiting for. Any other outcome is a late reply.
+    pub fn awaits(&self, step: usize, kind: Kind, attempt: u32) -> bool {
+        self.current() == Some((step, kind))
+            && self.current_attempts() + 1 == attempt
+            && !matches!(self.phase, Phase::NeedsAttention { .. })
+    }
+
     /// What the executor must do next; None when the saga is settled
     /// (terminal or NEEDS_ATTENTION). Derived from the state alone, so a
     /// replica that takes a saga over after a crash resumes it exactly.
@@ -472,10 +480,7 @@ impl SagaState {
         // the write that marked its step) is journalled by the executor and
         // otherwise absorbed, except that an action the state did not
         // believe was sent now counts as attempted, so an abort undoes it.
-        if self.current() != Some((step, kind))
-            || self.current_attempts() + 1 != attempt
-            || matches!(self.phase, Phase::NeedsAttention { .. })
-        {
+        if !self.awaits(step, kind, attempt) {
             let open = !matches!(
                 self.phase,
                 Phase::Completed | Phase::Failed | Phase::Cancelled
