@@ -134,7 +134,7 @@ fn retry_message(saga: &SagaRecord, effect: RequestEffect) -> &'static str {
         RequestEffect::Unchanged => {
             "retry recorded; nothing to reset: an attempt is in flight and none failed since the last retry"
         }
-        RequestEffect::Settled => "nothing to retry",
+        RequestEffect::NotWritten => "nothing to retry",
     }
 }
 
@@ -146,7 +146,7 @@ fn abort_message(saga: &SagaRecord, effect: RequestEffect) -> &'static str {
         }
         RequestEffect::Changed => "aborting: compensating now",
         RequestEffect::Unchanged => "abort recorded; the saga was already compensating",
-        RequestEffect::Settled => "nothing to abort",
+        RequestEffect::NotWritten => "nothing to abort",
     }
 }
 

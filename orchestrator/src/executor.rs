@@ -50,7 +50,8 @@ pub struct ExecutorConfig {
     pub backoff_cap: Duration,
     /// How long a lease lasts without renewal.
     pub lease_ttl: Duration,
-    /// How often the sweeper looks for orphaned or due sagas.
+    /// How often the sweeper looks for orphaned or due sagas, and for the
+    /// wake marks requests left on sagas driven here.
     pub poll_interval: Duration,
     /// Most sagas driven at once by this replica.
     pub max_in_flight: usize,
@@ -97,13 +98,14 @@ pub fn retry_backoff(base: Duration, cap: Duration, state: &SagaState, fraction:
 pub enum RequestEffect {
     /// The saga changed; the request is journalled and its driver woken.
     Changed,
-    /// The saga was already as the request asks (a second retry while the
-    /// retried attempt is in flight, a repeated cancel); the request is
-    /// journalled all the same and the driver woken.
+    /// The saga was already as the operator asks (a second retry while
+    /// the retried attempt is in flight); the request is journalled all
+    /// the same and the driver woken.
     Unchanged,
-    /// The saga is settled and the request changes nothing (a cancel of a
-    /// cancelled order): nothing is written.
-    Settled,
+    /// Nothing to do and nothing written: a cancel that repeats one
+    /// already recorded (clients retry it; the first is in the journal),
+    /// or a request that leaves a settled saga as it is.
+    NotWritten,
 }
 
 /// Drives sagas. One per orchestrator process.
@@ -279,9 +281,10 @@ impl Executor {
     }
 
     /// [`Executor::request`], also saying what the request did. Every
-    /// accepted request on an unsettled saga is journalled and wakes the
-    /// saga's driver, wherever it runs, even when the state was already as
-    /// asked; only one that leaves a settled saga as it is writes nothing.
+    /// accepted operator request on an unsettled saga is journalled and
+    /// wakes the saga's driver, wherever it runs, even when the state was
+    /// already as asked; a repeated cancel, or a request that leaves a
+    /// settled saga as it is, writes nothing.
     pub async fn request_with_effect(
         self: &Arc<Self>,
         saga_id: &str,
@@ -300,8 +303,8 @@ impl Executor {
             let next = saga.state.apply(&ORDER_SAGA, &self.config.policy, event)?;
             let effect = if next != saga.state {
                 RequestEffect::Changed
-            } else if saga.status.is_settled() {
-                return Ok((saga, RequestEffect::Settled));
+            } else if saga.status.is_settled() || matches!(event, Event::CancelRequested { .. }) {
+                return Ok((saga, RequestEffect::NotWritten));
             } else {
                 RequestEffect::Unchanged
             };
