@@ -127,6 +127,7 @@ fn store_transition(c: &mut Criterion) {
                             ttl: Duration::from_secs(30),
                         },
                         durable: true,
+                        wake: false,
                     })
                     .await
                     .unwrap()

@@ -16,7 +16,7 @@ use crate::api::{
     history_pb, items_pb, page_size, page_token, status_filter, status_pb, timestamp,
 };
 use crate::error::Error;
-use crate::executor::{Executor, now_epoch};
+use crate::executor::{Executor, RequestEffect, now_epoch};
 use crate::reconcile;
 use crate::saga::{Event, Kind, ORDER_SAGA, Status as SagaStatus};
 use crate::store::{ListFilter, SagaRecord};
@@ -124,6 +124,32 @@ fn duration(value: Option<prost_types::Duration>, field: &str) -> Result<Option<
         .transpose()
 }
 
+/// What a RetrySaga did, for the operator.
+fn retry_message(saga: &SagaRecord, effect: RequestEffect) -> &'static str {
+    match effect {
+        RequestEffect::Changed if saga.state.waiting_retry => {
+            "retry recorded with a fresh attempt budget"
+        }
+        RequestEffect::Changed => "retrying now with a fresh attempt budget",
+        RequestEffect::Unchanged => {
+            "retry recorded; nothing to reset: an attempt is in flight and none failed since the last retry"
+        }
+        RequestEffect::NotWritten => "nothing to retry",
+    }
+}
+
+/// What an AbortSaga did, for the operator.
+fn abort_message(saga: &SagaRecord, effect: RequestEffect) -> &'static str {
+    match effect {
+        RequestEffect::Changed if saga.state.stop_requested.is_some() => {
+            "abort recorded: compensation starts when the call in flight ends"
+        }
+        RequestEffect::Changed => "aborting: compensating now",
+        RequestEffect::Unchanged => "abort recorded; the saga was already compensating",
+        RequestEffect::NotWritten => "nothing to abort",
+    }
+}
+
 /// `saga.v1.AdminService`.
 #[derive(Debug, Clone)]
 pub struct AdminApi {
@@ -149,7 +175,8 @@ impl AdminApi {
             .ok_or_else(|| Error::NotFound(format!("no saga {saga_id}")))
     }
 
-    /// Applies an operator request; returns the saga's status after it.
+    /// Applies an operator request; returns the saga after it and what
+    /// the request did.
     async fn operate(
         &self,
         saga_id: String,
@@ -157,23 +184,21 @@ impl AdminApi {
         event: Event,
         name: &str,
         detail: String,
-    ) -> Result<SagaStatus, Error> {
+    ) -> Result<(SagaRecord, RequestEffect), Error> {
         let saga_id = Id::parse("saga_id", saga_id)?;
         let operator = match bounded_text("operator", operator, MAX_OPERATOR_BYTES)? {
             operator if operator.trim().is_empty() => "unknown operator".to_owned(),
             operator => operator,
         };
-        let saga = self
-            .executor
-            .request(
+        self.executor
+            .request_with_effect(
                 saga_id.as_str(),
                 &event,
                 name,
                 &format!("operator {operator}"),
                 &detail,
             )
-            .await?;
-        Ok(saga.status)
+            .await
     }
 }
 
@@ -250,7 +275,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
             format!("retry now with a fresh attempt budget: {reason}")
         };
         let saga_id = request.saga_id.clone();
-        let status = self
+        let (saga, effect) = self
             .operate(
                 request.saga_id,
                 request.operator,
@@ -261,7 +286,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
             .await?;
         Ok(Response::new(pb::RetrySagaResponse {
             saga_id,
-            status: status_pb(status).into(),
+            status: status_pb(saga.status).into(),
+            message: retry_message(&saga, effect).to_owned(),
         }))
     }
 
@@ -275,7 +301,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
             return Err(Error::invalid("reason is required: say why the saga is aborted").into());
         }
         let saga_id = request.saga_id.clone();
-        let status = self
+        let (saga, effect) = self
             .operate(
                 request.saga_id,
                 request.operator,
@@ -288,7 +314,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
             .await?;
         Ok(Response::new(pb::AbortSagaResponse {
             saga_id,
-            status: status_pb(status).into(),
+            status: status_pb(saga.status).into(),
+            message: abort_message(&saga, effect).to_owned(),
         }))
     }
 

@@ -228,6 +228,18 @@ impl OrderApi {
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchOrderResponse, Status>> + Send>>;
 
+/// A watched saga's status, reason and time, as stored; None when it is gone.
+async fn watched_status(
+    executor: &Executor,
+    saga_id: &str,
+) -> Result<Option<(SagaStatus, Option<String>, f64)>, Error> {
+    Ok(executor
+        .store()
+        .load(saga_id)
+        .await?
+        .map(|saga| (saga.status, saga.state.failure_reason, saga.updated_at)))
+}
+
 #[tonic::async_trait]
 impl pb::order_service_server::OrderService for OrderApi {
     async fn place_order(
@@ -322,27 +334,34 @@ impl pb::order_service_server::OrderService for OrderApi {
                 };
             let mut stopping = executor.stopping();
             let mut poll = tokio::time::interval(WATCH_POLL);
+            // Ticks missed while a driver here kept the watch current are
+            // not made up in a burst.
+            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let (mut last, reason, at) = first;
             let mut open = tx.send(Ok(message(last, reason, at))).await.is_ok();
             while open && !last.is_settled() {
-                let next = tokio::select! {
-                    changed = updates.changed() => match changed {
-                        Ok(()) => updates
-                            .borrow_and_update()
-                            .clone()
-                            .map(|u| (u.status, u.failure_reason, u.updated_at)),
-                        Err(_) => break,
-                    },
+                // Who drives the saga is looked at again on every wake-up:
+                // a driver here may stop without settling it (its lease was
+                // taken over), and then it wakes this stream once.
+                let read = tokio::select! {
+                    changed = updates.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        let update = updates.borrow_and_update().clone();
+                        match update {
+                            // Driven here: the watch holds its latest status.
+                            Some(u) if executor.is_driving(&saga_id) => {
+                                Ok(Some((u.status, u.failure_reason, u.updated_at)))
+                            }
+                            // A driver here stopped, or a request here
+                            // changed a saga driven elsewhere: read it.
+                            _ => watched_status(&executor, &saga_id).await,
+                        }
+                    }
                     // A saga driven by another replica: read it now and then.
                     _ = poll.tick(), if !executor.is_driving(&saga_id) => {
-                        match executor.store().load(&saga_id).await {
-                            Ok(Some(saga)) => Some((saga.status, saga.state.failure_reason, saga.updated_at)),
-                            Ok(None) => break,
-                            Err(error) => {
-                                let _ = tx.send(Err(error.into())).await;
-                                break;
-                            }
-                        }
+                        watched_status(&executor, &saga_id).await
                     }
                     _ = tx.closed() => break,
                     _ = stopping.changed() => {
@@ -350,9 +369,16 @@ impl pb::order_service_server::OrderService for OrderApi {
                         break;
                     }
                 };
-                if let Some((status, reason, at)) = next
-                    && status != last
-                {
+                let next = match read {
+                    Ok(Some(next)) => next,
+                    Ok(None) => break,
+                    Err(error) => {
+                        let _ = tx.send(Err(error.into())).await;
+                        break;
+                    }
+                };
+                let (status, reason, at) = next;
+                if status != last {
                     last = status;
                     open = tx.send(Ok(message(status, reason, at))).await.is_ok();
                 }

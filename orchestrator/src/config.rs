@@ -82,7 +82,9 @@ pub struct ServeArgs {
     #[arg(long, env = "ORCHESTRATOR_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
 
-    /// How often to look for sagas with work due and no live lease.
+    /// How often to look for sagas with work due and no live lease, and
+    /// for requests another replica took for a saga driven here (how soon
+    /// a retry or abort sent to another replica wakes the driver).
     #[arg(long, env = "ORCHESTRATOR_POLL_INTERVAL", default_value = "500ms", value_parser = parse_duration)]
     pub poll_interval: Duration,
 

@@ -7,7 +7,14 @@
 //!   none is left).
 //! - The sweeper claims sagas with work due and no live lease (a replica
 //!   crashed, or handed them back) with `FOR UPDATE SKIP LOCKED`.
-//! - The renewer extends the leases of every saga driven here.
+//! - The renewer extends the leases of every saga driven here, and wakes
+//!   the drivers whose lease another replica took, so they stop at once.
+//! - A request (cancel, retry, abort) is committed by whichever replica
+//!   received it and marks the saga as woken; the sweeper of the replica
+//!   driving it finds the marks (one query per tick) and wakes the drivers,
+//!   which may be waiting out a long backoff.
+//! - A driver that stops without settling its saga (lease lost, stopping)
+//!   tells the saga's WatchOrder streams here, which then read the store.
 //! - A transition that loses a race (a cancel or operator request changed
 //!   the row) reloads the row and re-applies the same event; a driver whose
 //!   lease was taken over stops.
@@ -17,7 +24,7 @@
 //! says which call is next, and a replica that resumes after a crash sends
 //! it again (participants are idempotent).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -43,7 +50,8 @@ pub struct ExecutorConfig {
     pub backoff_cap: Duration,
     /// How long a lease lasts without renewal.
     pub lease_ttl: Duration,
-    /// How often the sweeper looks for orphaned or due sagas.
+    /// How often the sweeper looks for orphaned or due sagas, and for the
+    /// wake marks requests left on sagas driven here.
     pub poll_interval: Duration,
     /// Most sagas driven at once by this replica.
     pub max_in_flight: usize,
@@ -75,6 +83,29 @@ pub fn backoff_delay(base: Duration, cap: Duration, attempt: u32, fraction: f64)
     let exponent = attempt.saturating_sub(1).min(30);
     let ceiling = base.saturating_mul(1 << exponent).min(cap);
     ceiling.mul_f64(fraction.clamp(0.0, 1.0))
+}
+
+/// The backoff before the next attempt of a saga waiting for a retry: it
+/// doubles with the failures counted since the operator's last retry
+/// ([`SagaState::failures_since_retry`]), so after a retry it starts again
+/// from `base`. Pure, like [`backoff_delay`].
+pub fn retry_backoff(base: Duration, cap: Duration, state: &SagaState, fraction: f64) -> Duration {
+    backoff_delay(base, cap, state.failures_since_retry(), fraction)
+}
+
+/// What an accepted request did to its saga.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestEffect {
+    /// The saga changed; the request is journalled and its driver woken.
+    Changed,
+    /// The saga was already as the operator asks (a second retry while
+    /// the retried attempt is in flight); the request is journalled all
+    /// the same and the driver woken.
+    Unchanged,
+    /// Nothing to do and nothing written: a cancel that repeats one
+    /// already recorded (clients retry it; the first is in the journal),
+    /// or a request that leaves a settled saga as it is.
+    NotWritten,
 }
 
 /// Drives sagas. One per orchestrator process.
@@ -210,6 +241,16 @@ impl Executor {
         }
     }
 
+    /// Wakes the WatchOrder streams of `saga_id` here without a new status,
+    /// so that they look again at who drives it: a driver here stopped
+    /// (lease lost, or stopping) and they must read the store now.
+    fn nudge_watchers(&self, saga_id: &str) {
+        let watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(sender) = watchers.get(saga_id) {
+            sender.send_modify(|_| {});
+        }
+    }
+
     /// Tells the WatchOrder streams of `saga_id` about a status change.
     pub fn publish(&self, saga_id: &str, state: &SagaState, status: Status) {
         let watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
@@ -224,8 +265,7 @@ impl Executor {
 
     /// Applies a client's or operator's request (cancel, retry, abort) to a
     /// saga, journalled as a CONTROL entry by `actor` with `detail`, and
-    /// makes sure a driver acts on it. Returns the saga after the request;
-    /// a request that changes nothing is not written.
+    /// makes sure a driver acts on it. Returns the saga after the request.
     pub async fn request(
         self: &Arc<Self>,
         saga_id: &str,
@@ -234,6 +274,25 @@ impl Executor {
         actor: &str,
         detail: &str,
     ) -> Result<SagaRecord, Error> {
+        Ok(self
+            .request_with_effect(saga_id, event, name, actor, detail)
+            .await?
+            .0)
+    }
+
+    /// [`Executor::request`], also saying what the request did. Every
+    /// accepted operator request on an unsettled saga is journalled and
+    /// wakes the saga's driver, wherever it runs, even when the state was
+    /// already as asked; a repeated cancel, or a request that leaves a
+    /// settled saga as it is, writes nothing.
+    pub async fn request_with_effect(
+        self: &Arc<Self>,
+        saga_id: &str,
+        event: &Event,
+        name: &str,
+        actor: &str,
+        detail: &str,
+    ) -> Result<(SagaRecord, RequestEffect), Error> {
         loop {
             let saga = recovered(
                 self.store
@@ -242,16 +301,24 @@ impl Executor {
                     .ok_or_else(|| Error::NotFound(format!("no order {saga_id}")))?,
             );
             let next = saga.state.apply(&ORDER_SAGA, &self.config.policy, event)?;
-            if next == saga.state {
-                return Ok(saga);
-            }
+            let effect = if next != saga.state {
+                RequestEffect::Changed
+            } else if saga.status.is_settled() || matches!(event, Event::CancelRequested { .. }) {
+                return Ok((saga, RequestEffect::NotWritten));
+            } else {
+                RequestEffect::Unchanged
+            };
+            let detail = match effect {
+                RequestEffect::Unchanged => format!("{detail} (the saga was already so)"),
+                _ => detail.to_owned(),
+            };
             let now = now_epoch();
             let journal = [JournalEntry {
                 step: name.to_owned(),
                 kind: "CONTROL".to_owned(),
                 attempt: 0,
                 outcome: "ACCEPTED".to_owned(),
-                detail: detail.to_owned(),
+                detail: detail.clone(),
                 rpc: String::new(),
                 actor: actor.to_owned(),
                 started_at: now,
@@ -270,28 +337,35 @@ impl Executor {
                 },
                 lease: LeaseChange::Keep,
                 durable: true,
+                // The driver may run on another replica, waiting out a
+                // backoff: its sweeper finds the mark and wakes it.
+                wake: true,
             };
             let Some(version) = self.store.commit(commit).await? else {
                 continue; // the saga moved meanwhile: decide again
             };
             let status = next.status(&ORDER_SAGA);
-            tracing::info!(saga_id, request = name, actor, detail, %status, "request accepted");
+            tracing::info!(saga_id, request = name, actor, detail, %status, ?effect, "request accepted");
             if status != saga.status {
                 self.publish(saga_id, &next, status);
             }
             self.resume(saga_id).await;
-            return Ok(SagaRecord {
-                state: next,
-                status,
-                version,
-                ..saga
-            });
+            return Ok((
+                SagaRecord {
+                    state: next,
+                    status,
+                    version,
+                    ..saga
+                },
+                effect,
+            ));
         }
     }
 
     /// Gets a driver to look at a saga now: wakes it if it runs here, or
     /// starts one here if no replica holds the saga's lease. (A driver on
-    /// another replica notices at its next write or wake-up.)
+    /// another replica is woken by its sweeper, which finds the mark the
+    /// request's commit left, or notices at its next write.)
     async fn resume(self: &Arc<Self>, saga_id: &str) {
         if self.wake(saga_id) {
             return;
@@ -344,6 +418,9 @@ impl Executor {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&saga_id);
+                // Streams here that still wait for a status (the lease was
+                // lost, or this replica stops) switch to reading the store.
+                executor.nudge_watchers(&saga_id);
                 executor.unwatch(&saga_id);
                 drop(permit);
             }
@@ -403,6 +480,7 @@ impl Executor {
                 _ = tokio::time::sleep(self.config.poll_interval) => {}
                 _ = stopping.changed() => return,
             }
+            self.wake_requested().await;
             let free = self.permits.available_permits().min(256) as i64;
             if free == 0 {
                 continue;
@@ -433,6 +511,30 @@ impl Executor {
         }
     }
 
+    /// Wakes the drivers here whose saga a request changed, on any replica
+    /// (the marks of [`SagaStore::take_wakes`]): one query per tick, none
+    /// while nothing is driven here.
+    async fn wake_requested(&self) {
+        if self
+            .driving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+        {
+            return;
+        }
+        match self.store.take_wakes(&self.config.replica_id).await {
+            Ok(woken) => {
+                for saga_id in woken {
+                    if self.wake(&saga_id) {
+                        tracing::debug!(saga_id, "driver woken by a request");
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "could not look for woken sagas"),
+        }
+    }
+
     async fn renew(self: Arc<Self>) {
         let mut stopping = self.stopping();
         let period = self.config.lease_ttl / 3;
@@ -448,12 +550,23 @@ impl Executor {
                 .keys()
                 .cloned()
                 .collect();
-            if let Err(error) = self
+            match self
                 .store
                 .renew_leases(&self.config.replica_id, &ids, self.config.lease_ttl)
                 .await
             {
-                tracing::warn!(%error, "could not renew leases");
+                // A lease another replica took (this one stalled past its
+                // expiry): its driver is woken to find out and stop now,
+                // not at the end of its backoff, so that it frees its
+                // permit and its watchers read the new driver's progress.
+                Ok(held) if held.len() < ids.len() => {
+                    let held: HashSet<&String> = held.iter().collect();
+                    for saga_id in ids.iter().filter(|id| !held.contains(id)) {
+                        self.wake(saga_id);
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "could not renew leases"),
             }
         }
     }
@@ -501,12 +614,12 @@ impl Executor {
         }
     }
 
-    fn retry_delay(&self, attempt: u32) -> Duration {
+    fn retry_delay(&self, state: &SagaState) -> Duration {
         let fraction = (participants::domain::random_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        backoff_delay(
+        retry_backoff(
             self.config.backoff_base,
             self.config.backoff_cap,
-            attempt,
+            state,
             fraction,
         )
     }
@@ -654,9 +767,7 @@ impl Executor {
                 }
             };
             let status = next.status(&ORDER_SAGA);
-            let delay = next
-                .waiting_retry
-                .then(|| self.retry_delay(next.current_attempts() + 1));
+            let delay = next.waiting_retry.then(|| self.retry_delay(&next));
             let commit = Commit {
                 saga_id: &saga.saga_id,
                 expected_version: saga.version,
@@ -673,6 +784,9 @@ impl Executor {
                         ttl: self.config.lease_ttl,
                     }
                 },
+                // This write follows every version before it: any request
+                // that marked the saga woken has been seen.
+                wake: false,
             };
             match self.store.commit(commit).await {
                 Ok(Some(version)) => {
@@ -781,6 +895,58 @@ mod tests {
         assert_eq!(backoff_delay(base, cap, u32::MAX, 1.0), cap);
         assert_eq!(backoff_delay(base, cap, 3, 0.0), Duration::ZERO);
         assert_eq!(backoff_delay(base, cap, 3, 0.5), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn the_backoff_after_an_operator_retry_starts_again_from_the_base() {
+        use crate::saga::Outcome;
+        let policy = Policy {
+            action_attempts: 100,
+            compensation_attempts: 100,
+        };
+        let base = Duration::from_millis(50);
+        let cap = Duration::from_secs(10);
+        let fail = |state: &SagaState| {
+            let Some(
+                Command::Call {
+                    step,
+                    kind,
+                    attempt,
+                }
+                | Command::RetryLater {
+                    step,
+                    kind,
+                    attempt,
+                },
+            ) = state.next_command()
+            else {
+                panic!("a call is due: {state:?}");
+            };
+            let event = Event::CallFinished {
+                step,
+                kind,
+                attempt,
+                outcome: Outcome::Retryable("UNAVAILABLE".into()),
+            };
+            state.apply(&ORDER_SAGA, &policy, &event).unwrap()
+        };
+        let mut state = SagaState::new(&ORDER_SAGA);
+        state = fail(&state);
+        assert_eq!(retry_backoff(base, cap, &state, 1.0), base, "first backoff");
+        for _ in 0..12 {
+            state = fail(&state);
+        }
+        assert_eq!(retry_backoff(base, cap, &state, 1.0), cap, "at the cap");
+        // The operator retries: the attempt goes out now, and when it fails
+        // the backoff starts again from the base, then doubles.
+        state = state
+            .apply(&ORDER_SAGA, &policy, &Event::OperatorRetry)
+            .unwrap();
+        assert!(!state.waiting_retry);
+        state = fail(&state);
+        assert_eq!(retry_backoff(base, cap, &state, 1.0), base);
+        state = fail(&state);
+        assert_eq!(retry_backoff(base, cap, &state, 1.0), 2 * base);
     }
 
     #[test]

@@ -131,6 +131,7 @@ macro_rules! conformance {
 conformance!(
     a_commit_applies_once_per_version_and_writes_its_journal_only_then,
     only_the_lease_owner_commits_and_release_gives_the_lease_up,
+    a_request_marks_its_saga_woken_for_the_lease_holder_until_the_driver_writes,
     an_idempotency_key_records_one_saga,
     the_sweeper_claims_only_due_sagas_without_a_live_lease,
     stuck_and_age_filters_select_the_right_sagas,
@@ -199,6 +200,7 @@ fn commit<'a>(
         next_attempt: NextAttempt::Clear,
         lease,
         durable: true,
+        wake: false,
     }
 }
 
@@ -434,6 +436,44 @@ async fn only_the_lease_owner_commits_and_release_gives_the_lease_up(backend: Ba
     let saga = store.load("s1").await.unwrap().unwrap();
     assert_eq!(saga.lease_owner, None);
     assert_eq!(saga.lease_expires_at, None);
+}
+
+/// A request's commit marks the saga woken; the lease holder takes the
+/// mark once; a write by the driver clears a mark it has not taken.
+async fn a_request_marks_its_saga_woken_for_the_lease_holder_until_the_driver_writes(
+    backend: Backend,
+) {
+    let store = &backend.store;
+    let (saga, _) = store
+        .create(&new_saga("s1", None), "r1", TTL)
+        .await
+        .unwrap();
+    assert_eq!(store.take_wakes("r1").await.unwrap(), Vec::<String>::new());
+    let next = reserved(&saga.state);
+    let request = |version, wake| Commit {
+        wake,
+        ..commit("s1", version, &next, &[], LeaseChange::Keep)
+    };
+    let version = store
+        .commit(request(saga.version, true))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(store.take_wakes("r2").await.unwrap(), Vec::<String>::new());
+    assert_eq!(store.take_wakes("r1").await.unwrap(), ["s1"]);
+    assert_eq!(store.take_wakes("r1").await.unwrap(), Vec::<String>::new());
+
+    let version = store.commit(request(version, true)).await.unwrap().unwrap();
+    let extend = LeaseChange::Extend {
+        owner: "r1",
+        ttl: TTL,
+    };
+    store
+        .commit(commit("s1", version, &next, &[], extend))
+        .await
+        .unwrap()
+        .expect("the driver's write");
+    assert_eq!(store.take_wakes("r1").await.unwrap(), Vec::<String>::new());
 }
 
 async fn an_idempotency_key_records_one_saga(backend: Backend) {

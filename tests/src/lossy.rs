@@ -125,6 +125,10 @@ impl SagaStore for LossyStore {
         self.inner.release_leases(owner).await
     }
 
+    async fn take_wakes(&self, owner: &str) -> Result<Vec<String>, Error> {
+        self.inner.take_wakes(owner).await
+    }
+
     async fn journal(&self, saga_id: &str) -> Result<Vec<JournalEntry>, Error> {
         self.inner.journal(saga_id).await
     }

@@ -264,6 +264,18 @@ impl System {
         spawn_orchestrator(self.db.url(), settings).await
     }
 
+    /// Like [`System::spawn_replica`], with the replica's settings adjusted
+    /// (e.g. the first orchestrator's backoff).
+    pub async fn spawn_replica_with(
+        &self,
+        adjust: impl FnOnce(&mut Settings),
+    ) -> Result<SpawnedOrchestrator> {
+        let mut settings = test_settings(&self.participants);
+        settings.executor.policy = self.settings.executor.policy;
+        adjust(&mut settings);
+        spawn_orchestrator(self.db.url(), settings).await
+    }
+
     /// Creates a product (and remembers its stock for the audit).
     pub async fn seed_product(&self, product_id: &str, price_cents: i64, stock: i64) -> Result<()> {
         self.participants

@@ -403,6 +403,20 @@ impl SagaState {
             && !matches!(self.phase, Phase::NeedsAttention { .. })
     }
 
+    /// Failed attempts of the current step and kind that its next backoff
+    /// counts: those since an operator's retry forgave the earlier ones, or
+    /// since the step (or its compensation) began. The executor's backoff
+    /// doubles with this number from the base delay, so after a retry it
+    /// starts again from the base instead of staying at the cap.
+    pub fn failures_since_retry(&self) -> u32 {
+        match self.current() {
+            Some((step, _)) => self
+                .current_attempts()
+                .saturating_sub(self.steps[step].forgiven),
+            None => 0,
+        }
+    }
+
     /// What the executor must do next; None when the saga is settled
     /// (terminal or NEEDS_ATTENTION). Derived from the state alone, so a
     /// replica that takes a saga over after a crash resumes it exactly.

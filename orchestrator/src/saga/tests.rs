@@ -772,3 +772,90 @@ proptest! {
         }
     }
 }
+
+// ---- the backoff counts from the operator's retry ----
+
+#[test]
+fn the_backoff_after_an_operator_retry_counts_from_the_retry() {
+    // Two charge failures: the next backoff counts both.
+    let state = run([ok(), transient(), transient()]);
+    assert!(state.waiting_retry);
+    assert_eq!(state.failures_since_retry(), 2);
+    // The retry sends the next attempt at once; its failure is the first
+    // the backoff counts, so the delay starts again from the base.
+    let state = state.apply(DEF, &POLICY, &Event::OperatorRetry).unwrap();
+    assert_eq!(state.failures_since_retry(), 0);
+    let state = answer(&state, transient());
+    assert!(state.waiting_retry);
+    assert_eq!(state.current_attempts(), 3);
+    assert_eq!(state.failures_since_retry(), 1);
+    let state = answer(&state, transient());
+    assert_eq!(state.failures_since_retry(), 2);
+}
+
+#[test]
+fn a_compensation_counts_its_backoff_from_its_own_start_and_from_a_retry() {
+    // A rejected charge: the refund starts with no failure counted, though
+    // the charge failed before.
+    let state = run([ok(), transient(), rejected()]);
+    assert_eq!(state.status(DEF), Status::Compensating);
+    assert_eq!(state.failures_since_retry(), 0);
+    let state = answer(&state, transient());
+    assert_eq!(state.failures_since_retry(), 1);
+    // Budget spent (2): NEEDS_ATTENTION; the retry forgives both.
+    let state = answer(&state, transient());
+    assert_eq!(state.status(DEF), Status::NeedsAttention);
+    let state = state.apply(DEF, &POLICY, &Event::OperatorRetry).unwrap();
+    assert_eq!(state.failures_since_retry(), 0);
+    let state = answer(&state, transient());
+    assert!(state.waiting_retry);
+    assert_eq!(state.failures_since_retry(), 1);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Whatever happened before, a retry followed by a transient failure
+    /// backs off as after a first failure; and the count never exceeds the
+    /// budget of the kind that runs.
+    #[test]
+    fn a_retry_restarts_the_backoff(
+        inputs in proptest::collection::vec(input(), 0..60),
+    ) {
+        let mut state = SagaState::new(DEF);
+        for input in &inputs {
+            state = match input {
+                Input::Answer(n) if due(&state).is_some() => answer(&state, match n {
+                    0 => ok(),
+                    1 => transient(),
+                    _ => rejected(),
+                }),
+                Input::Answer(_) => state.clone(),
+                Input::Cancel => cancel(&state).unwrap_or(state.clone()),
+                Input::Retry => state
+                    .apply(DEF, &POLICY, &Event::OperatorRetry)
+                    .unwrap_or(state.clone()),
+                Input::Abort => state
+                    .apply(DEF, &POLICY, &Event::OperatorAbort { reason: "x".into() })
+                    .unwrap_or(state.clone()),
+            };
+            let budget = match state.current() {
+                Some((_, Kind::Action)) => POLICY.action_attempts,
+                _ => POLICY.compensation_attempts,
+            };
+            prop_assert!(state.failures_since_retry() <= budget,
+                "{} failures counted, budget {budget}: {state:?}", state.failures_since_retry());
+        }
+        let Ok(retried) = state.apply(DEF, &POLICY, &Event::OperatorRetry) else {
+            return Ok(()); // settled: nothing to retry
+        };
+        prop_assert_eq!(retried.failures_since_retry(), 0);
+        if due(&retried).is_none() {
+            return Ok(());
+        }
+        let failed = answer(&retried, transient());
+        if failed.waiting_retry {
+            prop_assert_eq!(failed.failures_since_retry(), 1, "{:?}", failed);
+        }
+    }
+}

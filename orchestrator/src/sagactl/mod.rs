@@ -50,7 +50,7 @@ JSON (--output json), one document on stdout; times are RFC 3339 UTC:
                 \"failure_reason\", \"step_outputs\": {}, \"idempotency_key\", \"version\",
                 \"journal\": [{\"step\", \"kind\", \"attempt\", \"outcome\", \"detail\", \"rpc\",
                 \"actor\", \"started_at\", \"finished_at\", \"duration_ms\"}]}
-  retry, abort {\"saga_id\", \"status\"}
+  retry, abort {\"saga_id\", \"status\", \"message\"} (message: what the request did)
   stats        {\"counts\": {STATUS: n}, \"oldest_non_terminal_age_seconds\",
                 \"started_last_minute\", \"finished_last_minute\", \"in_flight\"}
   reconcile    {\"discrepancies\": [{\"saga_id\", \"participant\", \"kind\", \"saga_status\",
@@ -477,7 +477,7 @@ pub async fn run(cli: Cli) -> Result<Done, Failure> {
                 .into_inner();
             Ok(done(outcome(
                 json_out,
-                "retrying",
+                message_or(&reply.message, "retrying"),
                 &reply.saga_id,
                 reply.status,
             )))
@@ -500,7 +500,7 @@ pub async fn run(cli: Cli) -> Result<Done, Failure> {
                 .into_inner();
             Ok(done(outcome(
                 json_out,
-                "aborting",
+                message_or(&reply.message, "aborting"),
                 &reply.saga_id,
                 reply.status,
             )))
@@ -519,9 +519,15 @@ pub async fn run(cli: Cli) -> Result<Done, Failure> {
     }
 }
 
+/// The server's account of what a request did, or `verb` from a server
+/// that gives none.
+fn message_or<'a>(message: &'a str, verb: &'a str) -> &'a str {
+    if message.is_empty() { verb } else { message }
+}
+
 fn outcome(json_out: bool, verb: &str, saga_id: &str, status: i32) -> String {
     if json_out {
-        pretty(&json!({ "saga_id": saga_id, "status": status_name(status) }))
+        pretty(&json!({ "saga_id": saga_id, "status": status_name(status), "message": verb }))
     } else {
         format!("{saga_id}: {verb}; status now {}\n", status_name(status))
     }

@@ -257,6 +257,11 @@ pub struct Commit<'a> {
     /// participant answers the replayed call with its first result. Any
     /// later durable commit flushes it anyway.
     pub durable: bool,
+    /// Marks the saga as woken, for the replica driving it (a request
+    /// written by whichever replica received it); without, the mark is
+    /// cleared (the driver's own writes: it has seen every version before
+    /// the one it wrote). See [`SagaStore::take_wakes`].
+    pub wake: bool,
 }
 
 /// Filters of ListOrders / ListSagas; all optional, combined with AND.
@@ -411,6 +416,13 @@ pub trait SagaStore: Send + Sync + 'static {
     /// Gives up every lease `owner` holds (shutdown, or a restart of the
     /// same replica); returns how many.
     async fn release_leases(&self, owner: &str) -> Result<u64, Error>;
+
+    /// Clears and returns the marks of the sagas leased to `owner` that a
+    /// request woke since their driver last wrote them ([`Commit::wake`]):
+    /// one indexed statement, so a replica's sweeper can ask every tick
+    /// and wake drivers waiting out a backoff when another replica took
+    /// a request for their saga.
+    async fn take_wakes(&self, owner: &str) -> Result<Vec<String>, Error>;
 
     /// A saga's journal, oldest first.
     async fn journal(&self, saga_id: &str) -> Result<Vec<JournalEntry>, Error>;

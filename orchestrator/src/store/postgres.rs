@@ -293,6 +293,7 @@ struct CommitRow {
     ttl: f64,
     journal: Vec<JournalEntry>,
     durable: bool,
+    wake: bool,
 }
 
 impl CommitRow {
@@ -328,6 +329,7 @@ impl CommitRow {
             ttl,
             journal: commit.journal.to_vec(),
             durable: commit.durable,
+            wake: commit.wake,
         })
     }
 }
@@ -364,11 +366,12 @@ async fn update_sagas(pool: &PgPool, rows: &[CommitRow]) -> Result<Vec<Option<i6
         "WITH c AS (
             SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[],
                                  $6::text[], $7::text[], $8::text[], $9::int[], $10::bool[],
-                                 $11::text[], $12::float8[], $13::text[], $14::text[], $15::float8[])
+                                 $11::text[], $12::float8[], $13::text[], $14::text[], $15::float8[],
+                                 $27::bool[])
                 WITH ORDINALITY AS c(saga_id, expected_version, state, status, total_amount_cents,
                                      failure_reason, last_error, current_step, attempts,
                                      cancel_requested, next_mode, next_secs, lease_mode, owner,
-                                     ttl, n)
+                                     ttl, wake, n)
         ), locked AS (
             -- Row locks in saga_id order, as every multi-row write here
             -- takes them, so concurrent batches and the lease renewer
@@ -394,6 +397,7 @@ async fn update_sagas(pool: &PgPool, rows: &[CommitRow]) -> Result<Vec<Option<i6
                     WHEN 'extend' THEN now() + make_interval(secs => c.ttl)
                     ELSE s.lease_expires_at END,
                 updated_at = now(),
+                wake_requested_at = CASE WHEN c.wake THEN now() END,
                 progress_at = CASE
                     WHEN s.status IS DISTINCT FROM c.status
                       OR s.current_step IS DISTINCT FROM c.current_step
@@ -456,6 +460,7 @@ async fn update_sagas(pool: &PgPool, rows: &[CommitRow]) -> Result<Vec<Option<i6
         .bind(&journal_of);
     let updated = bind_journal!(query, journal)
         .bind(durable)
+        .bind(rows.iter().map(|r| r.wake).collect::<Vec<_>>())
         .fetch_all(pool)
         .await?;
     let mut versions = vec![None; rows.len()];
@@ -588,6 +593,21 @@ impl SagaStore for PgStore {
         .execute(&self.pool)
         .await?
         .rows_affected())
+    }
+
+    async fn take_wakes(&self, owner: &str) -> Result<Vec<String>, Error> {
+        // Locks in saga_id order, like every multi-row write here. Nothing
+        // marked (the usual case): an index probe, no write.
+        Ok(sqlx::query_scalar(
+            "UPDATE sagas SET wake_requested_at = NULL
+             WHERE saga_id IN (SELECT saga_id FROM sagas
+                               WHERE lease_owner = $1 AND wake_requested_at IS NOT NULL
+                               ORDER BY saga_id FOR UPDATE)
+             RETURNING saga_id",
+        )
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     async fn journal(&self, saga_id: &str) -> Result<Vec<JournalEntry>, Error> {

@@ -156,6 +156,7 @@ impl SagaStore for SqliteStore {
                  progress_at = CASE WHEN status IS NOT ?4 OR current_step IS NOT ?8
                                     THEN ?16 ELSE progress_at END,
                  updated_at = ?16,
+                 wake_requested_at = CASE WHEN ?17 THEN ?16 END,
                  finished_at = CASE WHEN ?4 IN ('COMPLETED', 'FAILED', 'CANCELLED')
                                     THEN coalesce(finished_at, ?16) ELSE NULL END
              WHERE saga_id = ?1 AND version = ?2 AND (?14 IS NULL OR lease_owner = ?14)
@@ -177,6 +178,7 @@ impl SagaStore for SqliteStore {
         .bind(owner)
         .bind(expires)
         .bind(now)
+        .bind(commit.wake)
         .fetch_optional(&mut *tx)
         .await?;
         if version.is_some() {
@@ -272,6 +274,17 @@ impl SagaStore for SqliteStore {
         .execute(&self.pool)
         .await?
         .rows_affected())
+    }
+
+    async fn take_wakes(&self, owner: &str) -> Result<Vec<String>, Error> {
+        Ok(sqlx::query_scalar(
+            "UPDATE sagas SET wake_requested_at = NULL
+             WHERE lease_owner = ? AND wake_requested_at IS NOT NULL
+             RETURNING saga_id",
+        )
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     async fn journal(&self, saga_id: &str) -> Result<Vec<JournalEntry>, Error> {

@@ -11,3 +11,4 @@ mod payment;
 mod reconcile;
 mod recovery;
 mod snapshot;
+mod wake;
