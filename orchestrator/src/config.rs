@@ -147,6 +147,14 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
+    /// A connection to either port (gRPC, HTTP) from which nothing arrives
+    /// for this long is closed, so sockets that never send a byte or whose
+    /// peer vanished do not use up the file descriptors. gRPC clients are
+    /// pinged every third of it and must answer within a third, so a live
+    /// connection always counts as talking.
+    #[arg(long, env = "ORCHESTRATOR_CONNECTION_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub connection_idle_timeout: Duration,
+
     /// How long to keep trying to reach the database at start (refused,
     /// starting up or too many clients are tried again). At run time a
     /// statement waits at most 2 s for a connection, then the call answers
@@ -172,6 +180,8 @@ pub struct Settings {
     pub stuck_after: Duration,
     /// Shutdown grace period.
     pub shutdown_grace: Duration,
+    /// A connection silent for this long is closed (both ports).
+    pub connection_idle_timeout: Duration,
 }
 
 fn host_name() -> String {
@@ -209,6 +219,11 @@ impl ServeArgs {
         if self.lease_ttl < Duration::from_millis(300) {
             return Err(Error::invalid("--lease-ttl must be at least 300ms"));
         }
+        if self.connection_idle_timeout < Duration::from_millis(300) {
+            return Err(Error::invalid(
+                "--connection-idle-timeout must be at least 300ms",
+            ));
+        }
         if self.poll_interval.is_zero() {
             return Err(Error::invalid("--poll-interval must be positive"));
         }
@@ -243,6 +258,7 @@ impl ServeArgs {
             admin_token: self.admin_token.clone(),
             stuck_after: self.stuck_after,
             shutdown_grace: self.shutdown_grace,
+            connection_idle_timeout: self.connection_idle_timeout,
         })
     }
 }

@@ -171,6 +171,7 @@ pub async fn run(
         admin_token: None,
         stuck_after: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(10),
+        connection_idle_timeout: participants::listen::DEFAULT_IDLE_TIMEOUT,
     };
     let served = crate::server::serve(
         store,

@@ -451,7 +451,10 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| Error::invalid(format!("reflection: {e}")))?;
 
+    let (ping_every, ping_timeout) = crate::listen::keepalive(crate::listen::DEFAULT_IDLE_TIMEOUT);
     let router = Server::builder()
+        .http2_keepalive_interval(Some(ping_every))
+        .http2_keepalive_timeout(Some(ping_timeout))
         .layer(FaultLayer::new(registry.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -476,7 +479,10 @@ pub async fn serve(
             .await;
     };
     router
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            crate::listen::incoming(listener, crate::listen::DEFAULT_IDLE_TIMEOUT),
+            shutdown,
+        )
         .await?;
     Ok(())
 }
