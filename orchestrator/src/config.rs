@@ -11,6 +11,34 @@ use crate::error::Error;
 use crate::executor::ExecutorConfig;
 use crate::saga::Policy;
 
+/// Default `--step-attempts`; see its help, and the test below that the
+/// waits add up to more than [`RIDE_OUT`].
+pub const DEFAULT_STEP_ATTEMPTS: u32 = 20;
+/// Default `--compensation-attempts`.
+pub const DEFAULT_COMPENSATION_ATTEMPTS: u32 = 20;
+/// Default `--backoff-base`.
+pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(50);
+/// Default `--backoff-cap`.
+pub const DEFAULT_BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// How long a participant may be away without failing orders, with the
+/// default retry settings.
+pub const RIDE_OUT: Duration = Duration::from_secs(30);
+
+/// Default `--max-connections`: two replicas at 24 + 3 writer connections
+/// each, and three participants at 10 + 1, fit a default PostgreSQL server
+/// with room for an operator (the table is at
+/// `participants::server::DEFAULT_MAX_CONNECTIONS`, the sum in a test
+/// below).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 24;
+
+/// The default retry policy (`serve` and `dev`).
+pub fn default_policy() -> Policy {
+    Policy {
+        action_attempts: DEFAULT_STEP_ATTEMPTS,
+        compensation_attempts: DEFAULT_COMPENSATION_ATTEMPTS,
+    }
+}
+
 /// Flags of `orchestrator serve`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -53,14 +81,23 @@ pub struct ServeArgs {
     pub step_timeout: Duration,
 
     /// Attempts per forward step before the saga compensates.
-    #[arg(long, env = "ORCHESTRATOR_STEP_ATTEMPTS", default_value_t = 5)]
+    ///
+    /// The default rides out a participant that is away for 30 s (a
+    /// restart, a deploy) instead of failing its orders: with the default
+    /// backoff (50ms doubling to 10s, full jitter) the waits between 20
+    /// attempts add up to 66 s on average, and to less than 30 s about
+    /// once in several thousand sagas. A participant that stays down that
+    /// long has its sagas compensated after about a minute.
+    #[arg(long, env = "ORCHESTRATOR_STEP_ATTEMPTS", default_value_t = DEFAULT_STEP_ATTEMPTS)]
     pub step_attempts: u32,
 
     /// Attempts per compensation before the saga needs an operator.
-    #[arg(long, env = "ORCHESTRATOR_COMPENSATION_ATTEMPTS", default_value_t = 20)]
+    #[arg(long, env = "ORCHESTRATOR_COMPENSATION_ATTEMPTS",
+          default_value_t = DEFAULT_COMPENSATION_ATTEMPTS)]
     pub compensation_attempts: u32,
 
-    /// First retry delay; it doubles per attempt, with full jitter.
+    /// First retry delay; it doubles per attempt, with full jitter (each
+    /// wait is drawn uniformly below its ceiling).
     #[arg(long, env = "ORCHESTRATOR_BACKOFF_BASE", default_value = "50ms", value_parser = parse_duration)]
     pub backoff_base: Duration,
 
@@ -104,12 +141,26 @@ pub struct ServeArgs {
           default_value_t = crate::clients::DEFAULT_MAX_CALLS)]
     pub max_participant_calls: usize,
 
-    /// Most connections to the database.
-    #[arg(long, env = "ORCHESTRATOR_MAX_CONNECTIONS", default_value_t = 32,
+    /// Most connections to the database, besides three for the batch
+    /// writers. The default leaves room on a default PostgreSQL server (100
+    /// connections) for two replicas, the three participants and an
+    /// operator; connections idle for 30 s are closed.
+    #[arg(long, env = "ORCHESTRATOR_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
-    /// How long to keep trying to reach the database at start.
+    /// A connection to either port (gRPC, HTTP) from which nothing arrives
+    /// for this long is closed, so sockets that never send a byte or whose
+    /// peer vanished do not use up the file descriptors. gRPC clients are
+    /// pinged every third of it and must answer within a third, so a live
+    /// connection always counts as talking.
+    #[arg(long, env = "ORCHESTRATOR_CONNECTION_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub connection_idle_timeout: Duration,
+
+    /// How long to keep trying to reach the database at start (refused,
+    /// starting up or too many clients are tried again). At run time a
+    /// statement waits at most 2 s for a connection, then the call answers
+    /// UNAVAILABLE ("database unavailable, try again").
     #[arg(long, env = "ORCHESTRATOR_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
 }
@@ -131,6 +182,8 @@ pub struct Settings {
     pub stuck_after: Duration,
     /// Shutdown grace period.
     pub shutdown_grace: Duration,
+    /// A connection silent for this long is closed (both ports).
+    pub connection_idle_timeout: Duration,
 }
 
 fn host_name() -> String {
@@ -168,6 +221,11 @@ impl ServeArgs {
         if self.lease_ttl < Duration::from_millis(300) {
             return Err(Error::invalid("--lease-ttl must be at least 300ms"));
         }
+        if self.connection_idle_timeout < Duration::from_millis(300) {
+            return Err(Error::invalid(
+                "--connection-idle-timeout must be at least 300ms",
+            ));
+        }
         if self.poll_interval.is_zero() {
             return Err(Error::invalid("--poll-interval must be positive"));
         }
@@ -202,6 +260,74 @@ impl ServeArgs {
             admin_token: self.admin_token.clone(),
             stuck_after: self.stuck_after,
             shutdown_grace: self.shutdown_grace,
+            connection_idle_timeout: self.connection_idle_timeout,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::executor::backoff_delay;
+
+    /// The waits before attempts 2..=attempts, for draws `fraction(k)`.
+    fn waits(attempts: u32, mut fraction: impl FnMut(u32) -> f64) -> Duration {
+        (2..=attempts)
+            .map(|attempt| {
+                backoff_delay(
+                    DEFAULT_BACKOFF_BASE,
+                    DEFAULT_BACKOFF_CAP,
+                    attempt,
+                    fraction(attempt),
+                )
+            })
+            .sum()
+    }
+
+    #[test]
+    fn the_default_retries_ride_out_a_thirty_second_outage() {
+        // Full jitter draws each wait uniformly below its ceiling: on
+        // average half of it.
+        let ceilings = waits(DEFAULT_STEP_ATTEMPTS, |_| 1.0);
+        let mean = ceilings / 2;
+        assert!(
+            mean >= 2 * RIDE_OUT,
+            "the waits average {mean:?}, want twice {RIDE_OUT:?}"
+        );
+        // How often the draws add up to less than the outage: deterministic
+        // draws (splitmix64), many sagas.
+        let mut state = 0x5eed_u64;
+        let mut draw = move |_| {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let sagas = 20_000;
+        let short = (0..sagas)
+            .filter(|_| waits(DEFAULT_STEP_ATTEMPTS, &mut draw) < RIDE_OUT)
+            .count();
+        assert!(
+            short * 1000 < sagas,
+            "{short} of {sagas} sagas would give up within {RIDE_OUT:?}"
+        );
+        // The old default, 5 attempts, gave up after 1.5 s at the most.
+        assert!(waits(5, |_| 1.0) < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn default_pools_of_two_replicas_and_three_participants_fit_a_default_server() {
+        let server_max = 100;
+        let superuser_reserved = 3;
+        let operator_room = 10;
+        let replica = DEFAULT_MAX_CONNECTIONS + crate::store::WRITER_CONNECTIONS;
+        let participant = participants::server::DEFAULT_MAX_CONNECTIONS
+            + participants::server::WRITER_CONNECTIONS;
+        let used = 2 * replica + 3 * participant + operator_room;
+        assert!(
+            used <= server_max - superuser_reserved,
+            "2 x {replica} + 3 x {participant} + {operator_room} = {used} connections"
+        );
     }
 }

@@ -20,7 +20,6 @@ use crate::clients::{GrpcParticipants, ParticipantUrls};
 use crate::config::Settings;
 use crate::error::Error;
 use crate::executor::ExecutorConfig;
-use crate::saga::Policy;
 
 /// Flags of `orchestrator dev`.
 #[derive(Debug, Clone, clap::Args)]
@@ -159,12 +158,9 @@ pub async fn run(
         executor: ExecutorConfig {
             // Fixed: a restarted dev process resumes its sagas at once.
             replica_id: "dev".to_owned(),
-            policy: Policy {
-                action_attempts: 5,
-                compensation_attempts: 20,
-            },
-            backoff_base: Duration::from_millis(50),
-            backoff_cap: Duration::from_secs(10),
+            policy: crate::config::default_policy(),
+            backoff_base: crate::config::DEFAULT_BACKOFF_BASE,
+            backoff_cap: crate::config::DEFAULT_BACKOFF_CAP,
             lease_ttl: Duration::from_secs(10),
             poll_interval: Duration::from_millis(500),
             max_in_flight: 10_000,
@@ -175,6 +171,7 @@ pub async fn run(
         admin_token: None,
         stuck_after: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(10),
+        connection_idle_timeout: participants::listen::DEFAULT_IDLE_TIMEOUT,
     };
     let served = crate::server::serve(
         store,

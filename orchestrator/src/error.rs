@@ -75,8 +75,10 @@ impl From<Error> for Status {
             // Unreachable, restarting or in crash recovery: the client may
             // retry (PlaceOrder with its idempotency key) once it is back.
             Error::Database(ref e) if participants::error::is_transient(e) => {
+                let message = participants::error::transient(e)
+                    .map_or("database unavailable, try again", |kind| kind.message());
                 tracing::warn!(%error, "database unavailable");
-                Status::unavailable("database unavailable, try again")
+                Status::unavailable(message)
             }
             other => {
                 // The cause goes to the log, never to the client.

@@ -6,7 +6,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use participants::server::incoming;
 use proto::saga::v1::admin_service_server::AdminServiceServer;
 use proto::saga::v1::order_service_server::OrderServiceServer;
 use tokio::net::TcpListener;
@@ -59,7 +58,11 @@ pub async fn serve(
     let executor = Executor::new(store, calls, settings.executor.clone());
     executor.start().await?;
     if let Some(http) = http_listener {
-        tokio::spawn(crate::telemetry::serve_http(http, executor.clone()));
+        tokio::spawn(crate::telemetry::serve_http(
+            http,
+            executor.clone(),
+            settings.connection_idle_timeout,
+        ));
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -101,7 +104,11 @@ pub async fn serve(
             signalled.notify_one();
         }
     };
+    let (ping_every, ping_timeout) =
+        participants::listen::keepalive(settings.connection_idle_timeout);
     let server = Server::builder()
+        .http2_keepalive_interval(Some(ping_every))
+        .http2_keepalive_timeout(Some(ping_timeout))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -110,7 +117,10 @@ pub async fn serve(
             AdminApi::new(executor.clone(), settings.stuck_after),
             AdminAuth::new(settings.admin_token.clone()),
         ))
-        .serve_with_incoming_shutdown(incoming(listener), signal);
+        .serve_with_incoming_shutdown(
+            participants::listen::incoming(listener, settings.connection_idle_timeout),
+            signal,
+        );
     // Draining is bounded: clients that keep connections busy past the
     // grace period are cut off rather than holding the shutdown hostage.
     let served = tokio::select! {

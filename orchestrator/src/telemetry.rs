@@ -1,41 +1,47 @@
 //! The HTTP probe and metrics endpoint (`--http-listen`): `GET /healthz`
 //! answers 200 while serving and 503 while stopping; `GET /metrics` answers
 //! Prometheus text. HTTP/1.0-style, one request per connection: a few lines
-//! instead of an HTTP framework.
+//! instead of an HTTP framework. Accept errors are backed off and logged at
+//! most once a second (`participants::listen`), and a connection whose
+//! request has not arrived within the idle timeout is closed.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::executor::Executor;
 
-/// Serves probes and metrics until the executor stops.
-pub async fn serve_http(listener: TcpListener, executor: Arc<Executor>) {
+/// Serves probes and metrics until the executor stops; a connection whose
+/// request has not arrived within `idle` is closed unanswered.
+pub async fn serve_http(listener: TcpListener, executor: Arc<Executor>, idle: Duration) {
     let mut stopping = executor.stopping();
+    let mut acceptor = participants::listen::Acceptor::new(listener, "http");
     loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "http accept failed");
-                    continue;
-                }
-            },
+        let stream = tokio::select! {
+            stream = acceptor.accept() => stream,
             _ = stopping.changed() => return,
         };
         let executor = executor.clone();
         tokio::spawn(async move {
-            if let Err(error) = answer(stream, &executor).await {
+            if let Err(error) = answer(stream, &executor, idle).await {
                 tracing::debug!(%error, "http request failed");
             }
         });
     }
 }
 
-async fn answer(mut stream: TcpStream, executor: &Executor) -> std::io::Result<()> {
+async fn answer(mut stream: TcpStream, executor: &Executor, idle: Duration) -> std::io::Result<()> {
     let mut buffer = [0u8; 1024];
-    let read = stream.read(&mut buffer).await?;
+    let read = tokio::time::timeout(idle, stream.read(&mut buffer))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no request within the idle timeout",
+            )
+        })??;
     let request = String::from_utf8_lossy(&buffer[..read]);
     let path = request.split_whitespace().nth(1).unwrap_or("/");
     let (code, body) = match path {

@@ -33,13 +33,45 @@ impl Error {
     }
 }
 
-/// PostgreSQL SQLSTATEs that mean "try again": serialization failure,
-/// deadlock detected, and the connection-level classes.
-fn is_transient_sqlstate(code: &str) -> bool {
-    matches!(
-        code,
-        "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03"
-    ) || code.starts_with("08")
+/// Why a database error is worth retrying as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transient {
+    /// The server could not be reached, or no pooled connection came free
+    /// in time (`PoolTimedOut`, I/O errors).
+    Unavailable,
+    /// The connection was cut by the server: shut down, restarted,
+    /// terminated by an administrator, crash recovery, or a connection-level
+    /// failure (SQLSTATE 57P01-57P03 and the 08 class).
+    ConnectionLost,
+    /// The server refused a new connection: `max_connections` reached
+    /// (SQLSTATE 53300). Connections come free again; not a fatal error.
+    TooManyClients,
+    /// A serialization failure, a deadlock or a lock not available
+    /// (40001, 40P01, 55P03; SQLite BUSY and LOCKED): run the request again.
+    Conflict,
+}
+
+impl Transient {
+    /// What the client is told.
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::Unavailable => "database unavailable, try again",
+            Self::ConnectionLost => "database connection lost (restarted?), try again",
+            Self::TooManyClients => "database has too many clients, try again",
+            Self::Conflict => "transient database conflict, try again",
+        }
+    }
+}
+
+/// The transient kind of a PostgreSQL SQLSTATE, if it is one.
+fn transient_sqlstate(code: &str) -> Option<Transient> {
+    match code {
+        "40001" | "40P01" | "55P03" => Some(Transient::Conflict),
+        "57P01" | "57P02" | "57P03" => Some(Transient::ConnectionLost),
+        "53300" => Some(Transient::TooManyClients),
+        _ if code.starts_with("08") => Some(Transient::ConnectionLost),
+        _ => None,
+    }
 }
 
 /// SQLite result codes that mean "try again": SQLITE_BUSY (another process
@@ -53,18 +85,28 @@ fn is_transient_sqlite(db: &dyn sqlx::error::DatabaseError) -> bool {
             .is_some_and(|code| matches!(code & 0xff, 5 | 6))
 }
 
-/// Whether a database error is worth retrying as it is: the server could
-/// not be reached or is restarting (connection classes, shutdown, crash
-/// recovery), a pool with no free connection, or a transient conflict.
-pub fn is_transient(error: &sqlx::Error) -> bool {
+/// Whether a database error is worth retrying as it is, and why: the
+/// server could not be reached or is restarting (connection classes,
+/// shutdown, crash recovery), it has too many clients, a pool with no free
+/// connection, or a transient conflict.
+pub fn transient(error: &sqlx::Error) -> Option<Transient> {
     match error {
-        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => {
-            db.code().is_some_and(|code| is_transient_sqlstate(&code))
-                || is_transient_sqlite(db.as_ref())
+        sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed => Some(Transient::Unavailable),
+        sqlx::Error::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Some(Transient::Unavailable)
         }
-        _ => false,
+        sqlx::Error::Io(_) => Some(Transient::ConnectionLost),
+        sqlx::Error::Database(db) => db
+            .code()
+            .and_then(|code| transient_sqlstate(&code))
+            .or_else(|| is_transient_sqlite(db.as_ref()).then_some(Transient::Conflict)),
+        _ => None,
     }
+}
+
+/// Whether a database error is worth retrying as it is (see [`transient`]).
+pub fn is_transient(error: &sqlx::Error) -> bool {
+    transient(error).is_some()
 }
 
 impl From<Error> for Status {
@@ -73,22 +115,67 @@ impl From<Error> for Status {
             Error::InvalidArgument(message) => Status::invalid_argument(message),
             Error::NotFound(message) => Status::not_found(message),
             Error::FailedPrecondition(message) => Status::failed_precondition(message),
-            Error::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => {
-                tracing::warn!(%error, "database unavailable");
-                Status::unavailable("database unavailable, try again")
-            }
-            Error::Database(sqlx::Error::Database(ref db))
-                if db.code().is_some_and(|code| is_transient_sqlstate(&code))
-                    || is_transient_sqlite(db.as_ref()) =>
-            {
-                tracing::warn!(%error, "transient database conflict");
-                Status::new(Code::Aborted, "transient database conflict, try again")
-            }
+            Error::Database(ref e) => match transient(e) {
+                // A conflict: the same request, run again, may well succeed.
+                Some(Transient::Conflict) => {
+                    tracing::warn!(%error, "transient database conflict");
+                    Status::new(Code::Aborted, Transient::Conflict.message())
+                }
+                // The database is away or full: the caller retries later.
+                Some(kind) => {
+                    tracing::warn!(%error, "database unavailable");
+                    Status::unavailable(kind.message())
+                }
+                None => {
+                    tracing::error!(%error, "internal error");
+                    Status::internal("internal error")
+                }
+            },
             other => {
                 // The cause goes to the log, never to the client.
                 tracing::error!(error = %other, "internal error");
                 Status::internal("internal error")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_classes_are_unavailable_and_conflicts_aborted() {
+        for (code, expected) in [
+            ("57P01", Some(Transient::ConnectionLost)),
+            ("57P02", Some(Transient::ConnectionLost)),
+            ("57P03", Some(Transient::ConnectionLost)),
+            ("08006", Some(Transient::ConnectionLost)),
+            ("53300", Some(Transient::TooManyClients)),
+            ("40001", Some(Transient::Conflict)),
+            ("40P01", Some(Transient::Conflict)),
+            ("55P03", Some(Transient::Conflict)),
+            ("23505", None),
+            ("42P01", None),
+        ] {
+            assert_eq!(transient_sqlstate(code), expected, "{code}");
+        }
+        let io = |kind| sqlx::Error::Io(std::io::Error::new(kind, "x"));
+        assert_eq!(
+            transient(&io(std::io::ErrorKind::ConnectionRefused)),
+            Some(Transient::Unavailable)
+        );
+        assert_eq!(
+            transient(&io(std::io::ErrorKind::BrokenPipe)),
+            Some(Transient::ConnectionLost)
+        );
+        let status = Status::from(Error::Database(io(std::io::ErrorKind::UnexpectedEof)));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(
+            status.message(),
+            "database connection lost (restarted?), try again"
+        );
+        let status = Status::from(Error::Database(sqlx::Error::RowNotFound));
+        assert_eq!(status.code(), Code::Internal);
     }
 }

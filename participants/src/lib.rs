@@ -8,6 +8,8 @@
 //! - [`inventory`], [`payment`], [`fulfillment`]: each a store trait with a
 //!   PostgreSQL and a SQLite implementation (the SQL), and its gRPC face.
 //! - `record`: the per-saga idempotency record and its tombstones.
+//! - [`listen`]: accepting connections: accept errors backed off and
+//!   logged rate-limited, silent connections closed.
 //! - [`fault`]: fault injection (registry, tower layer, control service).
 //! - [`server`]: database connection (the [`Backend`] chosen by the URL's
 //!   scheme), migrations, and serving on a listener.
@@ -24,6 +26,7 @@ mod fast_path;
 pub mod fault;
 pub mod fulfillment;
 pub mod inventory;
+pub mod listen;
 pub mod payment;
 mod record;
 pub mod server;

@@ -51,12 +51,20 @@ struct Args {
     #[arg(long, env = "PARTICIPANT_FAULT_INJECTION")]
     fault_injection: bool,
 
-    /// Most connections to the database (PostgreSQL; SQLite uses one).
-    #[arg(long, env = "PARTICIPANT_MAX_CONNECTIONS", default_value_t = 16,
+    /// Most connections to the database (PostgreSQL; SQLite uses one),
+    /// besides one for the batch writer. The default leaves room on a
+    /// default PostgreSQL server (100 connections) for two orchestrator
+    /// replicas, all three participants and an operator; connections idle
+    /// for 30 s are closed.
+    #[arg(long, env = "PARTICIPANT_MAX_CONNECTIONS",
+          default_value_t = participants::server::DEFAULT_MAX_CONNECTIONS,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
 
-    /// How long to keep trying to reach the database at start.
+    /// How long to keep trying to reach the database at start (refused,
+    /// starting up or too many clients are tried again). At run time a
+    /// statement waits at most 2 s for a connection, then answers
+    /// UNAVAILABLE.
     #[arg(long, env = "PARTICIPANT_CONNECT_TIMEOUT", default_value = "10s", value_parser = participants::cli::parse_duration)]
     connect_timeout: Duration,
 }

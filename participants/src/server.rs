@@ -253,26 +253,64 @@ pub async fn connect_sqlite(url: &str) -> Result<SqlitePool, Error> {
         .await?)
 }
 
+/// The longest a statement waits for a pooled connection (or for a new one
+/// to be made) before it fails with `PoolTimedOut`, answered as
+/// UNAVAILABLE. Well under the deadlines of the callers (a participant call
+/// has 5 s by default, a client of the orchestrator more), so that in a
+/// database outage callers hear "database unavailable, try again" instead
+/// of waiting out their deadline, and requests do not pile up in memory.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A pooled connection unused for this long is closed; the pool shrinks
+/// back after a burst instead of holding its maximum forever (see
+/// [`CONNECTION_BUDGET`]).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A pooled connection unused for this long is pinged before it is handed
+/// out: one round trip, paid only after a quiet second, and a connection
+/// the server closed meanwhile (restart, `pg_terminate_backend`, an idle
+/// timeout of a proxy) is replaced instead of failing the statement. A busy
+/// connection is never idle that long, so the hot path pays nothing.
+pub const STALE_CHECK_AFTER: Duration = Duration::from_secs(1);
+
+/// Default pool maximum of a participant (`--max-connections`).
+///
+/// The default maxima of every service share one PostgreSQL server: a
+/// default server allows `max_connections = 100`, of which
+/// `superuser_reserved_connections = 3` are kept for superusers, 97 for
+/// everyone else. Two orchestrator replicas and the three participants,
+/// all on one server, must fit with room for an operator (psql, a
+/// migration, a backup, a replica starting while another stops):
+///
+/// | who | pool | batch writers | each | count | total |
+/// |---|---|---|---|---|---|
+/// | orchestrator replica | 24 | 3 | 27 | 2 | 54 |
+/// | participant | 10 | 1 | 11 | 3 | 33 |
+/// | operator room | | | | | 10 |
+///
+/// 54 + 33 + 10 = 97 (checked by a test of the orchestrator's `config`).
+/// Pools grow to these maxima only under load and shrink back after
+/// [`IDLE_TIMEOUT`]; the sizes stay flags for servers configured otherwise.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
+
+/// Connections of a participant's batch writers, beside its pool (one
+/// writer per store, see [`generic_plan_pool`]).
+pub const WRITER_CONNECTIONS: u32 = 1;
+
 /// Opens a pool of up to `max_connections` on `database_url`.
 ///
 /// One connection is made first, so that an unreachable server or a missing
 /// database reports its real cause ("connection refused", "database does not
-/// exist") instead of a pool timeout.
+/// exist") instead of a pool timeout. A server that is starting, refuses
+/// connections or has too many clients (SQLSTATE 53300) is tried again until
+/// `connect_timeout`: a service starting beside a busy one waits its turn.
 pub async fn connect_pool(
     database_url: &str,
     max_connections: u32,
     connect_timeout: Duration,
 ) -> Result<PgPool, Error> {
     let options = PgConnectOptions::from_str(database_url)?;
-    let server = format!("{}:{}", options.get_host(), options.get_port());
-    let probe = tokio::time::timeout(connect_timeout, PgConnection::connect_with(&options))
-        .await
-        .map_err(|_| {
-            Error::Database(sqlx::Error::Protocol(format!(
-                "no answer from {server} within {connect_timeout:?}"
-            )))
-        })??;
-    probe.close().await?;
+    probe(&options, connect_timeout).await?;
     // Every statement of the services looks rows up by key, and the batch
     // statements do it by arrays of keys. PostgreSQL caches a generic plan
     // after five runs, chosen on the statistics of that moment: a fresh
@@ -282,14 +320,68 @@ pub async fn connect_pool(
     // use the indexes whatever the table's size; a query with no usable
     // index still scans.
     let options = options.options([("enable_seqscan", "off")]);
-    Ok(PgPoolOptions::new()
+    Ok(
+        pool_options(max_connections, connect_timeout.min(ACQUIRE_TIMEOUT))
+            .connect_lazy_with(options),
+    )
+}
+
+/// Connects once to check the server is there, retrying what passes with
+/// time (refused, starting up, too many clients) until `connect_timeout`.
+async fn probe(options: &PgConnectOptions, connect_timeout: Duration) -> Result<(), Error> {
+    let server = format!("{}:{}", options.get_host(), options.get_port());
+    let deadline = tokio::time::Instant::now() + connect_timeout;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let error = match tokio::time::timeout(left, PgConnection::connect_with(options)).await {
+            Ok(Ok(probe)) => return Ok(probe.close().await?),
+            Ok(Err(error)) => error,
+            Err(_) => {
+                return Err(Error::Database(sqlx::Error::Protocol(format!(
+                    "no answer from {server} within {connect_timeout:?}"
+                ))));
+            }
+        };
+        let passing = matches!(
+            crate::error::transient(&error),
+            Some(
+                crate::error::Transient::Unavailable
+                    | crate::error::Transient::TooManyClients
+                    | crate::error::Transient::ConnectionLost
+            )
+        );
+        if !passing || tokio::time::Instant::now() + backoff >= deadline {
+            return Err(Error::Database(error));
+        }
+        tracing::debug!(%error, %server, "database not ready; trying again");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// The pool settings every PostgreSQL pool of the system shares: bounded
+/// waits, idle connections closed, stale ones replaced before use.
+fn pool_options(max_connections: u32, acquire_timeout: Duration) -> PgPoolOptions {
+    PgPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(connect_timeout)
+        .min_connections(0)
+        .acquire_timeout(acquire_timeout)
+        .idle_timeout(IDLE_TIMEOUT)
         // No ping before every checkout: it is a round trip per statement.
-        // A connection that died is found out by the statement, which
-        // fails like any database error; the pool then drops it.
+        // A connection that died while in use is found out by its
+        // statement, which fails as UNAVAILABLE; the pool then drops it
+        // (sqlx tests each connection as it comes back). One that died
+        // while idle is found out by the ping after a quiet second.
         .test_before_acquire(false)
-        .connect_lazy_with(options))
+        .before_acquire(|connection, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= STALE_CHECK_AFTER {
+                    connection.ping().await?;
+                }
+                Ok(true)
+            })
+        })
 }
 
 /// A pool of `connections` on the same database as `pool`, for statements
@@ -303,11 +395,7 @@ pub fn generic_plan_pool(pool: &PgPool, connections: u32) -> PgPool {
     let options = (*pool.connect_options())
         .clone()
         .options([("plan_cache_mode", "force_generic_plan")]);
-    PgPoolOptions::new()
-        .max_connections(connections)
-        .acquire_timeout(pool.options().get_acquire_timeout())
-        .test_before_acquire(false)
-        .connect_lazy_with(options)
+    pool_options(connections, pool.options().get_acquire_timeout()).connect_lazy_with(options)
 }
 
 /// Connections accepted on `listener`, with Nagle's algorithm off: gRPC
@@ -363,7 +451,10 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| Error::invalid(format!("reflection: {e}")))?;
 
+    let (ping_every, ping_timeout) = crate::listen::keepalive(crate::listen::DEFAULT_IDLE_TIMEOUT);
     let router = Server::builder()
+        .http2_keepalive_interval(Some(ping_every))
+        .http2_keepalive_timeout(Some(ping_timeout))
         .layer(FaultLayer::new(registry.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -388,7 +479,10 @@ pub async fn serve(
             .await;
     };
     router
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            crate::listen::incoming(listener, crate::listen::DEFAULT_IDLE_TIMEOUT),
+            shutdown,
+        )
         .await?;
     Ok(())
 }

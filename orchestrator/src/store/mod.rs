@@ -14,7 +14,7 @@ mod sqlite;
 
 use std::time::Duration;
 
-pub use postgres::PgStore;
+pub use postgres::{PgStore, WRITER_CONNECTIONS};
 pub use sqlite::SqliteStore;
 use sqlx::types::Json;
 use sqlx::{ColumnIndex, Decode, Row, Type};

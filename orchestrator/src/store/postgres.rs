@@ -126,6 +126,9 @@ const MAX_BATCH: usize = 256;
 /// per kind: more CPU per saga and lower throughput).
 const WRITERS: usize = 1;
 
+/// Connections of the batch writers, beside the pool of `--max-connections`.
+pub const WRITER_CONNECTIONS: u32 = 3 * WRITERS as u32;
+
 /// Saga persistence on PostgreSQL.
 ///
 /// Creations and transitions go through a group commit ([`Batcher`]): the
@@ -148,7 +151,7 @@ impl PgStore {
         MIGRATIONS.run(&pool).await?;
         // The batch statements run on connections of their own that plan
         // them once: planning a batch statement costs more than running it.
-        let writers = participants::server::generic_plan_pool(&pool, 3 * WRITERS as u32);
+        let writers = participants::server::generic_plan_pool(&pool, WRITER_CONNECTIONS);
         let creates = {
             let pool = writers.clone();
             Batcher::new(MAX_BATCH, WRITERS, move |rows| {
@@ -198,12 +201,43 @@ struct CreateRow {
 /// Inserts a batch of sagas in one statement. A saga whose idempotency key
 /// was used before (or comes twice in the batch) is not inserted; it is
 /// answered with the saga that holds the key.
+/// The message for a batch that failed because the database is away
+/// (unreachable, connection lost, too many clients), not because of one of
+/// its rows. Such a batch fails as a whole at once: writing its rows one by
+/// one would wait out the pool's acquire timeout once per row, and the
+/// callers queued behind them longer still.
+fn database_away(error: &Error) -> Option<&'static str> {
+    use participants::error::Transient;
+    match error {
+        Error::Database(e) => match participants::error::transient(e) {
+            None | Some(Transient::Conflict) => None,
+            Some(kind) => Some(kind.message()),
+        },
+        _ => None,
+    }
+}
+
+/// `rows` answers of a batch that failed with `error`, if the database is
+/// away (see [`database_away`]).
+fn all_unavailable<T>(error: &Error, rows: usize) -> Option<Vec<Result<T, Error>>> {
+    let message = database_away(error)?;
+    tracing::warn!(%error, rows, "database unavailable; batch failed");
+    Some(
+        (0..rows)
+            .map(|_| Err(Error::Unavailable(message.to_owned())))
+            .collect(),
+    )
+}
+
 async fn create_batch(
     pool: &PgPool,
     rows: Vec<CreateRow>,
 ) -> Vec<Result<(SagaRecord, bool), Error>> {
     let inserted = match insert_sagas(pool, &rows).await {
         Ok(inserted) => inserted,
+        Err(error) if rows.len() > 1 && database_away(&error).is_some() => {
+            return all_unavailable(&error, rows.len()).unwrap_or_default();
+        }
         // One bad row fails the statement: write each on its own so only
         // that one fails.
         Err(_) if rows.len() > 1 => {
@@ -341,6 +375,9 @@ impl CommitRow {
 async fn commit_batch(pool: &PgPool, rows: Vec<CommitRow>) -> Vec<Result<Option<i64>, Error>> {
     match update_sagas(pool, &rows).await {
         Ok(versions) => versions.into_iter().map(Ok).collect(),
+        Err(error) if rows.len() > 1 && database_away(&error).is_some() => {
+            all_unavailable(&error, rows.len()).unwrap_or_default()
+        }
         Err(_) if rows.len() > 1 => {
             // One bad row (or a deadlock with a concurrent batch) fails the
             // statement: write each on its own so only a bad one fails.

@@ -7,6 +7,7 @@ mod faults;
 mod fulfillment;
 mod inventory;
 mod orders;
+mod outages;
 mod payment;
 mod reconcile;
 mod recovery;
