@@ -193,19 +193,36 @@ impl OrderApi {
             key if key.is_empty() => None,
             key => Some(bounded_text("idempotency_key", key, MAX_ID_BYTES)?),
         };
-        let permit = self.executor.admit()?;
+        let items: Vec<OrderItem> = items
+            .as_slice()
+            .iter()
+            .map(|item| OrderItem {
+                product_id: item.product_id.as_str().to_owned(),
+                quantity: item.quantity.get(),
+            })
+            .collect();
+        let permit = match (self.executor.admit(), &idempotency_key) {
+            (Ok(permit), _) => permit,
+            // At the in-flight limit a replay is still answered: it starts
+            // nothing.
+            (Err(Error::ResourceExhausted(message)), Some(key)) => {
+                let existing = self
+                    .executor
+                    .store()
+                    .find_by_key(customer_id.as_str(), key)
+                    .await?;
+                return match existing {
+                    Some(record) => replayed(record, key, &items),
+                    None => Err(Error::ResourceExhausted(message)),
+                };
+            }
+            (Err(error), _) => return Err(error),
+        };
         let saga = NewSaga {
             saga_id: new_id("ord"),
             idempotency_key,
             customer_id: customer_id.into_inner(),
-            items: items
-                .as_slice()
-                .iter()
-                .map(|item| OrderItem {
-                    product_id: item.product_id.as_str().to_owned(),
-                    quantity: item.quantity.get(),
-                })
-                .collect(),
+            items,
             state: SagaState::new(&ORDER_SAGA),
         };
         let config = self.executor.config();
@@ -214,16 +231,44 @@ impl OrderApi {
             .store()
             .create(&saga, &config.replica_id, config.lease_ttl)
             .await?;
+        if !created {
+            let key = saga.idempotency_key.as_deref().unwrap_or_default();
+            return replayed(record, key, &saga.items);
+        }
         let response = pb::PlaceOrderResponse {
             order_id: record.saga_id.clone(),
             status: status_pb(record.status).into(),
         };
-        if created {
-            tracing::info!(saga_id = %record.saga_id, customer_id = %record.customer_id, "order placed");
-            self.executor.spawn(record, permit);
-        }
+        tracing::info!(saga_id = %record.saga_id, customer_id = %record.customer_id, "order placed");
+        self.executor.spawn(record, permit);
         Ok(response)
     }
+}
+
+/// The answer to a PlaceOrder whose idempotency key the customer used
+/// before: the first order, if the request is the same one; otherwise the
+/// key is refused, and nothing is written.
+fn replayed(
+    record: SagaRecord,
+    key: &str,
+    items: &[OrderItem],
+) -> Result<pb::PlaceOrderResponse, Error> {
+    let sorted = |items: &[OrderItem]| {
+        let mut items = items.to_vec();
+        items.sort_by(|a, b| (&a.product_id, a.quantity).cmp(&(&b.product_id, b.quantity)));
+        items
+    };
+    if sorted(&record.items) != sorted(items) {
+        return Err(Error::invalid(format!(
+            "idempotency_key {key:?} was already used by order {} with different items; \
+             a new order needs a new key",
+            record.saga_id
+        )));
+    }
+    Ok(pb::PlaceOrderResponse {
+        order_id: record.saga_id,
+        status: status_pb(record.status).into(),
+    })
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchOrderResponse, Status>> + Send>>;

@@ -139,6 +139,7 @@ conformance!(
     concurrent_creations_and_commits_each_apply_with_their_journal,
     racing_commits_to_one_saga_apply_exactly_once,
     a_version_lost_with_the_tail_is_never_issued_again,
+    an_idempotency_key_is_scoped_to_its_customer,
     sagas_are_paged_by_id_with_what_reconcile_compares,
 );
 
@@ -786,4 +787,29 @@ async fn sagas_are_paged_by_id_with_what_reconcile_compares(backend: Backend) {
     assert_eq!(store.sagas_by_id("s2", 2).await.unwrap(), all[2..]);
     assert_eq!(store.sagas_by_id("s3", 2).await.unwrap(), vec![]);
     assert_eq!(store.sagas_by_id("s1x", 10).await.unwrap(), all[1..]);
+}
+
+/// The same key from two customers records two sagas; each finds its own.
+async fn an_idempotency_key_is_scoped_to_its_customer(backend: Backend) {
+    let store = &backend.store;
+    let alices = store
+        .create(&new_saga("s1", Some("key-1")), "r1", TTL)
+        .await
+        .unwrap();
+    assert!(alices.1);
+    let bobs = NewSaga {
+        customer_id: "bob".into(),
+        ..new_saga("s2", Some("key-1"))
+    };
+    let (bob, created) = store.create(&bobs, "r1", TTL).await.unwrap();
+    assert!(created, "bob's order is his own");
+    assert_eq!(bob.saga_id, "s2");
+    let found = store.find_by_key("alice", "key-1").await.unwrap().unwrap();
+    assert_eq!(found.saga_id, "s1");
+    let found = store.find_by_key("bob", "key-1").await.unwrap().unwrap();
+    assert_eq!(found.saga_id, "s2");
+    assert!(store.find_by_key("carol", "key-1").await.unwrap().is_none());
+    let (again, created) = store.create(&bobs, "r1", TTL).await.unwrap();
+    assert!(!created);
+    assert_eq!(again.saga_id, "s2");
 }

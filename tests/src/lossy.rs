@@ -148,4 +148,12 @@ impl SagaStore for LossyStore {
     async fn sagas_by_id(&self, after: &str, limit: i64) -> Result<Vec<SagaBrief>, Error> {
         self.inner.sagas_by_id(after, limit).await
     }
+
+    async fn find_by_key(
+        &self,
+        customer_id: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<SagaRecord>, Error> {
+        self.inner.find_by_key(customer_id, idempotency_key).await
+    }
 }

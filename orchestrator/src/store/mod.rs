@@ -440,4 +440,12 @@ pub trait SagaStore: Send + Sync + 'static {
     /// from the start), in saga-id order: a keyset scan of the primary key,
     /// one page of Reconcile's merge join.
     async fn sagas_by_id(&self, after: &str, limit: i64) -> Result<Vec<SagaBrief>, Error>;
+
+    /// The saga `customer_id` placed with `idempotency_key`, if any (keys
+    /// are scoped to the customer).
+    async fn find_by_key(
+        &self,
+        customer_id: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<SagaRecord>, Error>;
 }

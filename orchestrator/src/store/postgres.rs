@@ -253,7 +253,7 @@ async fn create_batch(
     for row in &rows {
         answers.push(match inserted.iter().find(|r| r.saga_id == row.saga_id) {
             Some(record) => Ok((record.clone(), true)),
-            None => by_key(pool, row.idempotency_key.as_deref()).await,
+            None => by_key(pool, &row.customer_id, row.idempotency_key.as_deref()).await,
         });
     }
     answers
@@ -275,7 +275,7 @@ async fn insert_sagas(pool: &PgPool, rows: &[CreateRow]) -> Result<Vec<SagaRecor
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                      $7::text[], $8::float8[])
               AS n(saga_id, idempotency_key, customer_id, items, status, state, owner, ttl)
-         ON CONFLICT (idempotency_key) DO NOTHING
+         ON CONFLICT (customer_id, idempotency_key) DO NOTHING
          RETURNING {SAGA_COLUMNS}"
     ))
     .bind(column(|r| &r.saga_id))
@@ -296,14 +296,33 @@ async fn insert_sagas(pool: &PgPool, rows: &[CreateRow]) -> Result<Vec<SagaRecor
 }
 
 /// The saga holding an idempotency key, for a creation that found it used.
-async fn by_key(pool: &PgPool, key: Option<&str>) -> Result<(SagaRecord, bool), Error> {
-    let row = sqlx::query(sql!(
-        "SELECT {SAGA_COLUMNS} FROM sagas WHERE idempotency_key = $1"
+async fn by_key(
+    pool: &PgPool,
+    customer_id: &str,
+    key: Option<&str>,
+) -> Result<(SagaRecord, bool), Error> {
+    let row = find_by_key(pool, customer_id, key.unwrap_or_default())
+        .await?
+        .ok_or_else(|| Error::Corrupt("a conflicting key vanished".into()))?;
+    Ok((row, false))
+}
+
+/// The saga a customer placed with an idempotency key, if any.
+async fn find_by_key(
+    pool: &PgPool,
+    customer_id: &str,
+    key: &str,
+) -> Result<Option<SagaRecord>, Error> {
+    sqlx::query(sql!(
+        "SELECT {SAGA_COLUMNS} FROM sagas WHERE customer_id = $1 AND idempotency_key = $2"
     ))
+    .bind(customer_id)
     .bind(key)
-    .fetch_one(pool)
-    .await?;
-    Ok((record(&row)?, false))
+    .fetch_optional(pool)
+    .await?
+    .as_ref()
+    .map(record)
+    .transpose()
 }
 
 /// A transition waiting in the batch queue: a [`Commit`] with its derived
@@ -731,5 +750,13 @@ impl SagaStore for PgStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(brief).collect()
+    }
+
+    async fn find_by_key(
+        &self,
+        customer_id: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<SagaRecord>, Error> {
+        find_by_key(&self.pool, customer_id, idempotency_key).await
     }
 }

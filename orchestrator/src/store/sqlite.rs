@@ -83,7 +83,7 @@ impl SagaStore for SqliteStore {
             "INSERT INTO sagas (saga_id, idempotency_key, customer_id, items, status, state,
                                 lease_owner, lease_expires_at, created_at, updated_at, progress_at)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (idempotency_key) DO NOTHING
+             ON CONFLICT (customer_id, idempotency_key) DO NOTHING
              RETURNING {SAGA_COLUMNS}"
         )))
         .bind(&saga.saga_id)
@@ -102,13 +102,12 @@ impl SagaStore for SqliteStore {
         if let Some(row) = inserted {
             return Ok((record(&row)?, true));
         }
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {SAGA_COLUMNS} FROM sagas WHERE idempotency_key = ?"
-        )))
-        .bind(&saga.idempotency_key)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok((record(&row)?, false))
+        let key = saga.idempotency_key.as_deref().unwrap_or_default();
+        let existing = self.find_by_key(&saga.customer_id, key).await?;
+        Ok((
+            existing.ok_or_else(|| Error::Corrupt("a conflicting key vanished".into()))?,
+            false,
+        ))
     }
 
     async fn load(&self, saga_id: &str) -> Result<Option<SagaRecord>, Error> {
@@ -362,5 +361,22 @@ impl SagaStore for SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(brief).collect()
+    }
+
+    async fn find_by_key(
+        &self,
+        customer_id: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<SagaRecord>, Error> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {SAGA_COLUMNS} FROM sagas WHERE customer_id = ? AND idempotency_key = ?"
+        )))
+        .bind(customer_id)
+        .bind(idempotency_key)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(record)
+        .transpose()
     }
 }

@@ -717,3 +717,115 @@ async fn unknown_or_empty_order_ids_are_refused() {
     );
     assert_eq!(saga_rows(&system).await, 0);
 }
+
+/// Keys are the customer's: bob's order with alice's key is bob's own new
+/// order, and never shows him hers.
+#[tokio::test]
+async fn idempotency_keys_are_scoped_to_the_customer() {
+    let system = spawn_system().await.unwrap();
+    system.seed_product("widget", 100, 10).await.unwrap();
+    system.seed_account("alice", 5_000).await.unwrap();
+    system.seed_account("bob", 5_000).await.unwrap();
+    let mut orders = system.orders();
+    let alice = orders
+        .place_order(place_request("alice", &[("widget", 1)], "shared-key"))
+        .await
+        .unwrap()
+        .into_inner();
+    let bob = orders
+        .place_order(place_request("bob", &[("widget", 2)], "shared-key"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(bob.order_id, alice.order_id, "bob got alice's order");
+    let bobs = system.wait_settled(&bob.order_id, SETTLE).await.unwrap();
+    assert_eq!(bobs.customer_id, "bob");
+    assert_eq!(bobs.status(), OrderStatus::Completed);
+    assert_eq!(system.balance("bob").await.unwrap(), 5_000 - 200);
+    assert_eq!(saga_rows(&system).await, 2);
+}
+
+/// The same key with a different request is refused, naming the key, and
+/// writes nothing; the same request in another item order is a replay.
+#[tokio::test]
+async fn the_same_key_with_a_different_request_is_invalid() {
+    let system = spawn_system().await.unwrap();
+    system.seed_product("widget", 100, 10).await.unwrap();
+    system.seed_product("gadget", 300, 10).await.unwrap();
+    system.seed_account("alice", 5_000).await.unwrap();
+    let mut orders = system.orders();
+    let first = orders
+        .place_order(place_request(
+            "alice",
+            &[("widget", 1), ("gadget", 1)],
+            "k-1",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let message = expect_code(
+        orders
+            .place_order(place_request(
+                "alice",
+                &[("widget", 5), ("gadget", 1)],
+                "k-1",
+            ))
+            .await,
+        Code::InvalidArgument,
+    );
+    assert!(message.contains("\"k-1\""), "{message}");
+    assert!(message.contains(&first.order_id), "{message}");
+    let reordered = orders
+        .place_order(place_request(
+            "alice",
+            &[("gadget", 1), ("widget", 1)],
+            "k-1",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reordered.order_id, first.order_id);
+    assert_eq!(
+        saga_rows(&system).await,
+        1,
+        "nothing written for the refusal"
+    );
+    let order = system.wait_settled(&first.order_id, SETTLE).await.unwrap();
+    assert_eq!(order.items.iter().map(|i| i.quantity).sum::<i32>(), 2);
+}
+
+/// At the in-flight limit a replay is still answered with its order; a new
+/// order is refused.
+#[tokio::test]
+async fn a_replay_is_answered_at_the_in_flight_limit() {
+    let system = spawn_system_with(|s| s.executor.max_in_flight = 1)
+        .await
+        .unwrap();
+    system.seed_product("widget", 100, 10).await.unwrap();
+    system.seed_account("alice", 5_000).await.unwrap();
+    system
+        .fault("inventory", delay("Reserve", 1500))
+        .await
+        .unwrap();
+    let mut orders = system.orders();
+    let first = orders
+        .place_order(place_request("alice", &[("widget", 1)], "k-full"))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = orders
+        .place_order(place_request("alice", &[("widget", 1)], "k-full"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.order_id, first.order_id);
+    expect_code(
+        orders
+            .place_order(place_request("alice", &[("widget", 1)], "k-new"))
+            .await,
+        Code::ResourceExhausted,
+    );
+    system.clear_faults().await.unwrap();
+    let order = system.wait_settled(&first.order_id, SETTLE).await.unwrap();
+    assert_eq!(order.status(), OrderStatus::Completed);
+}
