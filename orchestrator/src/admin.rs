@@ -115,11 +115,28 @@ pub fn summary_pb(saga: &SagaRecord, now: f64, stuck_after: Duration) -> pb::Sag
     }
 }
 
+/// The longest filter duration accepted: a century.
+const MAX_FILTER_SECONDS: i64 = 100 * 365 * 24 * 3600;
+
 fn duration(value: Option<prost_types::Duration>, field: &str) -> Result<Option<Duration>, Error> {
     value
         .map(|d| {
-            Duration::try_from(d)
-                .map_err(|_| Error::invalid(format!("{field} must be a non-negative duration")))
+            // Normalized, as google.protobuf.Duration requires: nanos in
+            // 0..1e9 for a non-negative duration.
+            if !(0..1_000_000_000).contains(&d.nanos) || d.seconds < 0 {
+                return Err(Error::invalid(format!(
+                    "{field} must be a normalized, non-negative duration \
+                     (seconds >= 0, 0 <= nanos < 1000000000); got {}s {}ns",
+                    d.seconds, d.nanos
+                )));
+            }
+            if d.seconds > MAX_FILTER_SECONDS {
+                return Err(Error::invalid(format!(
+                    "{field} is {}s; the limit is {MAX_FILTER_SECONDS}s (100 years)",
+                    d.seconds
+                )));
+            }
+            Ok(Duration::new(d.seconds as u64, d.nanos as u32))
         })
         .transpose()
 }

@@ -71,13 +71,24 @@ pub fn page_size(value: i32) -> Result<i64, Error> {
     }
 }
 
-/// Parses a page token (the last id of the previous page).
+/// Parses a page token (the last order id of the previous page); anything
+/// that is not an order id is refused rather than read as an empty page.
 pub fn page_token(token: String) -> Result<Option<String>, Error> {
     if token.is_empty() {
-        Ok(None)
-    } else {
-        Ok(Some(Id::parse("page_token", token)?.into_inner()))
+        return Ok(None);
     }
+    let is_order_id = token.strip_prefix("ord_").is_some_and(|hex| {
+        hex.len() == 32
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    });
+    if !is_order_id {
+        return Err(Error::invalid(
+            "page_token is not a token this server gave out; pass next_page_token as it came",
+        ));
+    }
+    Ok(Some(token))
 }
 
 /// An optional id filter: empty means none.

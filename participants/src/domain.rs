@@ -39,9 +39,14 @@ impl Id {
                 value.len()
             )));
         }
-        if value.chars().any(char::is_control) || value.trim() != value {
+        if value
+            .chars()
+            .any(|c| c.is_control() || is_invisible_format(c))
+            || value.trim() != value
+        {
             return Err(Error::invalid(format!(
-                "{field} must not contain control characters or surrounding white space"
+                "{field} must not contain control characters, invisible format characters \
+                 (such as bidi overrides) or surrounding white space"
             )));
         }
         Ok(Self(value))
@@ -248,13 +253,43 @@ impl Page {
 /// Checks a free-text field's length.
 pub fn bounded_text(field: &str, value: String, max: usize) -> Result<String, Error> {
     if value.len() > max {
-        Err(Error::invalid(format!(
+        return Err(Error::invalid(format!(
             "{field} is {} bytes long; the limit is {max}",
             value.len()
-        )))
-    } else {
-        Ok(value)
+        )));
     }
+    // Free text may hold line breaks and tabs; nothing else invisible: a
+    // NUL cannot be stored, and bidi overrides would spoof what operators
+    // read.
+    if let Some((at, c)) = value
+        .char_indices()
+        .find(|&(_, c)| (c.is_control() && c != '\n' && c != '\t') || is_invisible_format(c))
+    {
+        return Err(Error::invalid(format!(
+            "{field} contains U+{:04X} at byte {at}: control and invisible format characters \
+             are not accepted",
+            c as u32
+        )));
+    }
+    Ok(value)
+}
+
+/// Unicode format characters that change how text around them is shown
+/// without being seen themselves: bidi embeddings, overrides and isolates,
+/// zero-width characters, the byte-order mark and the like (category Cf).
+pub fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+    )
 }
 
 /// 64 random bits from the standard library's randomly seeded hasher: fine

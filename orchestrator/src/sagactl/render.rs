@@ -37,6 +37,11 @@ pub fn truncate(text: &str, max: usize) -> String {
 /// An aligned table: a header row, then rows; columns separated by two
 /// spaces, the last one unpadded.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| printable(cell)).collect())
+        .collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -60,6 +65,21 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     for row in rows {
         out.push_str(&line(row.iter().map(String::as_str).collect()));
         out.push('\n');
+    }
+    out
+}
+
+/// `text` with control and invisible format characters (bidi overrides,
+/// zero-width characters) shown as `\u{XXXX}`, so that what a participant
+/// or a client wrote cannot rearrange or hide what an operator reads.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() || participants::domain::is_invisible_format(c) {
+            out.push_str(&format!("\\u{{{:04X}}}", c as u32));
+        } else {
+            out.push(c);
+        }
     }
     out
 }
@@ -88,6 +108,15 @@ mod tests {
             text,
             "ID       STATUS\na        COMPLETED\nlong-id  FAILED\n"
         );
+    }
+
+    #[test]
+    fn invisible_characters_are_shown_escaped() {
+        assert_eq!(printable("plain"), "plain");
+        assert_eq!(printable("evil\u{202E}txt.exe"), "evil\\u{202E}txt.exe");
+        assert_eq!(printable("a\nb\u{0}"), "a\\u{000A}b\\u{0000}");
+        let out = table(&["X"], &[vec!["\u{202E}x".into()]]);
+        assert!(!out.contains('\u{202E}'), "{out}");
     }
 
     #[test]

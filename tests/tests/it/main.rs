@@ -5,6 +5,7 @@ mod cancel;
 mod chaos;
 mod faults;
 mod fulfillment;
+mod inputs;
 mod inventory;
 mod orders;
 mod outages;
