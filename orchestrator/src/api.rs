@@ -420,7 +420,7 @@ impl pb::order_service_server::OrderService for OrderApi {
                         watched_status(&executor, &saga_id).await
                     }
                     _ = tx.closed() => break,
-                    _ = stopping.changed() => {
+                    _ = crate::executor::stopped(&mut stopping) => {
                         let _ = tx.send(Err(Status::unavailable("the orchestrator is shutting down; watch again"))).await;
                         break;
                     }

@@ -57,6 +57,12 @@ pub struct ExecutorConfig {
     pub max_in_flight: usize,
 }
 
+/// Resolves once the stop flag of [`Executor::stopping`] is set, at once if
+/// it already is (or if the executor is gone).
+pub async fn stopped(stopping: &mut watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|stop| *stop).await;
+}
+
 /// A saga's status as this replica last wrote it (for WatchOrder).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StatusUpdate {
@@ -208,7 +214,9 @@ impl Executor {
             .contains_key(saga_id)
     }
 
-    /// Resolves when the executor starts stopping.
+    /// The stop flag. Wait on it with [`stopped`], never `changed()`: the
+    /// flag may have been set before the subscription, and a change made
+    /// before it is never reported.
     pub fn stopping(&self) -> watch::Receiver<bool> {
         self.stopping.subscribe()
     }
@@ -478,7 +486,7 @@ impl Executor {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.config.poll_interval) => {}
-                _ = stopping.changed() => return,
+                _ = stopped(&mut stopping) => return,
             }
             self.wake_requested().await;
             let free = self.permits.available_permits().min(256) as i64;
@@ -541,7 +549,7 @@ impl Executor {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(period) => {}
-                _ = stopping.changed() => return,
+                _ = stopped(&mut stopping) => return,
             }
             let ids: Vec<String> = self
                 .driving
@@ -610,7 +618,7 @@ impl Executor {
         }
         tokio::select! {
             _ = tokio::time::sleep(duration) => false,
-            _ = stopping.changed() => true,
+            _ = stopped(&mut stopping) => true,
         }
     }
 
@@ -649,7 +657,7 @@ impl Executor {
                         tokio::select! {
                             _ = tokio::time::sleep_until(at.into()) => {}
                             _ = notify.notified() => {}
-                            _ = stopping.changed() => return None,
+                            _ = stopped(&mut stopping) => return None,
                         }
                         // A cancel or an operator may have changed the saga
                         // meanwhile, here or on another replica.
@@ -955,5 +963,46 @@ mod tests {
         assert_eq!(due_instant(Some(now_epoch() - 5.0)), None);
         let due = due_instant(Some(now_epoch() + 60.0)).unwrap();
         assert!(due > Instant::now() + Duration::from_secs(50));
+    }
+
+    /// No participant is ever called by these tests.
+    struct NoCalls;
+
+    #[tonic::async_trait]
+    impl StepCalls for NoCalls {
+        async fn call(&self, call: StepCall<'_>) -> Outcome {
+            panic!("no call expected: {call:?}");
+        }
+    }
+
+    /// A stop that comes before the background tasks first ran (a replica
+    /// stopped the moment it started) still ends them: they look at the
+    /// flag, not only at changes to it. On one thread the tasks cannot run
+    /// before `shutdown` sets the flag.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_replica_stopped_as_soon_as_it_started_stops() {
+        let store = crate::server::connect("sqlite::memory:", 1, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let executor = Executor::new(
+            store,
+            Arc::new(NoCalls),
+            ExecutorConfig {
+                replica_id: "r1".into(),
+                policy: crate::config::default_policy(),
+                backoff_base: Duration::from_millis(50),
+                backoff_cap: Duration::from_secs(1),
+                lease_ttl: Duration::from_secs(3),
+                poll_interval: Duration::from_millis(100),
+                max_in_flight: 8,
+            },
+        );
+        executor.start().await.unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            executor.shutdown(Duration::from_secs(1)),
+        )
+        .await
+        .expect("the background tasks ended");
     }
 }

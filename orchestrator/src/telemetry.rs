@@ -21,7 +21,7 @@ pub async fn serve_http(listener: TcpListener, executor: Arc<Executor>, idle: Du
     loop {
         let stream = tokio::select! {
             stream = acceptor.accept() => stream,
-            _ = stopping.changed() => return,
+            _ = crate::executor::stopped(&mut stopping) => return,
         };
         let executor = executor.clone();
         tokio::spawn(async move {
