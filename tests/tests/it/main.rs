@@ -14,3 +14,4 @@ mod reconcile;
 mod recovery;
 mod snapshot;
 mod wake;
+mod watch;
