@@ -105,9 +105,9 @@ fn store_transition(c: &mut Criterion) {
                     .unwrap();
                 let journal = [JournalEntry {
                     step: "reserve_inventory".into(),
-                    kind: "ACTION".into(),
+                    kind: orchestrator::store::JournalKind::Action,
                     attempt: 1,
-                    outcome: "SUCCEEDED".into(),
+                    outcome: orchestrator::store::JournalOutcome::Succeeded,
                     detail: String::new(),
                     rpc: "inventory.v1.InventoryService/Reserve".into(),
                     actor: "bench".into(),

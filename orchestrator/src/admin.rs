@@ -274,7 +274,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
             failure_reason: saga.state.failure_reason.clone().unwrap_or_default(),
             step_outputs: saga.state.outputs.clone().into_iter().collect(),
             journal: history_pb(&saga, journal),
-            cancel_requested: matches!(saga.status, SagaStatus::Cancelling | SagaStatus::Cancelled),
+            cancel_requested: saga.state.cancel_requested(),
             version: saga.version,
             idempotency_key: saga.idempotency_key.clone().unwrap_or_default(),
         }))

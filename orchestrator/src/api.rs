@@ -16,7 +16,9 @@ use tonic::{Request, Response, Status};
 use crate::error::Error;
 use crate::executor::Executor;
 use crate::saga::{Event, ORDER_SAGA, SagaState, Status as SagaStatus};
-use crate::store::{JournalEntry, ListFilter, NewSaga, OrderItem, SagaRecord};
+use crate::store::{
+    JournalEntry, JournalKind, JournalOutcome, ListFilter, NewSaga, OrderItem, SagaRecord,
+};
 
 /// Longest cancel or abort reason accepted, in bytes.
 const MAX_REASON_BYTES: usize = 512;
@@ -106,20 +108,18 @@ pub fn history_pb(saga: &SagaRecord, journal: Vec<JournalEntry>) -> Vec<pb::Jour
         .into_iter()
         .map(|entry| pb::JournalEntry {
             step: entry.step,
-            kind: match entry.kind.as_str() {
-                "ACTION" => pb::StepKind::Action,
-                "COMPENSATION" => pb::StepKind::Compensation,
-                "CONTROL" => pb::StepKind::Control,
-                _ => pb::StepKind::Unspecified,
+            kind: match entry.kind {
+                JournalKind::Action => pb::StepKind::Action,
+                JournalKind::Compensation => pb::StepKind::Compensation,
+                JournalKind::Control => pb::StepKind::Control,
             }
             .into(),
             attempt: u32::try_from(entry.attempt).unwrap_or(0),
-            outcome: match entry.outcome.as_str() {
-                "SUCCEEDED" => pb::StepOutcome::Succeeded,
-                "RETRYABLE_FAILURE" => pb::StepOutcome::RetryableFailure,
-                "REJECTED" => pb::StepOutcome::Rejected,
-                "ACCEPTED" => pb::StepOutcome::Accepted,
-                _ => pb::StepOutcome::Unspecified,
+            outcome: match entry.outcome {
+                JournalOutcome::Succeeded => pb::StepOutcome::Succeeded,
+                JournalOutcome::RetryableFailure => pb::StepOutcome::RetryableFailure,
+                JournalOutcome::Rejected => pb::StepOutcome::Rejected,
+                JournalOutcome::Accepted => pb::StepOutcome::Accepted,
             }
             .into(),
             detail: entry.detail,
@@ -321,8 +321,7 @@ impl pb::order_service_server::OrderService for OrderApi {
             total_amount_cents: saga.total_amount_cents(),
             created_at: Some(timestamp(saga.created_at)),
             updated_at: Some(timestamp(saga.updated_at)),
-            cancel_requested: saga.status == SagaStatus::Cancelling
-                || saga.status == SagaStatus::Cancelled,
+            cancel_requested: saga.state.cancel_requested(),
         }))
     }
 

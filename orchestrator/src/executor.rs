@@ -35,7 +35,10 @@ use tracing::Instrument;
 use crate::clients::{StepCall, StepCalls};
 use crate::error::Error;
 use crate::saga::{Command, Event, Kind, ORDER_SAGA, Outcome, Policy, SagaState, Status};
-use crate::store::{Commit, JournalEntry, LeaseChange, NextAttempt, SagaRecord, SagaStore};
+use crate::store::{
+    Commit, JournalEntry, JournalKind, JournalOutcome, LeaseChange, NextAttempt, SagaRecord,
+    SagaStore,
+};
 
 /// How the executor behaves.
 #[derive(Debug, Clone)]
@@ -323,9 +326,9 @@ impl Executor {
             let now = now_epoch();
             let journal = [JournalEntry {
                 step: name.to_owned(),
-                kind: "CONTROL".to_owned(),
+                kind: JournalKind::Control,
                 attempt: 0,
-                outcome: "ACCEPTED".to_owned(),
+                outcome: JournalOutcome::Accepted,
                 detail: detail.clone(),
                 rpc: String::new(),
                 actor: actor.to_owned(),
@@ -690,34 +693,31 @@ impl Executor {
                 })
                 .await;
             let finished_at = now_epoch();
-            let (outcome_name, detail) = match &outcome {
+            let journalled = JournalOutcome::of(&outcome);
+            let detail = match &outcome {
                 // What a compensation did (released, tombstoned, ...) helps
                 // an operator; an action's outputs are in the saga's state.
-                Outcome::Succeeded(outputs) if kind == Kind::Compensation => (
-                    "SUCCEEDED",
-                    outputs
-                        .iter()
-                        .map(|(_, v)| v.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                ),
-                Outcome::Succeeded(_) => ("SUCCEEDED", String::new()),
-                Outcome::Retryable(detail) => ("RETRYABLE_FAILURE", detail.clone()),
-                Outcome::Rejected(detail) => ("REJECTED", detail.clone()),
+                Outcome::Succeeded(outputs) if kind == Kind::Compensation => outputs
+                    .iter()
+                    .map(|(_, v)| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                Outcome::Succeeded(_) => String::new(),
+                Outcome::Retryable(detail) | Outcome::Rejected(detail) => detail.clone(),
             };
             tracing::info!(
                 step = definition.name,
                 kind = kind.as_str(),
                 attempt,
-                outcome = outcome_name,
+                outcome = journalled.as_str(),
                 detail,
                 "call finished"
             );
             let journal = [JournalEntry {
                 step: definition.name.to_owned(),
-                kind: kind.as_str().to_owned(),
+                kind: kind.into(),
                 attempt: attempt as i32,
-                outcome: outcome_name.to_owned(),
+                outcome: journalled,
                 detail,
                 rpc: rpc.to_owned(),
                 actor: self.config.replica_id.clone(),

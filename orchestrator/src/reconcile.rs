@@ -37,7 +37,7 @@ use crate::clients::{RecordClients, classify, code_name};
 use crate::error::Error;
 use crate::executor::now_epoch;
 use crate::saga::{ORDER_SAGA, Outcome, Status as SagaStatus};
-use crate::store::{JournalEntry, OrderItem, SagaBrief, SagaStore};
+use crate::store::{JournalEntry, JournalKind, JournalOutcome, OrderItem, SagaBrief, SagaStore};
 
 /// A participant, as Reconcile names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -688,7 +688,7 @@ async fn repair(
                 succeeded: true,
                 detail: format!("{rpc}: {outcome}"),
             },
-            "SUCCEEDED",
+            JournalOutcome::Succeeded,
         ),
         Err(status) => (
             Repair {
@@ -700,17 +700,17 @@ async fn repair(
                 ),
             },
             match classify(&status) {
-                Outcome::Retryable(_) => "RETRYABLE_FAILURE",
-                _ => "REJECTED",
+                Outcome::Retryable(_) => JournalOutcome::RetryableFailure,
+                _ => JournalOutcome::Rejected,
             },
         ),
     };
     if let Some(saga) = saga {
         let entry = JournalEntry {
             step: "reconcile".to_owned(),
-            kind: "CONTROL".to_owned(),
+            kind: JournalKind::Control,
             attempt: 0,
-            outcome: outcome.to_owned(),
+            outcome,
             detail: format!(
                 "reconcile repair: {} left {} for a {} saga; {}",
                 party.record(),

@@ -303,6 +303,15 @@ impl SagaState {
         }
     }
 
+    /// The client asked to cancel: the cancel is recorded, being acted on
+    /// or done, whatever the status now (a cancelled saga whose
+    /// compensation needs an operator still says so). The one definition;
+    /// the stored column and every API read it.
+    pub fn cancel_requested(&self) -> bool {
+        let cancel = Some(Cause::Cancel);
+        self.cause == cancel || self.stop_requested == cancel
+    }
+
     /// The state as read back from the store, before anything is decided
     /// on it.
     ///

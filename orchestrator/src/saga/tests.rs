@@ -859,3 +859,26 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_cancel_stays_requested_when_its_compensation_needs_an_operator_and_an_abort_is_not_one() {
+    // Reserved, then charging waits for a retry: the cancel compensates at
+    // once, and the refund fails until its budget is spent.
+    let state = cancel(&run([ok(), transient()])).unwrap();
+    assert!(state.cancel_requested());
+    let state = answer(&answer(&state, transient()), transient());
+    assert_eq!(state.status(DEF), Status::NeedsAttention);
+    assert!(state.cancel_requested(), "{state:?}");
+
+    let aborted = run([ok(), transient()])
+        .apply(
+            DEF,
+            &POLICY,
+            &Event::OperatorAbort {
+                reason: "fraud".into(),
+            },
+        )
+        .unwrap();
+    assert!(!aborted.cancel_requested());
+    assert!(!SagaState::new(DEF).cancel_requested());
+}

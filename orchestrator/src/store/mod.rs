@@ -9,6 +9,15 @@
 //! (leases, deadlines) and from the caller's where the caller measured
 //! (journal start and finish of a call).
 
+/// A statement built once from constants, kept for the life of the process:
+/// the hot path neither formats nor allocates its SQL again.
+macro_rules! sql {
+    ($($format:tt)*) => {{
+        static SQL: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+        *SQL.get_or_init(|| format!($($format)*).leak())
+    }};
+}
+
 mod postgres;
 mod sqlite;
 
@@ -20,7 +29,7 @@ use sqlx::types::Json;
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use crate::error::Error;
-use crate::saga::{Definition, SagaState, Status};
+use crate::saga::{Definition, Kind, Outcome, SagaState, Status};
 
 /// A product and a quantity of it, as stored with the order.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -101,6 +110,34 @@ pub fn total_amount_cents(state: &SagaState) -> i64 {
         .unwrap_or(0)
 }
 
+/// A set of statuses, written into SQL as a list of literals, e.g.
+/// `('COMPLETED', 'FAILED', 'CANCELLED')`: the stores' queries take their
+/// sets from [`Status`], never from retyped text.
+#[derive(Clone, Copy)]
+pub(crate) struct StatusSet(fn(Status) -> bool);
+
+/// Statuses with no more work for the executor (terminal, or waiting for an
+/// operator).
+pub(crate) const SETTLED: StatusSet = StatusSet(Status::is_settled);
+/// Statuses in which nothing will ever happen again.
+pub(crate) const TERMINAL: StatusSet = StatusSet(Status::is_terminal);
+/// NEEDS_ATTENTION alone.
+pub(crate) const NEEDS_ATTENTION: StatusSet = StatusSet(|s| s == Status::NeedsAttention);
+
+impl StatusSet {
+    /// The statuses of the set, in lifecycle order.
+    pub(crate) fn statuses(self) -> impl Iterator<Item = Status> {
+        Status::ALL.into_iter().filter(move |s| (self.0)(*s))
+    }
+}
+
+impl std::fmt::Display for StatusSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self.statuses().map(|s| format!("'{s}'")).collect();
+        write!(f, "({})", names.join(", "))
+    }
+}
+
 /// The columns stored beside the state for queries, derived from it.
 pub(crate) struct Derived {
     pub(crate) status: Status,
@@ -120,13 +157,12 @@ impl Derived {
             ),
             _ => (None, 0),
         };
-        let cancel = Some(crate::saga::Cause::Cancel);
         Self {
             status,
             current_step,
             attempts,
             total_amount_cents: total_amount_cents(state),
-            cancel_requested: state.cause == cancel || state.stop_requested == cancel,
+            cancel_requested: state.cancel_requested(),
         }
     }
 }
@@ -173,11 +209,15 @@ where
     i32: Decode<'r, R::Database> + Type<R::Database>,
     f64: Decode<'r, R::Database> + Type<R::Database>,
 {
+    let kind: String = row.try_get("kind")?;
+    let outcome: String = row.try_get("outcome")?;
     Ok(JournalEntry {
         step: row.try_get("step")?,
-        kind: row.try_get("kind")?,
+        kind: JournalKind::parse(&kind)
+            .ok_or_else(|| Error::Corrupt(format!("unknown journal kind {kind:?}")))?,
         attempt: row.try_get("attempt")?,
-        outcome: row.try_get("outcome")?,
+        outcome: JournalOutcome::parse(&outcome)
+            .ok_or_else(|| Error::Corrupt(format!("unknown journal outcome {outcome:?}")))?,
         detail: row.try_get("detail")?,
         rpc: row.try_get("rpc")?,
         actor: row.try_get("actor")?,
@@ -186,18 +226,103 @@ where
     })
 }
 
+/// What a journal row records; stored as its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JournalKind {
+    /// A step's forward action.
+    Action,
+    /// A step's compensation.
+    Compensation,
+    /// A client or operator request (cancel, retry, abort, reconcile).
+    Control,
+}
+
+impl JournalKind {
+    /// Every kind.
+    pub const ALL: [Self; 3] = [Self::Action, Self::Compensation, Self::Control];
+
+    /// The stored name (also the contract's `StepKind` without its prefix).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Action => "ACTION",
+            Self::Compensation => "COMPENSATION",
+            Self::Control => "CONTROL",
+        }
+    }
+
+    /// The kind stored as `text`.
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+}
+
+impl From<Kind> for JournalKind {
+    fn from(kind: Kind) -> Self {
+        match kind {
+            Kind::Action => Self::Action,
+            Kind::Compensation => Self::Compensation,
+        }
+    }
+}
+
+/// How the call or request of a journal row ended; stored as its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JournalOutcome {
+    /// The call succeeded.
+    Succeeded,
+    /// The call failed with a transient code; it is retried.
+    RetryableFailure,
+    /// The participant refused: the step is not retried.
+    Rejected,
+    /// A request was accepted.
+    Accepted,
+}
+
+impl JournalOutcome {
+    /// Every outcome.
+    pub const ALL: [Self; 4] = [
+        Self::Succeeded,
+        Self::RetryableFailure,
+        Self::Rejected,
+        Self::Accepted,
+    ];
+
+    /// The stored name (also the contract's `StepOutcome` without its prefix).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "SUCCEEDED",
+            Self::RetryableFailure => "RETRYABLE_FAILURE",
+            Self::Rejected => "REJECTED",
+            Self::Accepted => "ACCEPTED",
+        }
+    }
+
+    /// The outcome stored as `text`.
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|o| o.as_str() == text)
+    }
+
+    /// How a participant call that ended with `outcome` is journalled.
+    pub fn of(outcome: &Outcome) -> Self {
+        match outcome {
+            Outcome::Succeeded(_) => Self::Succeeded,
+            Outcome::Retryable(_) => Self::RetryableFailure,
+            Outcome::Rejected(_) => Self::Rejected,
+        }
+    }
+}
+
 /// One journal row: an attempt of a step, or a client or operator request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JournalEntry {
     /// Step name, or `cancel` / `retry` / `abort` for requests.
     pub step: String,
-    /// `ACTION`, `COMPENSATION` or `CONTROL`.
-    pub kind: String,
+    /// A call's kind, or a request.
+    pub kind: JournalKind,
     /// Attempt number (0 for requests).
     pub attempt: i32,
-    /// `SUCCEEDED`, `RETRYABLE_FAILURE`, `REJECTED`, or for requests
-    /// `ACCEPTED`.
-    pub outcome: String,
+    /// How the call ended, or `Accepted` for requests.
+    pub outcome: JournalOutcome,
     /// The participant's message, or who asked and why.
     pub detail: String,
     /// The RPC called; empty for requests.
@@ -448,4 +573,36 @@ pub trait SagaStore: Send + Sync + 'static {
         customer_id: &str,
         idempotency_key: &str,
     ) -> Result<Option<SagaRecord>, Error>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::saga::v1::{StepKind, StepOutcome};
+
+    #[test]
+    fn journal_kinds_and_outcomes_round_trip_and_are_the_contracts_names() {
+        for kind in JournalKind::ALL {
+            assert_eq!(JournalKind::parse(kind.as_str()), Some(kind));
+            let name = format!("STEP_KIND_{}", kind.as_str());
+            assert!(StepKind::from_str_name(&name).is_some(), "{name}");
+        }
+        for outcome in JournalOutcome::ALL {
+            assert_eq!(JournalOutcome::parse(outcome.as_str()), Some(outcome));
+            let name = format!("STEP_OUTCOME_{}", outcome.as_str());
+            assert!(StepOutcome::from_str_name(&name).is_some(), "{name}");
+        }
+        assert_eq!(JournalKind::parse("action"), None);
+        assert_eq!(JournalOutcome::parse(""), None);
+    }
+
+    #[test]
+    fn status_sets_are_written_as_sql_lists_from_the_status_type() {
+        assert_eq!(TERMINAL.to_string(), "('COMPLETED', 'FAILED', 'CANCELLED')");
+        assert_eq!(
+            SETTLED.to_string(),
+            "('COMPLETED', 'FAILED', 'CANCELLED', 'NEEDS_ATTENTION')"
+        );
+        assert_eq!(NEEDS_ATTENTION.to_string(), "('NEEDS_ATTENTION')");
+    }
 }

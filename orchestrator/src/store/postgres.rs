@@ -10,8 +10,8 @@ use sqlx::postgres::PgRow;
 use sqlx::types::Json;
 
 use super::{
-    Commit, Derived, JournalEntry, LeaseChange, ListFilter, NewSaga, NextAttempt, SagaBrief,
-    SagaRecord, SagaStore, Stats, brief, journal_entry, record,
+    Commit, Derived, JournalEntry, LeaseChange, ListFilter, NEEDS_ATTENTION, NewSaga, NextAttempt,
+    SETTLED, SagaBrief, SagaRecord, SagaStore, Stats, TERMINAL, brief, journal_entry, record,
 };
 use crate::error::Error;
 use crate::saga::Status;
@@ -26,18 +26,6 @@ const SAGA_COLUMNS: &str = "saga_id, idempotency_key, customer_id, items, state,
     extract(epoch FROM updated_at)::float8 AS updated_at,
     extract(epoch FROM progress_at)::float8 AS progress_at,
     extract(epoch FROM finished_at)::float8 AS finished_at";
-
-/// Statuses with no more work for the executor.
-const SETTLED: &str = "('COMPLETED', 'FAILED', 'CANCELLED', 'NEEDS_ATTENTION')";
-
-/// A statement built once from constants, kept for the life of the process:
-/// the hot path neither formats nor allocates its SQL again.
-macro_rules! sql {
-    ($($format:tt)*) => {{
-        static SQL: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
-        *SQL.get_or_init(|| format!($($format)*).leak())
-    }};
-}
 
 fn stopped(_: participants::batch::Stopped) -> Error {
     Error::Unavailable("the store's batch writer stopped".into())
@@ -72,9 +60,9 @@ impl JournalColumns {
         let columns = self;
         for e in entries {
             columns.step.push(e.step.clone());
-            columns.kind.push(e.kind.clone());
+            columns.kind.push(e.kind.as_str().to_owned());
             columns.attempt.push(e.attempt);
-            columns.outcome.push(e.outcome.clone());
+            columns.outcome.push(e.outcome.as_str().to_owned());
             columns.detail.push(e.detail.clone());
             columns.rpc.push(e.rpc.clone());
             columns.actor.push(e.actor.clone());
@@ -458,7 +446,7 @@ async fn update_sagas(pool: &PgPool, rows: &[CommitRow]) -> Result<Vec<Option<i6
                     WHEN s.status IS DISTINCT FROM c.status
                       OR s.current_step IS DISTINCT FROM c.current_step
                     THEN now() ELSE s.progress_at END,
-                finished_at = CASE WHEN c.status IN ('COMPLETED', 'FAILED', 'CANCELLED')
+                finished_at = CASE WHEN c.status IN {TERMINAL}
                     THEN coalesce(s.finished_at, now()) ELSE NULL END
             FROM c JOIN locked l ON l.saga_id = c.saga_id
             WHERE s.saga_id = c.saga_id AND s.version = c.expected_version
@@ -705,7 +693,7 @@ impl SagaStore for PgStore {
                AND ($2::text IS NULL OR customer_id = $2)
                AND ($3::jsonb IS NULL OR items @> $3)
                AND ($4::float8 IS NULL OR created_at < now() - make_interval(secs => $4))
-               AND ($5::float8 IS NULL OR status = 'NEEDS_ATTENTION'
+               AND ($5::float8 IS NULL OR status IN {NEEDS_ATTENTION}
                     OR (status NOT IN {SETTLED} AND progress_at < now() - make_interval(secs => $5)))
                AND ($6::text IS NULL OR saga_id < $6)
              ORDER BY saga_id DESC
@@ -728,13 +716,13 @@ impl SagaStore for PgStore {
             sqlx::query_as("SELECT status, count(*) FROM sagas GROUP BY status")
                 .fetch_all(&self.pool)
                 .await?;
-        let (oldest, started, finished): (Option<f64>, i64, i64) = sqlx::query_as(
+        let (oldest, started, finished): (Option<f64>, i64, i64) = sqlx::query_as(sql!(
             "SELECT
                  (SELECT extract(epoch FROM now() - min(created_at))::float8
-                    FROM sagas WHERE status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED')),
+                    FROM sagas WHERE status NOT IN {TERMINAL}),
                  (SELECT count(*) FROM sagas WHERE created_at > now() - interval '1 minute'),
-                 (SELECT count(*) FROM sagas WHERE finished_at > now() - interval '1 minute')",
-        )
+                 (SELECT count(*) FROM sagas WHERE finished_at > now() - interval '1 minute')"
+        ))
         .fetch_one(&self.pool)
         .await?;
         Ok(Stats::new(counts, oldest, started, finished))

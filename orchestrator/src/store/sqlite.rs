@@ -10,8 +10,8 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::types::Json;
 
 use super::{
-    Commit, Derived, JournalEntry, LeaseChange, ListFilter, NewSaga, NextAttempt, SagaBrief,
-    SagaRecord, SagaStore, Stats, brief, journal_entry, record,
+    Commit, Derived, JournalEntry, LeaseChange, ListFilter, NEEDS_ATTENTION, NewSaga, NextAttempt,
+    SETTLED, SagaBrief, SagaRecord, SagaStore, Stats, TERMINAL, brief, journal_entry, record,
 };
 use crate::error::Error;
 use crate::executor::now_epoch;
@@ -21,8 +21,6 @@ static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlit
 
 const SAGA_COLUMNS: &str = "saga_id, idempotency_key, customer_id, items, state, status, version,
     next_attempt_at, lease_owner, lease_expires_at, created_at, updated_at, progress_at, finished_at";
-
-const SETTLED: &str = "('COMPLETED', 'FAILED', 'CANCELLED', 'NEEDS_ATTENTION')";
 
 /// Saga persistence on SQLite.
 #[derive(Debug, Clone)]
@@ -55,9 +53,9 @@ async fn insert_journal(
         )
         .bind(saga_id)
         .bind(&e.step)
-        .bind(&e.kind)
+        .bind(e.kind.as_str())
         .bind(e.attempt)
-        .bind(&e.outcome)
+        .bind(e.outcome.as_str())
         .bind(&e.detail)
         .bind(&e.rpc)
         .bind(&e.actor)
@@ -139,7 +137,7 @@ impl SagaStore for SqliteStore {
             LeaseChange::Release { owner } => ("release", Some(owner), None),
         };
         let mut tx = self.pool.begin().await?;
-        let version: Option<i64> = sqlx::query_scalar(
+        let version: Option<i64> = sqlx::query_scalar(sql!(
             "UPDATE sagas SET
                  state = ?3, status = ?4,
                  -- Never a version issued before (see SagaRecord::version).
@@ -156,11 +154,11 @@ impl SagaStore for SqliteStore {
                                     THEN ?16 ELSE progress_at END,
                  updated_at = ?16,
                  wake_requested_at = CASE WHEN ?17 THEN ?16 END,
-                 finished_at = CASE WHEN ?4 IN ('COMPLETED', 'FAILED', 'CANCELLED')
+                 finished_at = CASE WHEN ?4 IN {TERMINAL}
                                     THEN coalesce(finished_at, ?16) ELSE NULL END
              WHERE saga_id = ?1 AND version = ?2 AND (?14 IS NULL OR lease_owner = ?14)
-             RETURNING version",
-        )
+             RETURNING version"
+        ))
         .bind(commit.saga_id)
         .bind(commit.expected_version)
         .bind(Json(state))
@@ -313,7 +311,7 @@ impl SagaStore for SqliteStore {
                AND (?3 IS NULL OR EXISTS (SELECT 1 FROM json_each(sagas.items)
                                          WHERE json_extract(value, '$.product_id') = ?3))
                AND (?4 IS NULL OR created_at < ?8 - ?4)
-               AND (?5 IS NULL OR status = 'NEEDS_ATTENTION'
+               AND (?5 IS NULL OR status IN {NEEDS_ATTENTION}
                     OR (status NOT IN {SETTLED} AND progress_at < ?8 - ?5))
                AND (?6 IS NULL OR saga_id < ?6)
              ORDER BY saga_id DESC
@@ -338,13 +336,13 @@ impl SagaStore for SqliteStore {
             sqlx::query_as("SELECT status, count(*) FROM sagas GROUP BY status")
                 .fetch_all(&self.pool)
                 .await?;
-        let (oldest, started, finished): (Option<f64>, i64, i64) = sqlx::query_as(
+        let (oldest, started, finished): (Option<f64>, i64, i64) = sqlx::query_as(sql!(
             "SELECT
                  (SELECT ?1 - min(created_at) FROM sagas
-                    WHERE status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED')),
+                    WHERE status NOT IN {TERMINAL}),
                  (SELECT count(*) FROM sagas WHERE created_at > ?1 - 60),
-                 (SELECT count(*) FROM sagas WHERE finished_at > ?1 - 60)",
-        )
+                 (SELECT count(*) FROM sagas WHERE finished_at > ?1 - 60)"
+        ))
         .bind(now)
         .fetch_one(&self.pool)
         .await?;
