@@ -167,6 +167,73 @@ impl Derived {
     }
 }
 
+/// A transition as every backend writes it, planned once: a [`Commit`]
+/// with its derived columns, owned (it waits in a batch queue). The modes
+/// are the statements' protocol: `next_mode` is `keep`, `clear` or `in`
+/// (`next_secs` from now), `lease_mode` is `keep`, `extend` (by `ttl`
+/// seconds, checked against `owner`) or `release` (checked against
+/// `owner`). Delays are relative: each backend adds its own clock.
+#[derive(Debug)]
+pub(crate) struct CommitPlan {
+    pub(crate) saga_id: String,
+    pub(crate) expected_version: i64,
+    pub(crate) state: String,
+    pub(crate) status: &'static str,
+    pub(crate) total_amount_cents: i64,
+    pub(crate) failure_reason: Option<String>,
+    pub(crate) last_error: Option<String>,
+    pub(crate) current_step: Option<&'static str>,
+    pub(crate) attempts: i32,
+    pub(crate) cancel_requested: bool,
+    pub(crate) next_mode: &'static str,
+    pub(crate) next_secs: f64,
+    pub(crate) lease_mode: &'static str,
+    pub(crate) owner: Option<String>,
+    pub(crate) ttl: f64,
+    pub(crate) journal: Vec<JournalEntry>,
+    pub(crate) durable: bool,
+    pub(crate) wake: bool,
+}
+
+impl CommitPlan {
+    /// The plan of `commit`.
+    pub(crate) fn of(commit: &Commit<'_>) -> Result<Self, Error> {
+        let state = commit.state;
+        let derived = Derived::of(state, commit.definition);
+        let (next_mode, next_secs) = match commit.next_attempt {
+            NextAttempt::Keep => ("keep", 0.0),
+            NextAttempt::Clear => ("clear", 0.0),
+            NextAttempt::In(delay) => ("in", delay.as_secs_f64()),
+        };
+        let (lease_mode, owner, ttl) = match commit.lease {
+            LeaseChange::Keep => ("keep", None, 0.0),
+            LeaseChange::Extend { owner, ttl } => ("extend", Some(owner), ttl.as_secs_f64()),
+            LeaseChange::Release { owner } => ("release", Some(owner), 0.0),
+        };
+        Ok(Self {
+            saga_id: commit.saga_id.to_owned(),
+            expected_version: commit.expected_version,
+            state: serde_json::to_string(state)
+                .map_err(|e| Error::Corrupt(format!("cannot encode the saga state: {e}")))?,
+            status: derived.status.as_str(),
+            total_amount_cents: derived.total_amount_cents,
+            failure_reason: state.failure_reason.clone(),
+            last_error: state.last_error.clone(),
+            current_step: derived.current_step,
+            attempts: derived.attempts,
+            cancel_requested: derived.cancel_requested,
+            next_mode,
+            next_secs,
+            lease_mode,
+            owner: owner.map(str::to_owned),
+            ttl,
+            journal: commit.journal.to_vec(),
+            durable: commit.durable,
+            wake: commit.wake,
+        })
+    }
+}
+
 /// Reads a saga row (the same column names in every backend).
 pub(crate) fn record<'r, R>(row: &'r R) -> Result<SagaRecord, Error>
 where

@@ -10,8 +10,8 @@ use sqlx::postgres::PgRow;
 use sqlx::types::Json;
 
 use super::{
-    Commit, Derived, JournalEntry, LeaseChange, ListFilter, NEEDS_ATTENTION, NewSaga, NextAttempt,
-    SETTLED, SagaBrief, SagaRecord, SagaStore, Stats, TERMINAL, brief, journal_entry, record,
+    Commit, CommitPlan, JournalEntry, ListFilter, NEEDS_ATTENTION, NewSaga, SETTLED, SagaBrief,
+    SagaRecord, SagaStore, Stats, TERMINAL, brief, journal_entry, record,
 };
 use crate::error::Error;
 use crate::saga::Status;
@@ -128,8 +128,8 @@ pub const WRITER_CONNECTIONS: u32 = 3 * WRITERS as u32;
 pub struct PgStore {
     pool: PgPool,
     creates: Batcher<CreateRow, Result<(SagaRecord, bool), Error>>,
-    durable_commits: Batcher<CommitRow, Result<Option<i64>, Error>>,
-    async_commits: Batcher<CommitRow, Result<Option<i64>, Error>>,
+    durable_commits: Batcher<CommitPlan, Result<Option<i64>, Error>>,
+    async_commits: Batcher<CommitPlan, Result<Option<i64>, Error>>,
 }
 
 impl PgStore {
@@ -313,73 +313,11 @@ async fn find_by_key(
     .transpose()
 }
 
-/// A transition waiting in the batch queue: a [`Commit`] with its derived
-/// columns, owned.
-#[derive(Debug)]
-struct CommitRow {
-    saga_id: String,
-    expected_version: i64,
-    state: String,
-    status: &'static str,
-    total_amount_cents: i64,
-    failure_reason: Option<String>,
-    last_error: Option<String>,
-    current_step: Option<&'static str>,
-    attempts: i32,
-    cancel_requested: bool,
-    next_mode: &'static str,
-    next_secs: f64,
-    lease_mode: &'static str,
-    owner: Option<String>,
-    ttl: f64,
-    journal: Vec<JournalEntry>,
-    durable: bool,
-    wake: bool,
-}
-
-impl CommitRow {
-    fn of(commit: &Commit<'_>) -> Result<Self, Error> {
-        let state = commit.state;
-        let derived = Derived::of(state, commit.definition);
-        let (next_mode, next_secs) = match commit.next_attempt {
-            NextAttempt::Keep => ("keep", 0.0),
-            NextAttempt::Clear => ("clear", 0.0),
-            NextAttempt::In(delay) => ("in", delay.as_secs_f64()),
-        };
-        let (lease_mode, owner, ttl) = match commit.lease {
-            LeaseChange::Keep => ("keep", None, 0.0),
-            LeaseChange::Extend { owner, ttl } => ("extend", Some(owner), ttl.as_secs_f64()),
-            LeaseChange::Release { owner } => ("release", Some(owner), 0.0),
-        };
-        Ok(Self {
-            saga_id: commit.saga_id.to_owned(),
-            expected_version: commit.expected_version,
-            state: serde_json::to_string(state)
-                .map_err(|e| Error::Corrupt(format!("cannot encode the saga state: {e}")))?,
-            status: derived.status.as_str(),
-            total_amount_cents: derived.total_amount_cents,
-            failure_reason: state.failure_reason.clone(),
-            last_error: state.last_error.clone(),
-            current_step: derived.current_step,
-            attempts: derived.attempts,
-            cancel_requested: derived.cancel_requested,
-            next_mode,
-            next_secs,
-            lease_mode,
-            owner: owner.map(str::to_owned),
-            ttl,
-            journal: commit.journal.to_vec(),
-            durable: commit.durable,
-            wake: commit.wake,
-        })
-    }
-}
-
 /// Writes a batch of transitions in one statement. Each saga row is updated
 /// only if its version (and lease) still match; its journal rows only if it
 /// was. The batch is flushed to disk before it returns unless every write
 /// in it may be lost (see [`Commit::durable`]).
-async fn commit_batch(pool: &PgPool, rows: Vec<CommitRow>) -> Vec<Result<Option<i64>, Error>> {
+async fn commit_batch(pool: &PgPool, rows: Vec<CommitPlan>) -> Vec<Result<Option<i64>, Error>> {
     match update_sagas(pool, &rows).await {
         Ok(versions) => versions.into_iter().map(Ok).collect(),
         Err(error) if rows.len() > 1 && database_away(&error).is_some() => {
@@ -398,7 +336,7 @@ async fn commit_batch(pool: &PgPool, rows: Vec<CommitRow>) -> Vec<Result<Option<
     }
 }
 
-async fn update_sagas(pool: &PgPool, rows: &[CommitRow]) -> Result<Vec<Option<i64>>, Error> {
+async fn update_sagas(pool: &PgPool, rows: &[CommitPlan]) -> Result<Vec<Option<i64>>, Error> {
     let mut journal = JournalColumns::default();
     let mut journal_of = Vec::new();
     for (n, row) in rows.iter().enumerate() {
@@ -472,7 +410,7 @@ async fn update_sagas(pool: &PgPool, rows: &[CommitRow]) -> Result<Vec<Option<i6
         )
         SELECT u.n, u.version FROM updated u, flush"
     );
-    let column = |f: fn(&CommitRow) -> &str| rows.iter().map(f).collect::<Vec<_>>();
+    let column = |f: fn(&CommitPlan) -> &str| rows.iter().map(f).collect::<Vec<_>>();
     let query = sqlx::query_as::<_, (i64, i64)>(sql)
         .bind(column(|r| &r.saga_id))
         .bind(rows.iter().map(|r| r.expected_version).collect::<Vec<_>>())
@@ -547,7 +485,7 @@ impl SagaStore for PgStore {
     }
 
     async fn commit(&self, commit: Commit<'_>) -> Result<Option<i64>, Error> {
-        let row = CommitRow::of(&commit)?;
+        let row = CommitPlan::of(&commit)?;
         let queue = if row.durable {
             &self.durable_commits
         } else {

@@ -10,8 +10,8 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::types::Json;
 
 use super::{
-    Commit, Derived, JournalEntry, LeaseChange, ListFilter, NEEDS_ATTENTION, NewSaga, NextAttempt,
-    SETTLED, SagaBrief, SagaRecord, SagaStore, Stats, TERMINAL, brief, journal_entry, record,
+    Commit, CommitPlan, JournalEntry, ListFilter, NEEDS_ATTENTION, NewSaga, SETTLED, SagaBrief,
+    SagaRecord, SagaStore, Stats, TERMINAL, brief, journal_entry, record,
 };
 use crate::error::Error;
 use crate::executor::now_epoch;
@@ -122,20 +122,7 @@ impl SagaStore for SqliteStore {
 
     async fn commit(&self, commit: Commit<'_>) -> Result<Option<i64>, Error> {
         let now = now_epoch();
-        let state = commit.state;
-        let derived = Derived::of(state, commit.definition);
-        let (next_mode, next_at) = match commit.next_attempt {
-            NextAttempt::Keep => ("keep", None),
-            NextAttempt::Clear => ("clear", None),
-            NextAttempt::In(delay) => ("in", Some(now + delay.as_secs_f64())),
-        };
-        let (lease_mode, owner, expires) = match commit.lease {
-            LeaseChange::Keep => ("keep", None, None),
-            LeaseChange::Extend { owner, ttl } => {
-                ("extend", Some(owner), Some(now + ttl.as_secs_f64()))
-            }
-            LeaseChange::Release { owner } => ("release", Some(owner), None),
-        };
+        let plan = CommitPlan::of(&commit)?;
         let mut tx = self.pool.begin().await?;
         let version: Option<i64> = sqlx::query_scalar(sql!(
             "UPDATE sagas SET
@@ -159,27 +146,27 @@ impl SagaStore for SqliteStore {
              WHERE saga_id = ?1 AND version = ?2 AND (?14 IS NULL OR lease_owner = ?14)
              RETURNING version"
         ))
-        .bind(commit.saga_id)
-        .bind(commit.expected_version)
-        .bind(Json(state))
-        .bind(derived.status.as_str())
-        .bind(derived.total_amount_cents)
-        .bind(&state.failure_reason)
-        .bind(&state.last_error)
-        .bind(derived.current_step)
-        .bind(derived.attempts)
-        .bind(derived.cancel_requested)
-        .bind(next_mode)
-        .bind(next_at)
-        .bind(lease_mode)
-        .bind(owner)
-        .bind(expires)
+        .bind(&plan.saga_id)
+        .bind(plan.expected_version)
+        .bind(&plan.state)
+        .bind(plan.status)
+        .bind(plan.total_amount_cents)
+        .bind(&plan.failure_reason)
+        .bind(&plan.last_error)
+        .bind(plan.current_step)
+        .bind(plan.attempts)
+        .bind(plan.cancel_requested)
+        .bind(plan.next_mode)
+        .bind(now + plan.next_secs)
+        .bind(plan.lease_mode)
+        .bind(&plan.owner)
+        .bind(now + plan.ttl)
         .bind(now)
-        .bind(commit.wake)
+        .bind(plan.wake)
         .fetch_optional(&mut *tx)
         .await?;
         if version.is_some() {
-            insert_journal(&mut tx, commit.saga_id, commit.journal).await?;
+            insert_journal(&mut tx, &plan.saga_id, &plan.journal).await?;
             tx.commit().await?;
         }
         Ok(version)
