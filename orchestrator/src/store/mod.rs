@@ -138,6 +138,32 @@ impl std::fmt::Display for StatusSet {
     }
 }
 
+/// The claim rule, the one statement of it that both backends' claims use:
+/// a saga with work left whose lease is free or expired at `.0`, an SQL
+/// expression of the backend's clock (`now()`, or a bound parameter).
+pub(crate) struct Claimable(pub(crate) &'static str);
+
+impl std::fmt::Display for Claimable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let now = self.0;
+        write!(
+            f,
+            "status NOT IN {SETTLED} AND (lease_owner IS NULL OR lease_expires_at < {now})"
+        )
+    }
+}
+
+/// A saga whose next attempt is due at `.0` (as in [`Claimable`]): the
+/// sweeper claims only those.
+pub(crate) struct Due(pub(crate) &'static str);
+
+impl std::fmt::Display for Due {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let now = self.0;
+        write!(f, "(next_attempt_at IS NULL OR next_attempt_at <= {now})")
+    }
+}
+
 /// The columns stored beside the state for queries, derived from it.
 pub(crate) struct Derived {
     pub(crate) status: Status,

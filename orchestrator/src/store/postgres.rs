@@ -10,8 +10,8 @@ use sqlx::postgres::PgRow;
 use sqlx::types::Json;
 
 use super::{
-    Commit, CommitPlan, JournalEntry, ListFilter, NEEDS_ATTENTION, NewSaga, SETTLED, SagaBrief,
-    SagaRecord, SagaStore, Stats, TERMINAL, brief, journal_entry, record,
+    Claimable, Commit, CommitPlan, Due, JournalEntry, ListFilter, NEEDS_ATTENTION, NewSaga,
+    SETTLED, SagaBrief, SagaRecord, SagaStore, Stats, TERMINAL, brief, journal_entry, record,
 };
 use crate::error::Error;
 use crate::saga::Status;
@@ -504,13 +504,13 @@ impl SagaStore for PgStore {
             "UPDATE sagas SET lease_owner = $1, lease_expires_at = now() + make_interval(secs => $2)
              WHERE saga_id IN (
                  SELECT saga_id FROM sagas
-                 WHERE status NOT IN {SETTLED}
-                   AND (lease_owner IS NULL OR lease_expires_at < now())
-                   AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+                 WHERE {claimable} AND {due}
                  ORDER BY next_attempt_at NULLS FIRST
                  LIMIT $3
                  FOR UPDATE SKIP LOCKED)
-             RETURNING {SAGA_COLUMNS}"
+             RETURNING {SAGA_COLUMNS}",
+            claimable = Claimable("now()"),
+            due = Due("now()"),
         ))
         .bind(owner)
         .bind(lease_ttl.as_secs_f64())
@@ -528,9 +528,9 @@ impl SagaStore for PgStore {
     ) -> Result<Option<SagaRecord>, Error> {
         sqlx::query(sql!(
             "UPDATE sagas SET lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3)
-             WHERE saga_id = $1 AND status NOT IN {SETTLED}
-               AND (lease_owner IS NULL OR lease_expires_at < now())
-             RETURNING {SAGA_COLUMNS}"
+             WHERE saga_id = $1 AND {claimable}
+             RETURNING {SAGA_COLUMNS}",
+            claimable = Claimable("now()"),
         ))
         .bind(saga_id)
         .bind(owner)

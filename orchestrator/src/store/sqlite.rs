@@ -10,8 +10,8 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::types::Json;
 
 use super::{
-    Commit, CommitPlan, JournalEntry, ListFilter, NEEDS_ATTENTION, NewSaga, SETTLED, SagaBrief,
-    SagaRecord, SagaStore, Stats, TERMINAL, brief, journal_entry, record,
+    Claimable, Commit, CommitPlan, Due, JournalEntry, ListFilter, NEEDS_ATTENTION, NewSaga,
+    SETTLED, SagaBrief, SagaRecord, SagaStore, Stats, TERMINAL, brief, journal_entry, record,
 };
 use crate::error::Error;
 use crate::executor::now_epoch;
@@ -183,12 +183,12 @@ impl SagaStore for SqliteStore {
             "UPDATE sagas SET lease_owner = ?1, lease_expires_at = ?2
              WHERE saga_id IN (
                  SELECT saga_id FROM sagas
-                 WHERE status NOT IN {SETTLED}
-                   AND (lease_owner IS NULL OR lease_expires_at < ?3)
-                   AND (next_attempt_at IS NULL OR next_attempt_at <= ?3)
+                 WHERE {claimable} AND {due}
                  ORDER BY next_attempt_at
                  LIMIT ?4)
-             RETURNING {SAGA_COLUMNS}"
+             RETURNING {SAGA_COLUMNS}",
+            claimable = Claimable("?3"),
+            due = Due("?3"),
         )))
         .bind(owner)
         .bind(now + lease_ttl.as_secs_f64())
@@ -208,9 +208,9 @@ impl SagaStore for SqliteStore {
         let now = now_epoch();
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE sagas SET lease_owner = ?2, lease_expires_at = ?3
-             WHERE saga_id = ?1 AND status NOT IN {SETTLED}
-               AND (lease_owner IS NULL OR lease_expires_at < ?4)
-             RETURNING {SAGA_COLUMNS}"
+             WHERE saga_id = ?1 AND {claimable}
+             RETURNING {SAGA_COLUMNS}",
+            claimable = Claimable("?4"),
         )))
         .bind(saga_id)
         .bind(owner)
