@@ -10,6 +10,7 @@ pub mod admin;
 pub mod api;
 pub mod clients;
 pub mod config;
+#[cfg(feature = "dev")]
 pub mod dev;
 pub mod error;
 pub mod executor;

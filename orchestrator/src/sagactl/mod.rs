@@ -14,7 +14,7 @@ pub mod render;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use participants::cli::parse_duration;
+use common::cli::parse_duration;
 use proto::saga::v1 as pb;
 use proto::saga::v1::admin_service_client::AdminServiceClient;
 use serde_json::{Value, json};
