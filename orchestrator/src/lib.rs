@@ -16,7 +16,6 @@ pub mod error;
 pub mod executor;
 pub mod reconcile;
 pub mod saga;
-pub mod sagactl;
 pub mod server;
 pub mod store;
 pub mod telemetry;

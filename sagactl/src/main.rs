@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use orchestrator::sagactl::{Cli, run};
+use sagactl::{Cli, run};
 
 fn main() -> ExitCode {
     let cli: Cli = match common::cli::parse_args("sagactl") {
