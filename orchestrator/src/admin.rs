@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use participants::domain::{Id, bounded_text};
+use common::domain::{Id, bounded_text};
 use proto::saga::v1 as pb;
 use tonic::service::Interceptor;
 use tonic::{Request, Response, Status};

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use participants::domain::{Id, Items, MAX_ID_BYTES, bounded_text, new_id};
+use common::domain::{Id, Items, MAX_ID_BYTES, bounded_text, new_id};
 use proto::saga::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;

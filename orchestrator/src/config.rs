@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use participants::cli::parse_duration;
+use common::cli::parse_duration;
 
 use crate::clients::ParticipantUrls;
 use crate::error::Error;
@@ -27,7 +27,7 @@ pub const RIDE_OUT: Duration = Duration::from_secs(30);
 /// Default `--max-connections`: two replicas at 24 + 3 writer connections
 /// each, and three participants at 10 + 1, fit a default PostgreSQL server
 /// with room for an operator (the table is at
-/// `participants::server::DEFAULT_MAX_CONNECTIONS`, the sum in a test
+/// `common::db::PARTICIPANT_MAX_CONNECTIONS`, the sum in a test
 /// below).
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 24;
 
@@ -322,8 +322,8 @@ mod tests {
         let superuser_reserved = 3;
         let operator_room = 10;
         let replica = DEFAULT_MAX_CONNECTIONS + crate::store::WRITER_CONNECTIONS;
-        let participant = participants::server::DEFAULT_MAX_CONNECTIONS
-            + participants::server::WRITER_CONNECTIONS;
+        let participant =
+            common::db::PARTICIPANT_MAX_CONNECTIONS + common::db::PARTICIPANT_WRITER_CONNECTIONS;
         let used = 2 * replica + 3 * participant + operator_room;
         assert!(
             used <= server_max - superuser_reserved,

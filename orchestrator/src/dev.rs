@@ -44,7 +44,7 @@ pub struct DevArgs {
     pub fault_injection: bool,
 
     /// Deadline of one participant call.
-    #[arg(long, default_value = "5s", value_parser = participants::cli::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = common::cli::parse_duration)]
     pub step_timeout: Duration,
 }
 
@@ -171,7 +171,7 @@ pub async fn run(
         admin_token: None,
         stuck_after: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(10),
-        connection_idle_timeout: participants::listen::DEFAULT_IDLE_TIMEOUT,
+        connection_idle_timeout: common::listen::DEFAULT_IDLE_TIMEOUT,
     };
     let served = crate::server::serve(
         store,

@@ -49,15 +49,15 @@ impl Error {
     }
 }
 
-impl From<participants::Error> for Error {
-    fn from(error: participants::Error) -> Self {
+impl From<common::Error> for Error {
+    fn from(error: common::Error) -> Self {
         match error {
-            participants::Error::InvalidArgument(message) => Self::InvalidArgument(message),
-            participants::Error::NotFound(message) => Self::NotFound(message),
-            participants::Error::FailedPrecondition(message) => Self::FailedPrecondition(message),
-            participants::Error::Database(e) => Self::Database(e),
-            participants::Error::Migrate(e) => Self::Migrate(e),
-            participants::Error::Transport(e) => Self::Transport(e),
+            common::Error::InvalidArgument(message) => Self::InvalidArgument(message),
+            common::Error::NotFound(message) => Self::NotFound(message),
+            common::Error::FailedPrecondition(message) => Self::FailedPrecondition(message),
+            common::Error::Database(e) => Self::Database(e),
+            common::Error::Migrate(e) => Self::Migrate(e),
+            common::Error::Transport(e) => Self::Transport(e),
         }
     }
 }
@@ -74,8 +74,8 @@ impl From<Error> for Status {
             Error::Saga(e) => Status::failed_precondition(e.to_string()),
             // Unreachable, restarting or in crash recovery: the client may
             // retry (PlaceOrder with its idempotency key) once it is back.
-            Error::Database(ref e) if participants::error::is_transient(e) => {
-                let message = participants::error::transient(e)
+            Error::Database(ref e) if common::error::is_transient(e) => {
+                let message = common::error::transient(e)
                     .map_or("database unavailable, try again", |kind| kind.message());
                 tracing::warn!(%error, "database unavailable");
                 Status::unavailable(message)

@@ -626,7 +626,7 @@ impl Executor {
     }
 
     fn retry_delay(&self, state: &SagaState) -> Duration {
-        let fraction = (participants::domain::random_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let fraction = (common::domain::random_u64() >> 11) as f64 / (1u64 << 53) as f64;
         retry_backoff(
             self.config.backoff_base,
             self.config.backoff_cap,

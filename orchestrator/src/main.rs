@@ -7,6 +7,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use orchestrator::clients::GrpcParticipants;
 use orchestrator::config::ServeArgs;
+#[cfg(feature = "dev")]
 use orchestrator::dev::DevArgs;
 use tokio::net::TcpListener;
 
@@ -34,15 +35,23 @@ enum Command {
     /// The embedded mode: the orchestrator and the three participants in
     /// this process, each on its own port, on SQLite, with demo data. No
     /// database server needed.
+    #[cfg(feature = "dev")]
     Dev(DevArgs),
+    /// Not in this build (built without the `dev` feature): says so.
+    #[cfg(not(feature = "dev"))]
+    #[command(hide = true, disable_help_flag = true)]
+    Dev {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
-    let cli: Cli = match participants::cli::parse_args("orchestrator") {
+    let cli: Cli = match common::cli::parse_args("orchestrator") {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    participants::cli::init_logging();
+    common::cli::init_logging();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -52,11 +61,16 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(*args)),
+        #[cfg(feature = "dev")]
         Command::Dev(args) => runtime.block_on(async {
-            orchestrator::dev::run(args, participants::cli::shutdown_signal())
+            orchestrator::dev::run(args, common::cli::shutdown_signal())
                 .await
                 .map_err(|e| e.to_string())
         }),
+        #[cfg(not(feature = "dev"))]
+        Command::Dev { .. } => Err("this build has no embedded mode (`orchestrator dev` needs \
+             the `dev` feature, on by default); use `orchestrator serve`"
+            .to_owned()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -104,7 +118,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         settings,
         listener,
         http,
-        participants::cli::shutdown_signal(),
+        common::cli::shutdown_signal(),
     )
     .await
     .map_err(|e| e.to_string())?;

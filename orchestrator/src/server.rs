@@ -35,10 +35,10 @@ pub async fn connect(
     connect_timeout: Duration,
 ) -> Result<Arc<dyn SagaStore>, Error> {
     if database_url.starts_with("sqlite:") {
-        let pool = participants::server::connect_sqlite(database_url).await?;
+        let pool = common::db::connect_sqlite(database_url).await?;
         return Ok(Arc::new(SqliteStore::migrate(pool).await?));
     }
-    let pool = participants::connect_pool(database_url, max_connections, connect_timeout).await?;
+    let pool = common::db::connect_pool(database_url, max_connections, connect_timeout).await?;
     Ok(Arc::new(PgStore::migrate(pool).await?))
 }
 
@@ -65,28 +65,9 @@ pub async fn serve(
         ));
     }
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    for service in SERVICES {
-        health
-            .set_service_status(*service, ServingStatus::Serving)
-            .await;
-    }
-    let reflection = || {
-        SERVICES.iter().fold(
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
-            |builder, name| builder.with_service_name(*name),
-        )
-    };
-    let reflection_v1 = reflection()
-        .with_service_name("grpc.reflection.v1.ServerReflection")
-        .build_v1()
-        .map_err(|e| Error::invalid(format!("reflection: {e}")))?;
-    let reflection_v1alpha = reflection()
-        .with_service_name("grpc.reflection.v1alpha.ServerReflection")
-        .build_v1alpha()
-        .map_err(|e| Error::invalid(format!("reflection: {e}")))?;
+    let (health, health_service) = common::grpc::health(SERVICES).await;
+    let reflection_v1 = common::grpc::reflection_v1(SERVICES)?;
+    let reflection_v1alpha = common::grpc::reflection_v1alpha(SERVICES)?;
 
     let stopping = executor.clone();
     let signalled = Arc::new(tokio::sync::Notify::new());
@@ -94,18 +75,13 @@ pub async fn serve(
         let signalled = signalled.clone();
         async move {
             shutdown.await;
-            for service in SERVICES {
-                health
-                    .set_service_status(*service, ServingStatus::NotServing)
-                    .await;
-            }
+            common::grpc::set_health(&health, SERVICES, ServingStatus::NotServing).await;
             // Ends watch streams and refuses new orders, so the server can drain.
             stopping.begin_stop();
             signalled.notify_one();
         }
     };
-    let (ping_every, ping_timeout) =
-        participants::listen::keepalive(settings.connection_idle_timeout);
+    let (ping_every, ping_timeout) = common::listen::keepalive(settings.connection_idle_timeout);
     let server = Server::builder()
         .http2_keepalive_interval(Some(ping_every))
         .http2_keepalive_timeout(Some(ping_timeout))
@@ -118,7 +94,7 @@ pub async fn serve(
             AdminAuth::new(settings.admin_token.clone()),
         ))
         .serve_with_incoming_shutdown(
-            participants::listen::incoming(listener, settings.connection_idle_timeout),
+            common::listen::incoming(listener, settings.connection_idle_timeout),
             signal,
         );
     // Draining is bounded: clients that keep connections busy past the

@@ -2,7 +2,7 @@
 //! answers 200 while serving and 503 while stopping; `GET /metrics` answers
 //! Prometheus text. HTTP/1.0-style, one request per connection: a few lines
 //! instead of an HTTP framework. Accept errors are backed off and logged at
-//! most once a second (`participants::listen`), and a connection whose
+//! most once a second (`common::listen`), and a connection whose
 //! request has not arrived within the idle timeout is closed.
 
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use crate::executor::Executor;
 /// request has not arrived within `idle` is closed unanswered.
 pub async fn serve_http(listener: TcpListener, executor: Arc<Executor>, idle: Duration) {
     let mut stopping = executor.stopping();
-    let mut acceptor = participants::listen::Acceptor::new(listener, "http");
+    let mut acceptor = common::listen::Acceptor::new(listener, "http");
     loop {
         let stream = tokio::select! {
             stream = acceptor.accept() => stream,

@@ -39,7 +39,7 @@ impl SqliteFile {
         Self(std::env::temp_dir().join(format!(
             "saga-store-{}-{}.db",
             std::process::id(),
-            participants::domain::new_id("t")
+            common::domain::new_id("t")
         )))
     }
 

@@ -7,8 +7,8 @@ use std::collections::{HashMap, HashSet};
 
 use tokio::task::JoinHandle;
 
-use crate::domain::new_id;
-use crate::error::Error;
+use common::domain::new_id;
+use common::error::Error;
 
 /// A request's answer: from the batch, or from its single-path task. The
 /// caller awaits the task, so the batch writer is free for the next batch

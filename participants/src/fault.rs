@@ -115,7 +115,7 @@ impl FaultRegistry {
         let mut armed = self.armed();
         let method = *armed.keys().find(|m| **m == method)?;
         let fault = armed.get_mut(method)?;
-        if fault.percent < 100 && crate::domain::random_u64() % 100 >= u64::from(fault.percent) {
+        if fault.percent < 100 && common::domain::random_u64() % 100 >= u64::from(fault.percent) {
             return None;
         }
         let hit = fault.clone();

@@ -57,7 +57,7 @@ struct Args {
     /// replicas, all three participants and an operator; connections idle
     /// for 30 s are closed.
     #[arg(long, env = "PARTICIPANT_MAX_CONNECTIONS",
-          default_value_t = participants::server::DEFAULT_MAX_CONNECTIONS,
+          default_value_t = common::db::PARTICIPANT_MAX_CONNECTIONS,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
 
@@ -65,16 +65,16 @@ struct Args {
     /// starting up or too many clients are tried again). At run time a
     /// statement waits at most 2 s for a connection, then answers
     /// UNAVAILABLE.
-    #[arg(long, env = "PARTICIPANT_CONNECT_TIMEOUT", default_value = "10s", value_parser = participants::cli::parse_duration)]
+    #[arg(long, env = "PARTICIPANT_CONNECT_TIMEOUT", default_value = "10s", value_parser = common::cli::parse_duration)]
     connect_timeout: Duration,
 }
 
 fn main() -> ExitCode {
-    let cli: Cli = match participants::cli::parse_args("participant") {
+    let cli: Cli = match common::cli::parse_args("participant") {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    participants::cli::init_logging();
+    common::cli::init_logging();
     let (participant, args) = match cli.participant {
         Kind::Inventory(args) => (Participant::Inventory, args),
         Kind::Payment(args) => (Participant::Payment, args),
@@ -131,7 +131,7 @@ async fn run(participant: Participant, args: Args) -> Result<(), String> {
         backend.clone(),
         listener,
         options,
-        participants::cli::shutdown_signal(),
+        common::cli::shutdown_signal(),
     )
     .await
     .map_err(|e| e.to_string())?;

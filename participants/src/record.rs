@@ -8,8 +8,8 @@ use std::collections::HashMap;
 
 use sqlx::{AssertSqlSafe, PgConnection, SqliteConnection};
 
-use crate::domain::Id;
-use crate::error::Error;
+use common::domain::Id;
+use common::error::Error;
 
 /// A table holding one idempotency record per saga.
 #[derive(Debug, Clone, Copy)]

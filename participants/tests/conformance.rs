@@ -13,12 +13,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use common::Error;
+use common::domain::{Cents, Id, Items, MAX_MONEY_CENTS, MAX_PRICE_OR_STOCK};
 use harness::TestDb;
-use participants::domain::{Cents, Id, Items, MAX_MONEY_CENTS, MAX_PRICE_OR_STOCK};
 use participants::fulfillment::CancelOutcome;
 use participants::inventory::{InventoryStore, ReleaseOutcome};
 use participants::payment::RefundOutcome;
-use participants::{Backend, Error, Participant};
+use participants::{Backend, Participant};
 
 /// Which backend a test runs on.
 #[derive(Debug, Clone, Copy)]

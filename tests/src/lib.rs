@@ -215,7 +215,7 @@ pub struct SpawnedParticipant {
     endpoint: String,
     channel: Channel,
     shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), participants::Error>>>,
+    task: Option<JoinHandle<Result<(), common::Error>>>,
     pool: sqlx::PgPool,
     // Declared last: dropped after the server is stopped.
     db: TestDb,

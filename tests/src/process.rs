@@ -139,9 +139,23 @@ pub fn free_port() -> u16 {
 /// Polls the health service until `service` is SERVING; fails if the process
 /// exits first or `DEADLINE` passes.
 pub async fn wait_until_serving(process: &mut Running, endpoint: &str, service: &str) -> Channel {
+    serving(endpoint, service, || process.exited()).await
+}
+
+/// Polls the health service of a server in this process until `service`
+/// is SERVING; fails if `DEADLINE` passes.
+pub async fn wait_serving(endpoint: &str, service: &str) -> Channel {
+    serving(endpoint, service, || None).await
+}
+
+async fn serving(
+    endpoint: &str,
+    service: &str,
+    mut exited: impl FnMut() -> Option<ExitStatus>,
+) -> Channel {
     let started = Instant::now();
     loop {
-        if let Some(status) = process.exited() {
+        if let Some(status) = exited() {
             panic!("the process exited before serving: {status:?}");
         }
         let connected = Endpoint::from_shared(endpoint.to_owned())

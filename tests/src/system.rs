@@ -59,7 +59,7 @@ pub fn test_settings(participants: &Participants) -> Settings {
         admin_token: None,
         stuck_after: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(5),
-        connection_idle_timeout: participants::listen::DEFAULT_IDLE_TIMEOUT,
+        connection_idle_timeout: common::listen::DEFAULT_IDLE_TIMEOUT,
     }
 }
 

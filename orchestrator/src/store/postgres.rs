@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use participants::batch::Batcher;
+use common::batch::Batcher;
 use sqlx::PgPool;
 use sqlx::postgres::PgRow;
 use sqlx::types::Json;
@@ -27,7 +27,7 @@ const SAGA_COLUMNS: &str = "saga_id, idempotency_key, customer_id, items, state,
     extract(epoch FROM progress_at)::float8 AS progress_at,
     extract(epoch FROM finished_at)::float8 AS finished_at";
 
-fn stopped(_: participants::batch::Stopped) -> Error {
+fn stopped(_: common::batch::Stopped) -> Error {
     Error::Unavailable("the store's batch writer stopped".into())
 }
 
@@ -139,7 +139,7 @@ impl PgStore {
         MIGRATIONS.run(&pool).await?;
         // The batch statements run on connections of their own that plan
         // them once: planning a batch statement costs more than running it.
-        let writers = participants::server::generic_plan_pool(&pool, WRITER_CONNECTIONS);
+        let writers = common::db::generic_plan_pool(&pool, WRITER_CONNECTIONS);
         let creates = {
             let pool = writers.clone();
             Batcher::new(MAX_BATCH, WRITERS, move |rows| {
@@ -195,9 +195,9 @@ struct CreateRow {
 /// one would wait out the pool's acquire timeout once per row, and the
 /// callers queued behind them longer still.
 fn database_away(error: &Error) -> Option<&'static str> {
-    use participants::error::Transient;
+    use common::error::Transient;
     match error {
-        Error::Database(e) => match participants::error::transient(e) {
+        Error::Database(e) => match common::error::transient(e) {
             None | Some(Transient::Conflict) => None,
             Some(kind) => Some(kind.message()),
         },

@@ -11,11 +11,11 @@ mod sqlite;
 
 use std::sync::Arc;
 
+use common::domain::{Id, Items, Page};
+use common::error::Error;
 use proto::fulfillment::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use crate::domain::{Id, Items, Page};
-use crate::error::Error;
 use crate::record::timestamp;
 
 pub use postgres::PgFulfillment;

@@ -13,15 +13,15 @@
 
 use std::collections::HashMap;
 
+use common::batch::Batcher;
+use common::db::generic_plan_pool;
+use common::domain::{Id, Items, new_id};
+use common::error::Error;
 use sqlx::{PgPool, Row};
 
 use super::{CancelOutcome, FulfillmentStore, ListedShipment, ShipmentRecord, listed_shipments};
-use crate::batch::Batcher;
-use crate::domain::{Id, Items, new_id};
-use crate::error::Error;
 use crate::fast_path::{Answer, answers, claimed_ids, distinct};
 use crate::record::{Locked, RecordTable, items_by_saga, lock_or_tombstone};
-use crate::server::generic_plan_pool;
 
 /// Most shipments written by one batch.
 const MAX_BATCH: usize = 128;

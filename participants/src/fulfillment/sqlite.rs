@@ -2,11 +2,11 @@
 //! and a Ship is one `BEGIN IMMEDIATE` transaction that reads the saga's
 //! record and writes the shipment and its items.
 
+use common::domain::{Id, Items, new_id};
+use common::error::Error;
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use super::{CancelOutcome, FulfillmentStore, ListedShipment, ShipmentRecord, listed_shipments};
-use crate::domain::{Id, Items, new_id};
-use crate::error::Error;
 use crate::record::{Locked, RecordTable, items_by_saga, sqlite_take_or_tombstone};
 
 /// Fulfillment persistence on SQLite.

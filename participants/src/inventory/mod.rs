@@ -10,11 +10,11 @@ mod sqlite;
 
 use std::sync::Arc;
 
+use common::domain::{Cents, Id, Items, MAX_NAME_BYTES, MAX_PRICE_OR_STOCK, Page, bounded_text};
+use common::error::Error;
 use proto::inventory::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use crate::domain::{Cents, Id, Items, MAX_NAME_BYTES, MAX_PRICE_OR_STOCK, Page, bounded_text};
-use crate::error::Error;
 use crate::record::timestamp;
 
 pub use postgres::PgInventory;

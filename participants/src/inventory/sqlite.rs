@@ -6,13 +6,13 @@
 //! simply finds the first call's record, and stock is checked and taken with
 //! nothing in between. Rows are bound one by one (SQLite has no arrays).
 
+use common::domain::{Cents, Id, Items, new_id};
+use common::error::Error;
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use super::{
     InventoryStore, ListedReservation, Product, ReleaseOutcome, ReservationRecord, Reserved, price,
 };
-use crate::domain::{Cents, Id, Items, new_id};
-use crate::error::Error;
 use crate::record::{Locked, RecordTable, items_by_saga, sqlite_take_or_tombstone};
 
 /// Inventory persistence on SQLite.

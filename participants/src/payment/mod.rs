@@ -9,11 +9,11 @@ mod sqlite;
 
 use std::sync::Arc;
 
+use common::domain::{Cents, Id, MAX_MONEY_CENTS, Page};
+use common::error::Error;
 use proto::payment::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use crate::domain::{Cents, Id, MAX_MONEY_CENTS, Page};
-use crate::error::Error;
 use crate::record::timestamp;
 
 pub use postgres::PgPayment;

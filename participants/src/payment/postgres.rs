@@ -19,15 +19,15 @@
 
 use std::collections::HashMap;
 
+use common::batch::Batcher;
+use common::db::generic_plan_pool;
+use common::domain::{Cents, Id, new_id};
+use common::error::Error;
 use sqlx::PgPool;
 
 use super::{ChargeRecord, ListedCharge, PaymentStore, RefundOutcome, insufficient_funds};
-use crate::batch::Batcher;
-use crate::domain::{Cents, Id, new_id};
-use crate::error::Error;
 use crate::fast_path::{Answer, answers, claimed_ids, distinct};
 use crate::record::{Locked, RecordTable, lock_or_tombstone};
-use crate::server::generic_plan_pool;
 
 /// Most charges written by one batch.
 const MAX_BATCH: usize = 128;

@@ -4,11 +4,11 @@
 //! `BEGIN IMMEDIATE` transaction that reads the saga's record, then debits
 //! with the same conditional UPDATE as on PostgreSQL and writes the record.
 
+use common::domain::{Cents, Id, new_id};
+use common::error::Error;
 use sqlx::{SqliteConnection, SqlitePool};
 
 use super::{ChargeRecord, ListedCharge, PaymentStore, RefundOutcome, insufficient_funds};
-use crate::domain::{Cents, Id, new_id};
-use crate::error::Error;
 use crate::record::{Locked, RecordTable, sqlite_take_or_tombstone};
 
 /// Payment persistence on SQLite.

@@ -8,11 +8,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use common::cli::parse_duration;
 use harness::chaos::run::{RunOptions, RunReport};
 use harness::chaos::snapshot::{SnapshotOptions, SnapshotOutcome};
 use harness::chaos::timeline::format_event;
 use harness::chaos::{Binaries, random_seed};
-use participants::cli::parse_duration;
 
 /// Chaos suite: runs the orchestrator (two `orchestrator serve` replicas),
 /// the three participants and `sagactl` as real processes, injects faults
@@ -130,7 +130,7 @@ enum Scenario {
 }
 
 fn main() -> ExitCode {
-    let cli: Cli = match participants::cli::parse_args("chaos") {
+    let cli: Cli = match common::cli::parse_args("chaos") {
         Ok(cli) => cli,
         Err(code) => return code,
     };

@@ -6,6 +6,12 @@
 //! discrepancies (even repaired ones), 2 bad usage, 3 the request failed (server unreachable, unknown id,
 //! refused). JSON output (`--output json`) is one document on stdout, with
 //! the schema documented in `sagactl --help` and the README.
+//!
+//! Layout (`src/main.rs` only parses and prints):
+//! - this module: the flags, the admin commands and their JSON.
+//! - [`bench`]: the load generator (`sagactl bench`), HDR histogram, progress bar.
+//! - [`reconcile`]: `sagactl reconcile [--repair]` and its report.
+//! - [`render`]: tables, times and escaping of what is printed.
 
 pub mod bench;
 pub mod reconcile;
@@ -14,16 +20,16 @@ pub mod render;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use participants::cli::parse_duration;
+use common::cli::parse_duration;
 use proto::saga::v1 as pb;
 use proto::saga::v1::admin_service_client::AdminServiceClient;
 use serde_json::{Value, json};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::admin::human_duration;
-use crate::clients::code_name;
-use crate::executor::now_epoch;
-use crate::saga::Status;
+use orchestrator::admin::human_duration;
+use orchestrator::clients::code_name;
+use orchestrator::executor::now_epoch;
+use orchestrator::saga::Status;
 use render::{rfc3339, table, truncate};
 
 const EXAMPLES: &str = "\
@@ -382,7 +388,7 @@ pub async fn run(cli: Cli) -> Result<Done, Failure> {
                 .admin
                 .clone()
                 .list_sagas(client.request(pb::ListSagasRequest {
-                    status: status.map_or(0, |s| crate::api::status_pb(s).into()),
+                    status: status.map_or(0, |s| orchestrator::api::status_pb(s).into()),
                     stuck_only: false,
                     older_than: older_than.and_then(|d| prost_types::Duration::try_from(d).ok()),
                     limit,

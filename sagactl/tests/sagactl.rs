@@ -561,11 +561,12 @@ async fn reconcile_exits_0_when_clean_and_1_on_discrepancies_even_once_repaired(
     }
 }
 
-/// `orchestrator dev` (SQLite, in memory) as a process: reconcile reads
-/// the embedded participants and repairs there too.
+/// The embedded mode (`orchestrator dev`, SQLite, in memory; in this
+/// process): reconcile reads the embedded participants and repairs there
+/// too.
 #[tokio::test]
 async fn reconcile_works_on_the_embedded_mode() {
-    use harness::process::wait_until_serving;
+    use orchestrator::dev::DevArgs;
     use proto::inventory::v1::inventory_service_client::InventoryServiceClient;
     use proto::inventory::v1::{Item, ReserveRequest};
     use proto::saga::v1::GetOrderStatusRequest;
@@ -580,17 +581,20 @@ async fn reconcile_works_on_the_embedded_mode() {
         })
         .expect("four consecutive free ports");
     let endpoint = format!("http://127.0.0.1:{base}");
-    let mut dev = Running::start(command(
-        env!("CARGO_BIN_EXE_orchestrator"),
-        &[
-            "dev",
-            "--in-memory",
-            "--listen",
-            &format!("127.0.0.1:{base}"),
-        ],
-        &["ORCHESTRATOR_LISTEN"],
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let dev = tokio::spawn(orchestrator::dev::run(
+        DevArgs {
+            listen: ([127, 0, 0, 1], base).into(),
+            data_dir: std::path::PathBuf::new(),
+            in_memory: true,
+            fault_injection: false,
+            step_timeout: Duration::from_secs(5),
+        },
+        async move {
+            let _ = stopped.await;
+        },
     ));
-    let channel = wait_until_serving(&mut dev, &endpoint, "saga.v1.AdminService").await;
+    let channel = harness::process::wait_serving(&endpoint, "saga.v1.AdminService").await;
 
     let mut orders = OrderServiceClient::new(channel);
     let id = orders
@@ -641,12 +645,10 @@ async fn reconcile_works_on_the_embedded_mode() {
     assert_eq!(code, 0, "repaired: {stdout}");
     assert!(stdout.contains("checked 1 sagas"), "{stdout}");
     assert!(stdout.contains("2 reservations"), "{stdout}");
-    // Our connection closes (the runtime stays free to close it while the
-    // process is awaited), so the server drains at once.
+    // Our connection closes, so the server drains at once.
     drop(orders);
-    harness::process::terminate(dev.pid());
-    let (status, _, _) = tokio::task::spawn_blocking(move || dev.finish())
-        .await
-        .unwrap();
-    assert!(status.success(), "{status:?}");
+    let _ = stop.send(());
+    dev.await
+        .unwrap()
+        .expect("the embedded system stops cleanly");
 }

@@ -3,10 +3,10 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use orchestrator::sagactl::{Cli, run};
+use sagactl::{Cli, run};
 
 fn main() -> ExitCode {
-    let cli: Cli = match participants::cli::parse_args("sagactl") {
+    let cli: Cli = match common::cli::parse_args("sagactl") {
         Ok(cli) => cli,
         Err(code) => return code,
     };

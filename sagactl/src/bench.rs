@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::cli::parse_duration;
+use common::domain::random_u64;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
-use participants::cli::parse_duration;
-use participants::domain::random_u64;
 use proto::inventory::v1::UpsertProductRequest;
 use proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use proto::payment::v1::UpsertAccountRequest;

@@ -37,7 +37,7 @@ async fn a_full_server_is_waited_for_at_start_and_unavailable_at_run_time() {
         .expect("its one connection");
     let connecting = tokio::spawn({
         let url = url.clone();
-        async move { participants::connect_pool(&url, 2, Duration::from_secs(20)).await }
+        async move { common::db::connect_pool(&url, 2, Duration::from_secs(20)).await }
     });
     // The probe keeps getting 53300 until the held connection goes.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -49,7 +49,7 @@ async fn a_full_server_is_waited_for_at_start_and_unavailable_at_run_time() {
         .expect("connected once a connection came free");
     assert_eq!(
         pool.options().get_idle_timeout(),
-        Some(participants::server::IDLE_TIMEOUT),
+        Some(common::db::IDLE_TIMEOUT),
         "idle connections are closed"
     );
 
@@ -65,7 +65,7 @@ async fn a_full_server_is_waited_for_at_start_and_unavailable_at_run_time() {
     .await
     .expect("no hang")
     .expect_err("no connection to be had");
-    let status = tonic::Status::from(participants::Error::Database(error));
+    let status = tonic::Status::from(common::Error::Database(error));
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     held.close().await.expect("closing");
     sqlx::query("SELECT 1")

@@ -1,8 +1,11 @@
-//! The participants' one error type, and its one mapping to `tonic::Status`.
+//! The error type of the shared plumbing and of the participants, its one
+//! mapping to `tonic::Status`, and the classes of database errors worth
+//! retrying (which the orchestrator maps the same way).
 
 use tonic::{Code, Status};
 
-/// Everything a participant call or start-up can fail with.
+/// Everything a participant call, a parse at the edge or a service's
+/// start-up can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The request is malformed; nothing was written.

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use participants::cli::parse_duration;
+use common::cli::parse_duration;
 use proto::saga::v1 as pb;
 use serde_json::{Value, json};
 

@@ -75,7 +75,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
 pub fn printable(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        if c.is_control() || participants::domain::is_invisible_format(c) {
+        if c.is_control() || common::domain::is_invisible_format(c) {
             out.push_str(&format!("\\u{{{:04X}}}", c as u32));
         } else {
             out.push(c);

@@ -1,0 +1,22 @@
+//! Plumbing shared by the orchestrator and the participants, so that neither
+//! depends on the other for it: what both parse, how both reach their
+//! databases and serve their ports.
+//!
+//! Layout:
+//! - [`batch`]: group commit, many concurrent writes in one transaction.
+//! - [`cli`]: one-line flag errors, durations, logging, the shutdown signal.
+//! - [`db`]: PostgreSQL pools (fail fast, bounded waits) and the SQLite pool.
+//! - [`domain`]: validated input types and the system's input limits.
+//! - [`error`]: the shared error type, database error classes, `tonic::Status`.
+//! - [`grpc`]: health and reflection (v1 and v1alpha) for every server.
+//! - [`listen`]: accepting connections: back-off, rate-limited logs, idle close.
+
+pub mod batch;
+pub mod cli;
+pub mod db;
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod listen;
+
+pub use error::Error;
