@@ -49,7 +49,9 @@
 //! every transition since the saga's durable start trusts its own copy.
 
 mod machine;
+mod registry;
 #[cfg(test)]
 mod tests;
 
 pub use machine::*;
+pub use registry::Registry;
