@@ -1,10 +1,26 @@
 //! The saga orchestrator for orders.
 //!
 //! Layout:
-//! - [`saga`]: the pure state machine (no I/O, no clock).
-//! - [`store`]: saga rows and their journal, behind a trait; PostgreSQL.
-//! - [`error`]: the one error type and its mapping to `tonic::Status`.
+//! - [`saga`]: the pure state machine (no I/O, no clock), saga definitions
+//!   as data (name, version, steps, pivot) and the [`saga::Registry`] of
+//!   the definitions this binary knows.
+//! - [`store`]: saga rows and their journal, behind a trait; PostgreSQL and
+//!   SQLite.
+//! - [`executor`]: drives sagas: claims, calls, records outcomes, backoffs,
+//!   leases, recovery; resolves each saga's definition from its row.
+//! - [`clients`]: the participants' step adapters (one per participant, by
+//!   name), the gRPC step calls, the per-participant call bound, and the
+//!   record clients Reconcile uses.
+//! - [`api`]: `saga.v1.OrderService` (PlaceOrder starts an `order` saga).
+//! - [`admin`]: `saga.v1.AdminService` and its bearer-token check.
 //! - [`reconcile`]: sagas against the participants' records (merge join).
+//! - [`sagactl`]: the admin CLI as a library (commands, rendering, bench).
+//! - [`dev`]: the embedded mode, every service in one process on SQLite.
+//! - [`config`]: flags with env fallbacks, validated into settings.
+//! - [`server`]: connecting the store and serving with health and
+//!   reflection.
+//! - [`telemetry`]: the HTTP port: `/healthz` and `/metrics`.
+//! - [`error`]: the one error type and its mapping to `tonic::Status`.
 
 pub mod admin;
 pub mod api;
