@@ -92,6 +92,7 @@ fn store_transition(c: &mut Criterion) {
                                 product_id: "widget".into(),
                                 quantity: 1,
                             }],
+                            definition: &ORDER_SAGA,
                             state: SagaState::new(&ORDER_SAGA),
                         },
                         "bench",

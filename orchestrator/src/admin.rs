@@ -18,7 +18,7 @@ use crate::api::{
 use crate::error::Error;
 use crate::executor::{Executor, RequestEffect, now_epoch};
 use crate::reconcile;
-use crate::saga::{Event, Kind, ORDER_SAGA, Status as SagaStatus};
+use crate::saga::{Event, Kind, Registry, Status as SagaStatus};
 use crate::store::{ListFilter, SagaRecord};
 
 /// Longest operator name and reason accepted, in bytes.
@@ -46,8 +46,14 @@ pub fn human_duration(seconds: f64) -> String {
     }
 }
 
-/// Why a saga counts as stuck at `now`, or None.
-pub fn stuck_reason(saga: &SagaRecord, now: f64, stuck_after: Duration) -> Option<String> {
+/// Why a saga counts as stuck at `now`, or None; its steps are named by
+/// its definition in `registry`.
+pub fn stuck_reason(
+    saga: &SagaRecord,
+    registry: &Registry,
+    now: f64,
+    stuck_after: Duration,
+) -> Option<String> {
     let reason = saga.state.failure_reason.as_deref().unwrap_or("");
     if saga.status == SagaStatus::NeedsAttention {
         return Some(format!("needs an operator: {reason}"));
@@ -56,11 +62,11 @@ pub fn stuck_reason(saga: &SagaRecord, now: f64, stuck_after: Duration) -> Optio
     if saga.status.is_terminal() || idle <= stuck_after.as_secs_f64() {
         return None;
     }
-    let (step, kind) = saga.state.current()?;
+    let (step, kind) = saga.current_step(registry)?;
     let mut why = format!(
         "no progress for {} at {} {} (attempt {})",
         human_duration(idle),
-        ORDER_SAGA.steps[step].name,
+        step.name,
         match kind {
             Kind::Action => "action",
             Kind::Compensation => "compensation",
@@ -87,13 +93,19 @@ pub fn stuck_reason(saga: &SagaRecord, now: f64, stuck_after: Duration) -> Optio
 }
 
 /// The summary line of a saga.
-pub fn summary_pb(saga: &SagaRecord, now: f64, stuck_after: Duration) -> pb::SagaSummary {
+pub fn summary_pb(
+    saga: &SagaRecord,
+    registry: &Registry,
+    now: f64,
+    stuck_after: Duration,
+) -> pb::SagaSummary {
     let current = saga.state.current().filter(|_| !saga.status.is_terminal());
     pb::SagaSummary {
         saga_id: saga.saga_id.clone(),
         status: status_pb(saga.status).into(),
         current_step: current
-            .map(|(step, _)| ORDER_SAGA.steps[step].name.to_owned())
+            .and_then(|_| saga.current_step(registry))
+            .map(|(step, _)| step.name.to_owned())
             .unwrap_or_default(),
         attempts: if current.is_some() {
             saga.state.current_attempts()
@@ -109,7 +121,7 @@ pub fn summary_pb(saga: &SagaRecord, now: f64, stuck_after: Duration) -> pb::Sag
             .clone()
             .filter(|_| saga.lease_expires_at.is_some_and(|until| until > now))
             .unwrap_or_default(),
-        stuck_reason: stuck_reason(saga, now, stuck_after).unwrap_or_default(),
+        stuck_reason: stuck_reason(saga, registry, now, stuck_after).unwrap_or_default(),
         customer_id: saga.customer_id.clone(),
         progress_at: Some(timestamp(saga.progress_at)),
     }
@@ -255,7 +267,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         Ok(Response::new(pb::ListSagasResponse {
             sagas: sagas
                 .iter()
-                .map(|saga| summary_pb(saga, now, stuck_after))
+                .map(|saga| summary_pb(saga, &self.executor.config().registry, now, stuck_after))
                 .collect(),
             next_page_token,
         }))
@@ -268,12 +280,17 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let saga = self.load(request.into_inner().saga_id).await?;
         let journal = self.executor.store().journal(&saga.saga_id).await?;
         Ok(Response::new(pb::GetSagaResponse {
-            saga: Some(summary_pb(&saga, now_epoch(), self.stuck_after)),
+            saga: Some(summary_pb(
+                &saga,
+                &self.executor.config().registry,
+                now_epoch(),
+                self.stuck_after,
+            )),
             items: items_pb(&saga.items),
             total_amount_cents: saga.total_amount_cents(),
             failure_reason: saga.state.failure_reason.clone().unwrap_or_default(),
             step_outputs: saga.state.outputs.clone().into_iter().collect(),
-            journal: history_pb(&saga, journal),
+            journal: history_pb(&saga, &self.executor.config().registry, journal),
             cancel_requested: saga.state.cancel_requested(),
             version: saga.version,
             idempotency_key: saga.idempotency_key.clone().unwrap_or_default(),

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 use crate::executor::Executor;
-use crate::saga::{Event, ORDER_SAGA, SagaState, Status as SagaStatus};
+use crate::saga::{Event, Registry, SagaState, Status as SagaStatus};
 use crate::store::{
     JournalEntry, JournalKind, JournalOutcome, ListFilter, NewSaga, OrderItem, SagaRecord,
 };
@@ -103,7 +103,11 @@ fn optional_id(field: &str, value: String) -> Result<Option<String>, Error> {
 }
 
 /// The journal in protobuf form, plus the call in flight if there is one.
-pub fn history_pb(saga: &SagaRecord, journal: Vec<JournalEntry>) -> Vec<pb::JournalEntry> {
+pub fn history_pb(
+    saga: &SagaRecord,
+    registry: &Registry,
+    journal: Vec<JournalEntry>,
+) -> Vec<pb::JournalEntry> {
     let mut history: Vec<pb::JournalEntry> = journal
         .into_iter()
         .map(|entry| pb::JournalEntry {
@@ -130,12 +134,11 @@ pub fn history_pb(saga: &SagaRecord, journal: Vec<JournalEntry>) -> Vec<pb::Jour
         })
         .collect();
     // The call the saga waits for is not journalled until it ends; show it.
-    if let Some((step, kind)) = saga.state.current()
+    if let Some((definition, kind)) = saga.current_step(registry)
         && !saga.status.is_settled()
         && !saga.state.waiting_retry
     {
         {
-            let definition = &ORDER_SAGA.steps[step];
             history.push(pb::JournalEntry {
                 step: definition.name.to_owned(),
                 kind: match kind {
@@ -229,12 +232,24 @@ impl OrderApi {
             }
             (Err(error), _) => return Err(error),
         };
+        // PlaceOrder creates an order saga, under the current version.
+        let definition = self
+            .executor
+            .config()
+            .registry
+            .current(ORDER)
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "this replica knows no saga definition {ORDER:?}"
+                ))
+            })?;
         let saga = NewSaga {
             saga_id: new_id("ord"),
             idempotency_key,
             customer_id: customer_id.into_inner(),
             items,
-            state: SagaState::new(&ORDER_SAGA),
+            definition,
+            state: SagaState::new(definition),
         };
         let config = self.executor.config();
         let (record, created) = self
@@ -255,6 +270,9 @@ impl OrderApi {
         Ok(response)
     }
 }
+
+/// The saga type PlaceOrder starts.
+pub const ORDER: &str = "order";
 
 /// The answer to a PlaceOrder whose idempotency key the customer used
 /// before: the first order, if the request is the same one; otherwise the
@@ -312,7 +330,7 @@ impl pb::order_service_server::OrderService for OrderApi {
         let saga = self.load(request.into_inner().order_id).await?;
         let journal = self.executor.store().journal(&saga.saga_id).await?;
         Ok(Response::new(pb::GetOrderStatusResponse {
-            history: history_pb(&saga, journal),
+            history: history_pb(&saga, &self.executor.config().registry, journal),
             order_id: saga.saga_id.clone(),
             customer_id: saga.customer_id.clone(),
             items: items_pb(&saga.items),

@@ -3,7 +3,7 @@
 //! RPC's `tonic::Status` into an [`Outcome`]. The error codes are the
 //! protocol: transient codes are retried, everything else is a rejection.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
 use crate::error::Error;
-use crate::saga::{Kind, Outcome};
+use crate::saga::{Kind, Outcome, Registry, StepDef};
 use crate::store::OrderItem;
 
 /// One call the executor asks a participant to make.
@@ -23,8 +23,9 @@ use crate::store::OrderItem;
 pub struct StepCall<'a> {
     /// The saga; the participant's idempotency key.
     pub saga_id: &'a str,
-    /// Index of the step in the order saga.
-    pub step: usize,
+    /// The step, as its saga's definition has it (its participant names
+    /// the adapter that makes the call).
+    pub step: &'static StepDef,
     /// Action or compensation.
     pub kind: Kind,
     /// The paying customer.
@@ -51,6 +52,18 @@ pub trait StepCalls: Send + Sync + 'static {
     }
 }
 
+/// One participant's side of its steps: turns a step's action or
+/// compensation into the participant's RPC, and its reply into the outputs
+/// later steps (and the API) read. The error is the RPC's status, which
+/// [`GrpcParticipants`] classifies; deadlines are its business too.
+#[tonic::async_trait]
+pub trait StepAdapter: Send + Sync + 'static {
+    /// The step's action, e.g. Reserve.
+    async fn act(&self, call: StepCall<'_>) -> Result<Vec<(String, String)>, Status>;
+    /// The step's compensation, e.g. Release.
+    async fn compensate(&self, call: StepCall<'_>) -> Result<Vec<(String, String)>, Status>;
+}
+
 /// Where the participants listen.
 #[derive(Debug, Clone)]
 pub struct ParticipantUrls {
@@ -62,13 +75,24 @@ pub struct ParticipantUrls {
     pub fulfillment: String,
 }
 
-/// [`StepCalls`] over gRPC, with a deadline per call.
-#[derive(Debug, Clone)]
+/// [`StepCalls`] through one [`StepAdapter`] per participant (keyed by the
+/// participant name the steps' definitions give), with a deadline per call.
+#[derive(Clone)]
 pub struct GrpcParticipants {
-    inventory: inventory::inventory_service_client::InventoryServiceClient<Channel>,
-    payment: payment::payment_service_client::PaymentServiceClient<Channel>,
-    fulfillment: fulfillment::fulfillment_service_client::FulfillmentServiceClient<Channel>,
+    adapters: HashMap<&'static str, Arc<dyn StepAdapter>>,
+    records: Option<RecordClients>,
     timeout: Duration,
+}
+
+impl std::fmt::Debug for GrpcParticipants {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut participants: Vec<_> = self.adapters.keys().collect();
+        participants.sort();
+        f.debug_struct("GrpcParticipants")
+            .field("participants", &participants)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 fn channel(name: &str, url: &str) -> Result<Channel, Error> {
@@ -83,142 +107,246 @@ fn channel(name: &str, url: &str) -> Result<Channel, Error> {
         .connect_lazy())
 }
 
-impl GrpcParticipants {
-    /// Clients for the three participants; `timeout` bounds every call.
-    pub fn new(urls: &ParticipantUrls, timeout: Duration) -> Result<Self, Error> {
-        Ok(Self {
-            inventory: inventory::inventory_service_client::InventoryServiceClient::new(channel(
-                "inventory",
-                &urls.inventory,
-            )?),
-            payment: payment::payment_service_client::PaymentServiceClient::new(channel(
-                "payment",
-                &urls.payment,
-            )?),
-            fulfillment: fulfillment::fulfillment_service_client::FulfillmentServiceClient::new(
-                channel("fulfillment", &urls.fulfillment)?,
+/// A request that tells the participant when to give up too.
+fn with_deadline<T>(message: T, timeout: Duration) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
+/// The order saga's inventory step: Reserve / Release.
+#[derive(Debug, Clone)]
+struct InventoryAdapter {
+    client: inventory::inventory_service_client::InventoryServiceClient<Channel>,
+    timeout: Duration,
+}
+
+#[tonic::async_trait]
+impl StepAdapter for InventoryAdapter {
+    async fn act(&self, call: StepCall<'_>) -> Result<Vec<(String, String)>, Status> {
+        let request = inventory::ReserveRequest {
+            saga_id: call.saga_id.to_owned(),
+            items: call
+                .items
+                .iter()
+                .map(|i| inventory::Item {
+                    product_id: i.product_id.clone(),
+                    quantity: i.quantity,
+                })
+                .collect(),
+        };
+        let reply = self
+            .client
+            .clone()
+            .reserve(with_deadline(request, self.timeout))
+            .await?
+            .into_inner();
+        Ok(vec![
+            ("reservation_id".into(), reply.reservation_id),
+            (
+                "total_amount_cents".into(),
+                reply.total_amount_cents.to_string(),
             ),
-            timeout,
-        })
+        ])
     }
 
-    fn request<T>(&self, message: T) -> Request<T> {
-        let mut request = Request::new(message);
-        // Tells the participant when to give up too.
-        request.set_timeout(self.timeout);
-        request
+    async fn compensate(&self, call: StepCall<'_>) -> Result<Vec<(String, String)>, Status> {
+        let request = inventory::ReleaseRequest {
+            saga_id: call.saga_id.to_owned(),
+        };
+        let reply = self
+            .client
+            .clone()
+            .release(with_deadline(request, self.timeout))
+            .await?
+            .into_inner();
+        Ok(vec![(
+            "release".into(),
+            reply.outcome().as_str_name().into(),
+        )])
+    }
+}
+
+/// The order saga's payment step: Charge / Refund.
+#[derive(Debug, Clone)]
+struct PaymentAdapter {
+    client: payment::payment_service_client::PaymentServiceClient<Channel>,
+    timeout: Duration,
+}
+
+#[tonic::async_trait]
+impl StepAdapter for PaymentAdapter {
+    async fn act(&self, call: StepCall<'_>) -> Result<Vec<(String, String)>, Status> {
+        let amount_cents = call
+            .outputs
+            .get("total_amount_cents")
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| {
+                Status::failed_precondition("no order total: the reservation has no output")
+            })?;
+        let request = payment::ChargeRequest {
+            saga_id: call.saga_id.to_owned(),
+            customer_id: call.customer_id.to_owned(),
+            amount_cents,
+        };
+        let reply = self
+            .client
+            .clone()
+            .charge(with_deadline(request, self.timeout))
+            .await?
+            .into_inner();
+        Ok(vec![("charge_id".into(), reply.charge_id)])
+    }
+
+    async fn compensate(&self, call: StepCall<'_>) -> Result<Vec<(String, String)>, Status> {
+        let request = payment::RefundRequest {
+            saga_id: call.saga_id.to_owned(),
+        };
+        let reply = self
+            .client
+            .clone()
+            .refund(with_deadline(request, self.timeout))
+            .await?
+            .into_inner();
+        Ok(vec![(
+            "refund".into(),
+            reply.outcome().as_str_name().into(),
+        )])
+    }
+}
+
+/// The order saga's fulfillment step: Ship / CancelShipment.
+#[derive(Debug, Clone)]
+struct FulfillmentAdapter {
+    client: fulfillment::fulfillment_service_client::FulfillmentServiceClient<Channel>,
+    timeout: Duration,
+}
+
+#[tonic::async_trait]
+impl StepAdapter for FulfillmentAdapter {
+    async fn act(&self, call: StepCall<'_>) -> Result<Vec<(String, String)>, Status> {
+        let request = fulfillment::ShipRequest {
+            saga_id: call.saga_id.to_owned(),
+            items: call
+                .items
+                .iter()
+                .map(|i| fulfillment::Item {
+                    product_id: i.product_id.clone(),
+                    quantity: i.quantity,
+                })
+                .collect(),
+        };
+        let reply = self
+            .client
+            .clone()
+            .ship(with_deadline(request, self.timeout))
+            .await?
+            .into_inner();
+        Ok(vec![("shipment_id".into(), reply.shipment_id)])
+    }
+
+    async fn compensate(&self, call: StepCall<'_>) -> Result<Vec<(String, String)>, Status> {
+        let request = fulfillment::CancelShipmentRequest {
+            saga_id: call.saga_id.to_owned(),
+        };
+        let reply = self
+            .client
+            .clone()
+            .cancel_shipment(with_deadline(request, self.timeout))
+            .await?
+            .into_inner();
+        Ok(vec![(
+            "cancel_shipment".into(),
+            reply.outcome().as_str_name().into(),
+        )])
+    }
+}
+
+impl GrpcParticipants {
+    /// The adapters of the order saga's three participants (`inventory`,
+    /// `payment`, `fulfillment`); `timeout` bounds every call.
+    pub fn new(urls: &ParticipantUrls, timeout: Duration) -> Result<Self, Error> {
+        let inventory = inventory::inventory_service_client::InventoryServiceClient::new(channel(
+            "inventory",
+            &urls.inventory,
+        )?);
+        let payment = payment::payment_service_client::PaymentServiceClient::new(channel(
+            "payment",
+            &urls.payment,
+        )?);
+        let fulfillment = fulfillment::fulfillment_service_client::FulfillmentServiceClient::new(
+            channel("fulfillment", &urls.fulfillment)?,
+        );
+        let records = RecordClients {
+            inventory: inventory.clone(),
+            payment: payment.clone(),
+            fulfillment: fulfillment.clone(),
+            timeout,
+        };
+        Ok(Self::empty(timeout)
+            .with_adapter(
+                "inventory",
+                Arc::new(InventoryAdapter {
+                    client: inventory,
+                    timeout,
+                }),
+            )
+            .with_adapter(
+                "payment",
+                Arc::new(PaymentAdapter {
+                    client: payment,
+                    timeout,
+                }),
+            )
+            .with_adapter(
+                "fulfillment",
+                Arc::new(FulfillmentAdapter {
+                    client: fulfillment,
+                    timeout,
+                }),
+            )
+            .with_records(records))
+    }
+
+    /// No adapters yet; `timeout` bounds every call.
+    pub fn empty(timeout: Duration) -> Self {
+        Self {
+            adapters: HashMap::new(),
+            records: None,
+            timeout,
+        }
+    }
+
+    /// With `adapter` serving the steps of `participant` (replacing one
+    /// registered before under that name).
+    pub fn with_adapter(
+        mut self,
+        participant: &'static str,
+        adapter: Arc<dyn StepAdapter>,
+    ) -> Self {
+        self.adapters.insert(participant, adapter);
+        self
+    }
+
+    /// With the clients Reconcile uses.
+    fn with_records(mut self, records: RecordClients) -> Self {
+        self.records = Some(records);
+        self
     }
 
     async fn send(&self, call: StepCall<'_>) -> Result<Vec<(String, String)>, Status> {
-        let saga_id = call.saga_id.to_owned();
-        match (call.step, call.kind) {
-            (0, Kind::Action) => {
-                let reply = self
-                    .inventory
-                    .clone()
-                    .reserve(
-                        self.request(inventory::ReserveRequest {
-                            saga_id,
-                            items: call
-                                .items
-                                .iter()
-                                .map(|i| inventory::Item {
-                                    product_id: i.product_id.clone(),
-                                    quantity: i.quantity,
-                                })
-                                .collect(),
-                        }),
-                    )
-                    .await?
-                    .into_inner();
-                Ok(vec![
-                    ("reservation_id".into(), reply.reservation_id),
-                    (
-                        "total_amount_cents".into(),
-                        reply.total_amount_cents.to_string(),
-                    ),
-                ])
-            }
-            (0, Kind::Compensation) => {
-                let reply = self
-                    .inventory
-                    .clone()
-                    .release(self.request(inventory::ReleaseRequest { saga_id }))
-                    .await?
-                    .into_inner();
-                Ok(vec![(
-                    "release".into(),
-                    reply.outcome().as_str_name().into(),
-                )])
-            }
-            (1, Kind::Action) => {
-                let amount_cents = call
-                    .outputs
-                    .get("total_amount_cents")
-                    .and_then(|t| t.parse().ok())
-                    .ok_or_else(|| {
-                        Status::failed_precondition("no order total: the reservation has no output")
-                    })?;
-                let reply = self
-                    .payment
-                    .clone()
-                    .charge(self.request(payment::ChargeRequest {
-                        saga_id,
-                        customer_id: call.customer_id.to_owned(),
-                        amount_cents,
-                    }))
-                    .await?
-                    .into_inner();
-                Ok(vec![("charge_id".into(), reply.charge_id)])
-            }
-            (1, Kind::Compensation) => {
-                let reply = self
-                    .payment
-                    .clone()
-                    .refund(self.request(payment::RefundRequest { saga_id }))
-                    .await?
-                    .into_inner();
-                Ok(vec![(
-                    "refund".into(),
-                    reply.outcome().as_str_name().into(),
-                )])
-            }
-            (2, Kind::Action) => {
-                let reply = self
-                    .fulfillment
-                    .clone()
-                    .ship(
-                        self.request(fulfillment::ShipRequest {
-                            saga_id,
-                            items: call
-                                .items
-                                .iter()
-                                .map(|i| fulfillment::Item {
-                                    product_id: i.product_id.clone(),
-                                    quantity: i.quantity,
-                                })
-                                .collect(),
-                        }),
-                    )
-                    .await?
-                    .into_inner();
-                Ok(vec![("shipment_id".into(), reply.shipment_id)])
-            }
-            (2, Kind::Compensation) => {
-                let reply = self
-                    .fulfillment
-                    .clone()
-                    .cancel_shipment(self.request(fulfillment::CancelShipmentRequest { saga_id }))
-                    .await?
-                    .into_inner();
-                Ok(vec![(
-                    "cancel_shipment".into(),
-                    reply.outcome().as_str_name().into(),
-                )])
-            }
-            (step, kind) => Err(Status::internal(format!(
-                "the order saga has no step {step} ({kind:?})"
-            ))),
+        let Some(adapter) = self.adapters.get(call.step.participant) else {
+            // A deployment error (a definition names a participant this
+            // replica has no client for): retried, so a fixed deploy
+            // resumes the saga, until the budget is spent.
+            return Err(Status::unavailable(format!(
+                "no adapter for participant {:?} (step {})",
+                call.step.participant, call.step.name
+            )));
+        };
+        match call.kind {
+            Kind::Action => adapter.act(call).await,
+            Kind::Compensation => adapter.compensate(call).await,
         }
     }
 }
@@ -249,12 +377,7 @@ impl StepCalls for GrpcParticipants {
     }
 
     fn records(&self) -> Option<RecordClients> {
-        Some(RecordClients {
-            inventory: self.inventory.clone(),
-            payment: self.payment.clone(),
-            fulfillment: self.fulfillment.clone(),
-            timeout: self.timeout,
-        })
+        self.records.clone()
     }
 }
 
@@ -262,34 +385,41 @@ impl StepCalls for GrpcParticipants {
 /// participant busy, few enough for one HTTP/2 connection to carry.
 pub const DEFAULT_MAX_CALLS: usize = 1000;
 
-/// Bounds the calls in progress to each participant (each step). A saga
-/// beyond the bound waits for a slot before its call starts, and so before
-/// its deadline runs: with thousands of sagas in flight against a slow
-/// participant, a waiting saga costs a few bytes instead of an HTTP/2
-/// stream and a call's buffers, and the participant's connection carries
-/// no more streams than it can serve.
+/// Bounds the calls in progress to each participant that a definition of
+/// the registry names. A saga beyond the bound waits for a slot before its
+/// call starts, and so before its deadline runs: with thousands of sagas in
+/// flight against a slow participant, a waiting saga costs a few bytes
+/// instead of an HTTP/2 stream and a call's buffers, and the participant's
+/// connection carries no more streams than it can serve.
 pub struct Bounded {
     inner: Arc<dyn StepCalls>,
-    slots: [Semaphore; 3],
+    slots: BTreeMap<&'static str, Semaphore>,
 }
 
 impl std::fmt::Debug for Bounded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let free: BTreeMap<_, _> = self
+            .slots
+            .iter()
+            .map(|(name, slots)| (name, slots.available_permits()))
+            .collect();
         f.debug_struct("Bounded")
-            .field(
-                "free",
-                &self.slots.each_ref().map(Semaphore::available_permits),
-            )
+            .field("free", &free)
             .finish_non_exhaustive()
     }
 }
 
 impl Bounded {
-    /// `inner`, with at most `max_calls` calls in progress per participant.
-    pub fn new(inner: Arc<dyn StepCalls>, max_calls: usize) -> Self {
+    /// `inner`, with at most `max_calls` calls in progress to each
+    /// participant the definitions of `registry` name.
+    pub fn new(inner: Arc<dyn StepCalls>, max_calls: usize, registry: &Registry) -> Self {
         Self {
             inner,
-            slots: std::array::from_fn(|_| Semaphore::new(max_calls.max(1))),
+            slots: registry
+                .participants()
+                .into_iter()
+                .map(|name| (name, Semaphore::new(max_calls.max(1))))
+                .collect(),
         }
     }
 }
@@ -297,8 +427,9 @@ impl Bounded {
 #[tonic::async_trait]
 impl StepCalls for Bounded {
     async fn call(&self, call: StepCall<'_>) -> Outcome {
-        // Steps beyond the order saga's three go straight through.
-        let _slot = match self.slots.get(call.step) {
+        // Every participant of the registry's definitions has its slots;
+        // a step of no known definition cannot come here.
+        let _slot = match self.slots.get(call.step.participant) {
             // Never closed, so acquiring only waits.
             Some(slots) => slots.acquire().await.ok(),
             None => None,
@@ -559,9 +690,25 @@ mod tests {
     async fn bounded_calls_wait_for_a_slot_per_participant() {
         use std::sync::atomic::Ordering::SeqCst;
         let gated = Arc::new(Gated::default());
-        let bounded = Arc::new(Bounded::new(gated.clone(), 3));
+        // The order saga and a definition with a fourth participant: each
+        // participant named is bounded on its own.
+        static FOURTH: crate::saga::Definition = crate::saga::Definition {
+            name: "fourth",
+            version: 1,
+            steps: &[StepDef {
+                name: "audit",
+                status: crate::saga::Status::ChargingPayment,
+                participant: "auditor",
+                action: "a",
+                compensation: "c",
+            }],
+            pivot: 0,
+        };
+        let registry = Registry::new([&crate::saga::ORDER_SAGA, &FOURTH]).unwrap();
+        let bounded = Arc::new(Bounded::new(gated.clone(), 3, &registry));
+        let steps = crate::saga::ORDER_SAGA.steps;
         let outputs = BTreeMap::new();
-        let call = |step| {
+        let call = |step: &'static StepDef| {
             let bounded = bounded.clone();
             let outputs = outputs.clone();
             tokio::spawn(async move {
@@ -577,9 +724,11 @@ mod tests {
                     .await
             })
         };
-        // Ten calls to one participant and one to another.
-        let mut calls: Vec<_> = (0..10).map(|_| call(2)).collect();
-        calls.push(call(0));
+        // Ten calls to one participant, ten to the fourth, and one to
+        // another.
+        let mut calls: Vec<_> = (0..10).map(|_| call(&steps[2])).collect();
+        calls.extend((0..10).map(|_| call(&FOURTH.steps[0])));
+        calls.push(call(&steps[0]));
         // Every task has run as far as it can: the gate holds the calls
         // that got a slot, the rest wait for one.
         for _ in 0..100 {
@@ -587,16 +736,16 @@ mod tests {
         }
         assert_eq!(
             gated.started.load(SeqCst),
-            4,
-            "3 to fulfillment, 1 to inventory"
+            7,
+            "3 to fulfillment, 3 to the auditor, 1 to inventory"
         );
         gated.open.store(true, SeqCst);
         gated.gate.notify_waiters();
         for call in calls {
             assert_eq!(call.await.unwrap(), Outcome::Succeeded(Vec::new()));
         }
-        assert_eq!(gated.started.load(SeqCst), 11);
-        assert_eq!(gated.peak.load(SeqCst), 4);
+        assert_eq!(gated.started.load(SeqCst), 21);
+        assert_eq!(gated.peak.load(SeqCst), 7);
     }
 
     #[test]

@@ -249,6 +249,7 @@ impl ServeArgs {
                 lease_ttl: self.lease_ttl,
                 poll_interval: self.poll_interval,
                 max_in_flight: self.max_in_flight,
+                registry: std::sync::Arc::default(),
             },
             participants: ParticipantUrls {
                 inventory: self.inventory_url.clone(),

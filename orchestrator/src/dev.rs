@@ -3,6 +3,7 @@
 //! port, each on its own SQLite database (files under a data directory, or
 //! in memory). Seeds demo data on first start and prints what to try.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use crate::clients::{GrpcParticipants, ParticipantUrls};
 use crate::config::Settings;
 use crate::error::Error;
 use crate::executor::ExecutorConfig;
+use crate::saga::Registry;
 
 /// Flags of `orchestrator dev`.
 #[derive(Debug, Clone, clap::Args)]
@@ -105,9 +107,26 @@ pub async fn run(
     }
     let orchestrator_listener = bind(args.listen, "the orchestrator").await?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut addresses = Vec::new();
+    let registry = Arc::new(Registry::default());
+    // Each participant the definitions name, in the order their steps
+    // first use it, on the next port: inventory, payment, fulfillment.
+    let mut named: Vec<&'static str> = Vec::new();
+    for step in registry.definitions().flat_map(|d| d.steps) {
+        if !named.contains(&step.participant) {
+            named.push(step.participant);
+        }
+    }
+    let mut addresses: HashMap<&'static str, SocketAddr> = HashMap::new();
     let mut participant_tasks = Vec::new();
-    for (offset, participant) in (1..).zip(Participant::ALL) {
+    for (offset, name) in (1..).zip(named) {
+        let participant = Participant::ALL
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "the embedded mode has no participant {name:?} to serve"
+                ))
+            })?;
         let address = next_port(args.listen, offset)?;
         let listener = bind(address, participant.name()).await?;
         let backend = participants::connect(
@@ -129,12 +148,22 @@ pub async fn run(
                 let _ = stop.wait_for(|stopped| *stopped).await;
             },
         )));
-        addresses.push(address);
+        addresses.insert(name, address);
     }
+    let address_of = |name: &str| {
+        addresses.get(name).copied().ok_or_else(|| {
+            Error::invalid(format!("no saga definition names the participant {name}"))
+        })
+    };
+    let (inventory, payment, fulfillment) = (
+        address_of("inventory")?,
+        address_of("payment")?,
+        address_of("fulfillment")?,
+    );
     let urls = ParticipantUrls {
-        inventory: format!("http://{}", addresses[0]),
-        payment: format!("http://{}", addresses[1]),
-        fulfillment: format!("http://{}", addresses[2]),
+        inventory: format!("http://{inventory}"),
+        payment: format!("http://{payment}"),
+        fulfillment: format!("http://{fulfillment}"),
     };
     let store = crate::server::connect(
         &database_url(data_dir, "orchestrator"),
@@ -144,12 +173,12 @@ pub async fn run(
     .await?;
     let calls = GrpcParticipants::new(&urls, args.step_timeout)?;
     let seeded = seed(&urls).await?;
-    print_banner(&args, data_dir, &addresses, seeded);
+    print_banner(&args, data_dir, [inventory, payment, fulfillment], seeded);
     tracing::info!(
         orchestrator = %args.listen,
-        inventory = %addresses[0],
-        payment = %addresses[1],
-        fulfillment = %addresses[2],
+        %inventory,
+        %payment,
+        %fulfillment,
         in_memory = args.in_memory,
         "embedded system listening"
     );
@@ -164,6 +193,7 @@ pub async fn run(
             lease_ttl: Duration::from_secs(10),
             poll_interval: Duration::from_millis(500),
             max_in_flight: 10_000,
+            registry,
         },
         participants: urls,
         step_timeout: args.step_timeout,
@@ -243,11 +273,10 @@ async fn seed(urls: &ParticipantUrls) -> Result<bool, Error> {
 fn print_banner(
     args: &DevArgs,
     data_dir: Option<&Path>,
-    participants: &[SocketAddr],
+    [inventory, payment, fulfillment]: [SocketAddr; 3],
     seeded: bool,
 ) {
     let o = args.listen;
-    let (inventory, payment, fulfillment) = (participants[0], participants[1], participants[2]);
     let storage = match data_dir {
         Some(dir) => format!("SQLite files in {} (they survive restarts)", dir.display()),
         None => "in memory (nothing survives this process)".to_owned(),

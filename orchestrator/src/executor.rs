@@ -34,7 +34,7 @@ use tracing::Instrument;
 
 use crate::clients::{StepCall, StepCalls};
 use crate::error::Error;
-use crate::saga::{Command, Event, Kind, ORDER_SAGA, Outcome, Policy, SagaState, Status};
+use crate::saga::{Command, Definition, Event, Kind, Outcome, Policy, Registry, SagaState, Status};
 use crate::store::{
     Commit, JournalEntry, JournalKind, JournalOutcome, LeaseChange, NextAttempt, SagaRecord,
     SagaStore,
@@ -58,6 +58,10 @@ pub struct ExecutorConfig {
     pub poll_interval: Duration,
     /// Most sagas driven at once by this replica.
     pub max_in_flight: usize,
+    /// The saga definitions this replica knows: each saga is driven by the
+    /// (name, version) it started under; new sagas start under the current
+    /// version of their name.
+    pub registry: Arc<Registry>,
 }
 
 /// Resolves once the stop flag of [`Executor::stopping`] is set, at once if
@@ -311,7 +315,12 @@ impl Executor {
                     .await?
                     .ok_or_else(|| Error::NotFound(format!("no order {saga_id}")))?,
             );
-            let next = saga.state.apply(&ORDER_SAGA, &self.config.policy, event)?;
+            // A saga this replica cannot drive is refused, not guessed at:
+            // a retry resumes it once a replica that knows its version runs.
+            let definition = saga
+                .definition(&self.config.registry)
+                .map_err(Error::FailedPrecondition)?;
+            let next = saga.state.apply(definition, &self.config.policy, event)?;
             let effect = if next != saga.state {
                 RequestEffect::Changed
             } else if saga.status.is_settled() || matches!(event, Event::CancelRequested { .. }) {
@@ -339,7 +348,7 @@ impl Executor {
                 saga_id,
                 expected_version: saga.version,
                 state: &next,
-                definition: &ORDER_SAGA,
+                definition,
                 journal: &journal,
                 next_attempt: if next.waiting_retry {
                     NextAttempt::Keep
@@ -355,7 +364,7 @@ impl Executor {
             let Some(version) = self.store.commit(commit).await? else {
                 continue; // the saga moved meanwhile: decide again
             };
-            let status = next.status(&ORDER_SAGA);
+            let status = next.status(definition);
             tracing::info!(saga_id, request = name, actor, detail, %status, ?effect, "request accepted");
             if status != saga.status {
                 self.publish(saga_id, &next, status);
@@ -637,6 +646,10 @@ impl Executor {
 
     async fn drive(&self, mut saga: SagaRecord, notify: &Notify) -> Option<()> {
         tracing::debug!(status = %saga.status, "driving");
+        let definition = match saga.definition(&self.config.registry) {
+            Ok(definition) => definition,
+            Err(reason) => return self.hold(saga, reason).await,
+        };
         let mut stopping = self.stopping();
         // When a stored backoff ends, in this process's clock.
         let mut due = due_instant(saga.next_attempt_at);
@@ -675,17 +688,21 @@ impl Executor {
                 }
             };
 
-            let definition = &ORDER_SAGA.steps[step];
+            let Some(step_def) = definition.step(step) else {
+                // Cannot happen: the state fits its definition.
+                let reason = format!("saga definition {} has no step {step}", definition.label());
+                return self.hold(saga, reason).await;
+            };
             let rpc = match kind {
-                Kind::Action => definition.action,
-                Kind::Compensation => definition.compensation,
+                Kind::Action => step_def.action,
+                Kind::Compensation => step_def.compensation,
             };
             let started_at = now_epoch();
             let outcome = self
                 .calls
                 .call(StepCall {
                     saga_id: &saga.saga_id,
-                    step,
+                    step: step_def,
                     kind,
                     customer_id: &saga.customer_id,
                     items: &saga.items,
@@ -706,7 +723,7 @@ impl Executor {
                 Outcome::Retryable(detail) | Outcome::Rejected(detail) => detail.clone(),
             };
             tracing::info!(
-                step = definition.name,
+                step = step_def.name,
                 kind = kind.as_str(),
                 attempt,
                 outcome = journalled.as_str(),
@@ -714,7 +731,7 @@ impl Executor {
                 "call finished"
             );
             let journal = [JournalEntry {
-                step: definition.name.to_owned(),
+                step: step_def.name.to_owned(),
                 kind: kind.into(),
                 attempt: attempt as i32,
                 outcome: journalled,
@@ -730,9 +747,74 @@ impl Executor {
                 attempt,
                 outcome,
             };
-            match self.record(&mut saga, &event, &journal).await {
+            match self.record(&mut saga, definition, &event, &journal).await {
                 Some(delay) => due = delay.map(|d| Instant::now() + d),
                 None => return None,
+            }
+        }
+    }
+
+    /// Sets aside a saga this replica cannot drive (its definition is not
+    /// known here, or its state does not fit it): NEEDS_ATTENTION with
+    /// `reason`, journalled once, its phase kept for an operator retry on
+    /// a replica that knows it, and its lease handed back. Always None:
+    /// the driver stops.
+    async fn hold(&self, mut saga: SagaRecord, reason: String) -> Option<()> {
+        tracing::warn!(
+            definition = %saga.definition_name,
+            version = saga.definition_version,
+            reason,
+            "saga set aside"
+        );
+        let owner = self.config.replica_id.as_str();
+        loop {
+            if saga.state.held.is_some() || saga.status.is_settled() {
+                return None;
+            }
+            let next = saga.state.hold(reason.clone());
+            let now = now_epoch();
+            let journal = [JournalEntry {
+                step: "definition".to_owned(),
+                kind: JournalKind::Control,
+                attempt: 0,
+                outcome: JournalOutcome::Rejected,
+                detail: reason.clone(),
+                rpc: String::new(),
+                actor: owner.to_owned(),
+                started_at: now,
+                finished_at: Some(now),
+            }];
+            let commit = Commit {
+                saga_id: &saga.saga_id,
+                expected_version: saga.version,
+                state: &next,
+                // No step of it is read: a held state's status and step
+                // need no definition.
+                definition: &Definition::NONE,
+                journal: &journal,
+                next_attempt: NextAttempt::Keep,
+                lease: LeaseChange::Release { owner },
+                durable: true,
+                wake: false,
+            };
+            match self.store.commit(commit).await {
+                Ok(Some(_)) => {
+                    self.publish(&saga.saga_id, &next, Status::NeedsAttention);
+                    return None;
+                }
+                Ok(None) => {
+                    let fresh = self.reload(&saga.saga_id).await?;
+                    if !self.owns(&fresh) {
+                        return None;
+                    }
+                    saga = fresh;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot set the saga aside; retrying");
+                    if self.pause(Duration::from_secs(1)).await {
+                        return None;
+                    }
+                }
             }
         }
     }
@@ -744,6 +826,7 @@ impl Executor {
     async fn record(
         &self,
         saga: &mut SagaRecord,
+        definition: &'static Definition,
         event: &Event,
         journal: &[JournalEntry],
     ) -> Option<Option<Duration>> {
@@ -766,7 +849,7 @@ impl Executor {
                 }
                 _ => journal,
             };
-            let next: SagaState = match saga.state.apply(&ORDER_SAGA, &self.config.policy, event) {
+            let next: SagaState = match saga.state.apply(definition, &self.config.policy, event) {
                 Ok(next) => next,
                 Err(error) => {
                     // Call outcomes are always applicable; keep the state.
@@ -774,13 +857,13 @@ impl Executor {
                     saga.state.clone()
                 }
             };
-            let status = next.status(&ORDER_SAGA);
+            let status = next.status(definition);
             let delay = next.waiting_retry.then(|| self.retry_delay(&next));
             let commit = Commit {
                 saga_id: &saga.saga_id,
                 expected_version: saga.version,
                 state: &next,
-                definition: &ORDER_SAGA,
+                definition,
                 journal,
                 next_attempt: delay.map_or(NextAttempt::Clear, NextAttempt::In),
                 durable: SagaState::must_be_durable(event, &next),
@@ -891,6 +974,7 @@ fn due_instant(at: Option<f64>) -> Option<Instant> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::saga::ORDER_SAGA;
 
     #[test]
     fn backoff_doubles_up_to_the_cap_and_jitters_below_it() {
@@ -995,6 +1079,7 @@ mod tests {
                 lease_ttl: Duration::from_secs(3),
                 poll_interval: Duration::from_millis(100),
                 max_in_flight: 8,
+                registry: Arc::default(),
             },
         );
         executor.start().await.unwrap();

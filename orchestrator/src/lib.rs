@@ -2,17 +2,24 @@
 //!
 //! Layout (the plumbing it shares with the participants is in the `common`
 //! crate; the admin CLI is the `sagactl` crate):
-//! - [`saga`]: the pure state machine (no I/O, no clock).
-//! - [`store`]: saga rows and their journal, behind a trait; PostgreSQL and SQLite.
-//! - [`executor`]: drives sagas: claims, calls, records, retries, leases, recovery.
-//! - [`clients`]: the participant clients, one RPC per step, `Status` to outcome.
-//! - [`api`]: `saga.v1.OrderService`, parsing at the edge.
-//! - [`admin`]: `saga.v1.AdminService` and its bearer-token interceptor.
+//! - [`saga`]: the pure state machine (no I/O, no clock), saga definitions
+//!   as data (name, version, steps, pivot) and the [`saga::Registry`] of
+//!   the definitions this binary knows.
+//! - [`store`]: saga rows and their journal, behind a trait; PostgreSQL and
+//!   SQLite; one commit plan both execute.
+//! - [`executor`]: drives sagas: claims, calls, records outcomes, backoffs,
+//!   leases, recovery; resolves each saga's definition from its row.
+//! - [`clients`]: the participants' step adapters (one per participant, by
+//!   name), the gRPC step calls, the per-participant call bound, and the
+//!   record clients Reconcile uses.
+//! - [`api`]: `saga.v1.OrderService` (PlaceOrder starts an `order` saga).
+//! - [`admin`]: `saga.v1.AdminService` and its bearer-token check.
 //! - [`reconcile`]: sagas against the participants' records (merge join).
-//! - [`config`]: flags with env fallbacks, validated once into `Settings`.
-//! - [`server`]: connect and migrate the store, serve until shutdown.
-//! - [`telemetry`]: `/healthz` and `/metrics` on `--http-listen`.
-//! - `dev` (feature `dev`): the embedded mode, every service in one process.
+//! - [`config`]: flags with env fallbacks, validated into settings.
+//! - [`server`]: connecting the store and serving until shutdown.
+//! - [`telemetry`]: the HTTP port: `/healthz` and `/metrics`.
+//! - `dev` (feature `dev`): the embedded mode, every service in one process
+//!   on SQLite.
 //! - [`error`]: the one error type and its mapping to `tonic::Status`.
 
 pub mod admin;

@@ -36,7 +36,7 @@ use tonic::Status;
 use crate::clients::{RecordClients, classify, code_name};
 use crate::error::Error;
 use crate::executor::now_epoch;
-use crate::saga::{ORDER_SAGA, Outcome, Status as SagaStatus};
+use crate::saga::{Outcome, Status as SagaStatus};
 use crate::store::{JournalEntry, JournalKind, JournalOutcome, OrderItem, SagaBrief, SagaStore};
 
 /// A participant, as Reconcile names it.
@@ -54,7 +54,7 @@ impl Party {
     /// Every participant, in step order.
     pub const ALL: [Party; 3] = [Self::Inventory, Self::Payment, Self::Fulfillment];
 
-    /// Index of its step in the order saga (and in per-party arrays).
+    /// Its position in [`Party::ALL`] (and in per-party arrays).
     pub fn index(self) -> usize {
         match self {
             Self::Inventory => 0,
@@ -90,9 +90,14 @@ impl Party {
         }
     }
 
-    /// The full name of its compensation RPC.
+    /// The full name of the RPC that undoes its record (what repair
+    /// calls through [`RecordClients`], and journals).
     pub fn compensation(self) -> &'static str {
-        ORDER_SAGA.steps[self.index()].compensation
+        match self {
+            Self::Inventory => "inventory.v1.InventoryService/Release",
+            Self::Payment => "payment.v1.PaymentService/Refund",
+            Self::Fulfillment => "fulfillment.v1.FulfillmentService/CancelShipment",
+        }
     }
 }
 

@@ -54,7 +54,11 @@ pub async fn serve(
     http_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    let calls = Arc::new(Bounded::new(calls, settings.max_participant_calls));
+    let calls = Arc::new(Bounded::new(
+        calls,
+        settings.max_participant_calls,
+        &settings.executor.registry,
+    ));
     let executor = Executor::new(store, calls, settings.executor.clone());
     executor.start().await?;
     if let Some(http) = http_listener {

@@ -174,6 +174,7 @@ conformance!(
     an_idempotency_key_is_scoped_to_its_customer,
     sagas_are_paged_by_id_with_what_reconcile_compares,
     the_partial_indexes_leave_out_the_status_types_sets,
+    a_saga_records_the_name_and_version_of_its_definition,
 );
 
 /// The migrations' partial indexes are SQL text, written once: they must
@@ -204,6 +205,73 @@ async fn the_partial_indexes_leave_out_the_status_types_sets(backend: Backend) {
     assert!(checked > 0, "no partial index found");
 }
 
+/// A second version of a saga type, only for this test.
+static AUDITED_V2: orchestrator::saga::Definition = orchestrator::saga::Definition {
+    name: "audited",
+    version: 2,
+    steps: &[orchestrator::saga::StepDef {
+        name: "audit",
+        status: Status::ChargingPayment,
+        participant: "auditor",
+        action: "audit.v1/Audit",
+        compensation: "audit.v1/Unaudit",
+    }],
+    pivot: 0,
+};
+
+async fn a_saga_records_the_name_and_version_of_its_definition(backend: Backend) {
+    let store = &backend.store;
+    let (order, _) = store
+        .create(&new_saga("s1", None), "r1", TTL)
+        .await
+        .unwrap();
+    assert_eq!(
+        (order.definition_name.as_str(), order.definition_version),
+        ("order", 1)
+    );
+    let audited = NewSaga {
+        definition: &AUDITED_V2,
+        state: SagaState::new(&AUDITED_V2),
+        ..new_saga("s2", None)
+    };
+    let (created, _) = store.create(&audited, "r1", TTL).await.unwrap();
+    assert_eq!(
+        (created.definition_name.as_str(), created.definition_version),
+        ("audited", 2)
+    );
+    assert_eq!(created.status, Status::Pending);
+    // Read back the way every reader gets it: a load, a claim, a list.
+    let loaded = store.load("s2").await.unwrap().unwrap();
+    assert_eq!(
+        (loaded.definition_name.as_str(), loaded.definition_version),
+        ("audited", 2)
+    );
+    store.release_leases("r1").await.unwrap();
+    let claimed = store.claim("s2", "r2", TTL).await.unwrap().unwrap();
+    assert_eq!(
+        (claimed.definition_name.as_str(), claimed.definition_version),
+        ("audited", 2)
+    );
+    let listed = store
+        .list(&ListFilter {
+            limit: 10,
+            ..ListFilter::default()
+        })
+        .await
+        .unwrap();
+    let names: Vec<_> = listed
+        .iter()
+        .map(|s| {
+            (
+                s.saga_id.as_str(),
+                s.definition_name.as_str(),
+                s.definition_version,
+            )
+        })
+        .collect();
+    assert_eq!(names, [("s2", "audited", 2), ("s1", "order", 1)]);
+}
+
 fn new_saga(id: &str, key: Option<&str>) -> NewSaga {
     NewSaga {
         saga_id: id.into(),
@@ -213,6 +281,7 @@ fn new_saga(id: &str, key: Option<&str>) -> NewSaga {
             product_id: "widget".into(),
             quantity: 2,
         }],
+        definition: &ORDER_SAGA,
         state: SagaState::new(&ORDER_SAGA),
     }
 }

@@ -15,7 +15,8 @@ mod system;
 pub use lossy::LossyStore;
 pub use system::{
     Audit, SpawnedOrchestrator, System, compensations, delay, fault, place_request, settled,
-    spawn_orchestrator, spawn_orchestrator_wrapped, spawn_system, spawn_system_with, test_settings,
+    spawn_orchestrator, spawn_orchestrator_with_adapters, spawn_orchestrator_wrapped, spawn_system,
+    spawn_system_with, test_settings,
 };
 
 use std::sync::Once;

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use orchestrator::clients::{GrpcParticipants, ParticipantUrls};
+use orchestrator::clients::{GrpcParticipants, ParticipantUrls, StepAdapter};
 use orchestrator::config::Settings;
 use orchestrator::executor::ExecutorConfig;
 use orchestrator::saga::Policy;
@@ -48,6 +48,7 @@ pub fn test_settings(participants: &Participants) -> Settings {
             lease_ttl: Duration::from_secs(2),
             poll_interval: Duration::from_millis(100),
             max_in_flight: 10_000,
+            registry: Arc::default(),
         },
         participants: ParticipantUrls {
             inventory: participants.inventory.endpoint().to_owned(),
@@ -90,6 +91,26 @@ pub async fn spawn_orchestrator_wrapped(
     settings: Settings,
     wrap: impl FnOnce(Arc<dyn SagaStore>) -> Arc<dyn SagaStore> + Send + 'static,
 ) -> Result<SpawnedOrchestrator> {
+    spawn_orchestrator_full(database_url, settings, wrap, Vec::new()).await
+}
+
+/// Like [`spawn_orchestrator`], with more participants: each adapter
+/// serves the steps of the participant it is named for (in-process, for
+/// definitions with participants beyond the order saga's three).
+pub async fn spawn_orchestrator_with_adapters(
+    database_url: &str,
+    settings: Settings,
+    adapters: Vec<(&'static str, Arc<dyn StepAdapter>)>,
+) -> Result<SpawnedOrchestrator> {
+    spawn_orchestrator_full(database_url, settings, |store| store, adapters).await
+}
+
+async fn spawn_orchestrator_full(
+    database_url: &str,
+    settings: Settings,
+    wrap: impl FnOnce(Arc<dyn SagaStore>) -> Arc<dyn SagaStore> + Send + 'static,
+    adapters: Vec<(&'static str, Arc<dyn StepAdapter>)>,
+) -> Result<SpawnedOrchestrator> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     listener.set_nonblocking(true)?;
     let endpoint = format!("http://{}", listener.local_addr()?);
@@ -111,7 +132,10 @@ pub async fn spawn_orchestrator_wrapped(
             )
             .await?;
             let store = wrap(store);
-            let calls = GrpcParticipants::new(&settings.participants, settings.step_timeout)?;
+            let calls = adapters.into_iter().fold(
+                GrpcParticipants::new(&settings.participants, settings.step_timeout)?,
+                |calls, (name, adapter)| calls.with_adapter(name, adapter),
+            );
             let listener = tokio::net::TcpListener::from_std(listener)
                 .map_err(|e| orchestrator::Error::invalid(e.to_string()))?;
             let _ = ready_tx.send(());

@@ -93,50 +93,129 @@ impl fmt::Display for Status {
     }
 }
 
-/// One step of a saga: a forward action, its compensation, and the status
-/// the saga shows while the action runs.
+/// One step of a saga, read top to bottom like the business process: its
+/// name, the status the saga shows while its action runs, the participant
+/// that serves it, and its action and compensation (the RPCs the
+/// participant's adapter makes; the names are journalled).
 #[derive(Debug)]
 pub struct StepDef {
-    /// Name in the journal, e.g. `reserve_inventory`.
+    /// Name in the journal, e.g. `reserve_inventory` (the contract's step
+    /// names for the order saga).
     pub name: &'static str,
+    /// Status while the action runs: one of the contract's statuses (a new
+    /// label would be a change of the contract).
+    pub status: Status,
+    /// The participant that serves the step, e.g. `inventory`: the key of
+    /// its adapter (`clients::StepAdapter`) and of its call bound.
+    pub participant: &'static str,
     /// The action's gRPC method, e.g. `inventory.v1.InventoryService/Reserve`.
     pub action: &'static str,
     /// The compensation's gRPC method.
     pub compensation: &'static str,
-    /// Status while the action runs.
-    pub status: Status,
 }
 
-/// A saga: its steps in forward order. The last step is the pivot: once it
-/// succeeded the saga is complete and is never compensated.
+/// A saga definition: its name and version (recorded with every saga row),
+/// its steps in forward order and which of them is the pivot. Once the
+/// pivot succeeded the saga only goes forward: it is never compensated, a
+/// cancel comes too late, and the steps after the pivot (if any) are
+/// retried until they succeed.
 #[derive(Debug)]
 pub struct Definition {
+    /// The saga type, e.g. `order`.
+    pub name: &'static str,
+    /// Its version; a deploy that changes the steps adds a version, and
+    /// sagas started under an older one finish under it.
+    pub version: u32,
     /// The steps, in forward order; at least one.
     pub steps: &'static [StepDef],
+    /// Index of the pivot step in `steps`.
+    pub pivot: usize,
+}
+
+impl Definition {
+    /// No definition: what a commit names for a state that is set aside
+    /// because its own definition is not known ([`SagaState::held`]); such
+    /// a state's status and current step read no step of it.
+    pub const NONE: Definition = Definition {
+        name: "",
+        version: 0,
+        steps: &[],
+        pivot: 0,
+    };
+
+    /// The step at `index`, if the definition has one.
+    pub fn step(&self, index: usize) -> Option<&'static StepDef> {
+        self.steps.get(index)
+    }
+
+    /// `order v1`, as messages name a definition.
+    pub fn label(&self) -> String {
+        format!("{} v{}", self.name, self.version)
+    }
+
+    /// Checks the definition is usable: a name, at least one step, the
+    /// pivot one of them, step names unique, every step served by a named
+    /// participant.
+    pub fn validate(&self) -> Result<(), String> {
+        let label = self.label();
+        if self.name.is_empty() {
+            return Err("a saga definition needs a name".to_owned());
+        }
+        if self.steps.is_empty() {
+            return Err(format!("saga definition {label} has no steps"));
+        }
+        if self.pivot >= self.steps.len() {
+            return Err(format!(
+                "saga definition {label}: the pivot is step {} of {}",
+                self.pivot,
+                self.steps.len()
+            ));
+        }
+        for (index, step) in self.steps.iter().enumerate() {
+            if step.name.is_empty() || step.participant.is_empty() {
+                return Err(format!(
+                    "saga definition {label}: step {index} needs a name and a participant"
+                ));
+            }
+            if self.steps.iter().take(index).any(|s| s.name == step.name) {
+                return Err(format!(
+                    "saga definition {label}: step name {} is used twice",
+                    step.name
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The order saga: reserve inventory → charge payment → ship (the pivot).
 pub const ORDER_SAGA: Definition = Definition {
+    name: "order",
+    version: 1,
     steps: &[
         StepDef {
             name: "reserve_inventory",
+            status: Status::ReservingInventory,
+            participant: "inventory",
             action: "inventory.v1.InventoryService/Reserve",
             compensation: "inventory.v1.InventoryService/Release",
-            status: Status::ReservingInventory,
         },
         StepDef {
             name: "charge_payment",
+            status: Status::ChargingPayment,
+            participant: "payment",
             action: "payment.v1.PaymentService/Charge",
             compensation: "payment.v1.PaymentService/Refund",
-            status: Status::ChargingPayment,
         },
         StepDef {
             name: "ship_order",
+            status: Status::Shipping,
+            participant: "fulfillment",
             action: "fulfillment.v1.FulfillmentService/Ship",
             compensation: "fulfillment.v1.FulfillmentService/CancelShipment",
-            status: Status::Shipping,
         },
     ],
+    pivot: 2,
 };
 
 /// Attempt budgets. An action whose budget is spent makes the saga
@@ -222,6 +301,24 @@ pub struct SagaState {
     pub last_error: Option<String>,
     /// Outputs of succeeded actions (reservation_id, total_amount_cents, ...).
     pub outputs: BTreeMap<String, String>,
+    /// Set aside: the replica that read the saga could not drive it (its
+    /// definition's version is unknown to it, or the state does not fit
+    /// the definition). The saga is NEEDS_ATTENTION and runs nothing; its
+    /// phase is kept, so an operator retry on a replica that knows the
+    /// definition resumes it where it was. Absent from the stored JSON
+    /// when not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<Held>,
+}
+
+/// Why a saga was set aside, and what to restore when it resumes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    /// The message, e.g. "saga definition order v3 is not known to this
+    /// replica (it knows v1, v2)".
+    pub reason: String,
+    /// The saga's own failure reason before it was set aside.
+    pub failure_reason: Option<String>,
 }
 
 /// How a call ended, as classified by the participant adapter.
@@ -283,6 +380,14 @@ pub enum Error {
     /// Abort of a saga that is already compensating.
     #[error("the saga is already compensating ({0}); use retry to resume it")]
     AlreadyCompensating(Status),
+    /// Cancel or abort after the pivot succeeded, while the steps after it
+    /// run.
+    #[error("the saga passed its pivot ({0}): it can only go forward")]
+    PastPivot(&'static str),
+    /// Cancel or abort of a saga set aside ([`SagaState::held`]): it needs
+    /// an operator retry first.
+    #[error("the saga is NEEDS_ATTENTION ({0}); retry it first")]
+    Held(String),
 }
 
 impl SagaState {
@@ -290,7 +395,9 @@ impl SagaState {
     /// the start: the executor sends it as soon as the saga is recorded.
     pub fn new(definition: &Definition) -> Self {
         let mut steps = vec![StepState::default(); definition.steps.len()];
-        steps[0].attempted = true;
+        if let Some(first) = steps.first_mut() {
+            first.attempted = true;
+        }
         Self {
             phase: Phase::Pending,
             steps,
@@ -300,6 +407,7 @@ impl SagaState {
             failure_reason: None,
             last_error: None,
             outputs: BTreeMap::new(),
+            held: None,
         }
     }
 
@@ -310,6 +418,44 @@ impl SagaState {
     pub fn cancel_requested(&self) -> bool {
         let cancel = Some(Cause::Cancel);
         self.cause == cancel || self.stop_requested == cancel
+    }
+
+    /// Whether this state can be driven by `definition`: one step state
+    /// per step, and the current step one of them. The message says what
+    /// does not fit.
+    pub fn fits(&self, definition: &Definition) -> Result<(), String> {
+        if self.steps.len() != definition.steps.len() {
+            return Err(format!(
+                "the saga's stored state does not fit saga definition {}: it has {} steps, the definition {}",
+                definition.label(),
+                self.steps.len(),
+                definition.steps.len()
+            ));
+        }
+        match self.current() {
+            Some((step, _)) if step >= definition.steps.len() => Err(format!(
+                "the saga's stored state does not fit saga definition {}: it is at step {step} of {}",
+                definition.label(),
+                definition.steps.len()
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The saga set aside with `reason` (see [`SagaState::held`]): it
+    /// shows NEEDS_ATTENTION with the reason as its failure reason, keeps
+    /// its phase and runs nothing until an operator retries it. A saga
+    /// already set aside keeps its first reason.
+    pub fn hold(&self, reason: String) -> SagaState {
+        let mut state = self.clone();
+        if state.held.is_none() {
+            state.held = Some(Held {
+                reason: reason.clone(),
+                failure_reason: state.failure_reason.take(),
+            });
+            state.failure_reason = Some(reason);
+        }
+        state
     }
 
     /// The state as read back from the store, before anything is decided
@@ -363,6 +509,9 @@ impl SagaState {
 
     /// The status the API reports.
     pub fn status(&self, definition: &Definition) -> Status {
+        if self.held.is_some() {
+            return Status::NeedsAttention;
+        }
         match self.phase {
             Phase::Pending | Phase::Forward { .. }
                 if self.stop_requested == Some(Cause::Cancel) =>
@@ -373,7 +522,11 @@ impl SagaState {
                 Status::Compensating
             }
             Phase::Pending => Status::Pending,
-            Phase::Forward { step } => definition.steps[step].status,
+            // A step the definition does not have (a state that does not
+            // fit it) is for an operator.
+            Phase::Forward { step } => definition
+                .step(step)
+                .map_or(Status::NeedsAttention, |s| s.status),
             Phase::Compensating { .. } if self.cause == Some(Cause::Cancel) => Status::Cancelling,
             Phase::Compensating { .. } => Status::Compensating,
             Phase::Completed => Status::Completed,
@@ -398,8 +551,10 @@ impl SagaState {
     /// Attempts recorded for the current step and kind.
     pub fn current_attempts(&self) -> u32 {
         match self.current() {
-            Some((step, Kind::Action)) => self.steps[step].action_attempts,
-            Some((step, Kind::Compensation)) => self.steps[step].compensation_attempts,
+            Some((step, kind)) => self.steps.get(step).map_or(0, |s| match kind {
+                Kind::Action => s.action_attempts,
+                Kind::Compensation => s.compensation_attempts,
+            }),
             None => 0,
         }
     }
@@ -407,7 +562,8 @@ impl SagaState {
     /// Whether the outcome of this call drives the saga: it is the call
     /// the state is waiting for. Any other outcome is a late reply.
     pub fn awaits(&self, step: usize, kind: Kind, attempt: u32) -> bool {
-        self.current() == Some((step, kind))
+        self.held.is_none()
+            && self.current() == Some((step, kind))
             && self.current_attempts() + 1 == attempt
             && !matches!(self.phase, Phase::NeedsAttention { .. })
     }
@@ -421,7 +577,7 @@ impl SagaState {
         match self.current() {
             Some((step, _)) => self
                 .current_attempts()
-                .saturating_sub(self.steps[step].forgiven),
+                .saturating_sub(self.steps.get(step).map_or(0, |s| s.forgiven)),
             None => 0,
         }
     }
@@ -430,6 +586,9 @@ impl SagaState {
     /// (terminal or NEEDS_ATTENTION). Derived from the state alone, so a
     /// replica that takes a saga over after a crash resumes it exactly.
     pub fn next_command(&self) -> Option<Command> {
+        if self.held.is_some() {
+            return None;
+        }
         let (step, kind) = match self.phase {
             Phase::Pending => (0, Kind::Action),
             Phase::Forward { step } => (step, Kind::Action),
@@ -497,6 +656,14 @@ impl SagaState {
         attempt: u32,
         outcome: &Outcome,
     ) {
+        let open = !matches!(
+            self.phase,
+            Phase::Completed | Phase::Failed | Phase::Cancelled
+        );
+        // A step neither the state nor the definition has changes nothing.
+        let (Some(def), Some(_)) = (definition.step(step), self.steps.get(step)) else {
+            return;
+        };
         // Only the outcome of the call the state is waiting for drives the
         // saga. A late reply (a call sent before a cancel switched the saga
         // to compensation, before a takeover, or before the database lost
@@ -504,40 +671,59 @@ impl SagaState {
         // otherwise absorbed, except that an action the state did not
         // believe was sent now counts as attempted, so an abort undoes it.
         if !self.awaits(step, kind, attempt) {
-            let open = !matches!(
-                self.phase,
-                Phase::Completed | Phase::Failed | Phase::Cancelled
-            );
-            if kind == Kind::Action && open && step < self.steps.len() {
-                self.steps[step].attempted = true;
+            if kind == Kind::Action
+                && open
+                && let Some(late) = self.steps.get_mut(step)
+            {
+                late.attempted = true;
             }
             return;
         }
         self.waiting_retry = false;
-        let name = definition.steps[step].name;
+        let name = def.name;
+        let last = step + 1 == definition.steps.len();
+        // At or past the pivot: the saga only goes forward.
+        let past_pivot = step > definition.pivot;
         match kind {
             Kind::Action => {
-                self.steps[step].action_attempts = attempt;
+                let forgiven = self.step_mut(step, |s| {
+                    s.action_attempts = attempt;
+                    s.forgiven
+                });
                 match outcome {
                     Outcome::Succeeded(outputs) => {
-                        self.steps[step].succeeded = true;
+                        self.step_mut(step, |s| s.succeeded = true);
                         self.outputs.extend(outputs.iter().cloned());
-                        if step + 1 == definition.steps.len() {
-                            // The pivot succeeded: a pending cancel lost the race,
-                            // and its reason is no failure of a completed order.
+                        if last {
+                            // The last step succeeded (the pivot, or the
+                            // last step after it): a pending cancel lost
+                            // the race, and its reason is no failure of a
+                            // completed order.
                             self.phase = Phase::Completed;
                             self.stop_requested = None;
                             self.failure_reason = None;
+                        } else if step >= definition.pivot {
+                            // The pivot (or a step after it) succeeded: a
+                            // pending cancel comes too late.
+                            self.stop_requested = None;
+                            self.failure_reason = None;
+                            self.advance(step);
                         } else if let Some(cause) = self.stop_requested {
                             self.begin_compensation(cause);
                         } else {
-                            self.phase = Phase::Forward { step: step + 1 };
-                            self.steps[step + 1].attempted = true;
+                            self.advance(step);
                         }
+                    }
+                    // A step after the pivot cannot be compensated: it is
+                    // retried until it succeeds (an operator sees it stuck).
+                    Outcome::Retryable(detail) | Outcome::Rejected(detail) if past_pivot => {
+                        self.last_error = Some(detail.clone());
+                        self.phase = Phase::Forward { step };
+                        self.waiting_retry = true;
                     }
                     Outcome::Retryable(detail) => {
                         self.last_error = Some(detail.clone());
-                        let used = attempt.saturating_sub(self.steps[step].forgiven);
+                        let used = attempt.saturating_sub(forgiven);
                         if let Some(cause) = self.stop_requested {
                             self.begin_compensation(cause);
                         } else if used < policy.action_attempts {
@@ -561,17 +747,20 @@ impl SagaState {
                 }
             }
             Kind::Compensation => {
-                self.steps[step].compensation_attempts = attempt;
+                let forgiven = self.step_mut(step, |s| {
+                    s.compensation_attempts = attempt;
+                    s.forgiven
+                });
                 match outcome {
                     Outcome::Succeeded(_) => {
-                        self.steps[step].compensated = true;
+                        self.step_mut(step, |s| s.compensated = true);
                         self.continue_compensation();
                     }
                     // Compensations must eventually succeed: a rejection is
                     // retried like a transient failure.
                     Outcome::Retryable(detail) | Outcome::Rejected(detail) => {
                         self.last_error = Some(detail.clone());
-                        let used = attempt.saturating_sub(self.steps[step].forgiven);
+                        let used = attempt.saturating_sub(forgiven);
                         if used < policy.compensation_attempts {
                             self.waiting_retry = true;
                         } else {
@@ -587,6 +776,18 @@ impl SagaState {
         }
     }
 
+    /// Runs `change` on the state of `step` (which the caller checked
+    /// exists); the default when it does not.
+    fn step_mut<T: Default>(&mut self, step: usize, change: impl FnOnce(&mut StepState) -> T) -> T {
+        self.steps.get_mut(step).map(change).unwrap_or_default()
+    }
+
+    /// Moves on to the step after `step`, which now counts as attempted.
+    fn advance(&mut self, step: usize) {
+        self.phase = Phase::Forward { step: step + 1 };
+        self.step_mut(step + 1, |s| s.attempted = true);
+    }
+
     /// Switches to compensating every attempted step, newest first.
     fn begin_compensation(&mut self, cause: Cause) {
         self.cause = Some(cause);
@@ -600,14 +801,25 @@ impl SagaState {
 
     /// Moves to the newest attempted step not yet compensated, or ends.
     fn continue_compensation(&mut self) {
-        let next = (0..self.steps.len())
+        let next = self
+            .steps
+            .iter()
+            .enumerate()
             .rev()
-            .find(|&j| self.steps[j].attempted && !self.steps[j].compensated);
+            .find(|(_, s)| s.attempted && !s.compensated)
+            .map(|(j, _)| j);
         self.phase = match (next, self.cause) {
             (Some(step), _) => Phase::Compensating { step },
             (None, Some(Cause::Cancel)) => Phase::Cancelled,
             (None, _) => Phase::Failed,
         };
+    }
+
+    /// Whether the pivot of `definition` succeeded.
+    fn past_pivot(&self, definition: &Definition) -> bool {
+        self.steps
+            .get(definition.pivot)
+            .is_some_and(|pivot| pivot.succeeded)
     }
 
     fn on_stop(
@@ -616,6 +828,9 @@ impl SagaState {
         cause: Cause,
         reason: String,
     ) -> Result<(), Error> {
+        if let Some(held) = &self.held {
+            return Err(Error::Held(held.reason.clone()));
+        }
         let status = self.status(definition);
         match self.phase {
             Phase::Completed => Err(Error::AlreadyCompleted),
@@ -627,6 +842,9 @@ impl SagaState {
             Phase::Compensating { .. } | Phase::NeedsAttention { .. } => {
                 Err(Error::AlreadyCompensating(status))
             }
+            Phase::Forward { .. } if self.past_pivot(definition) => Err(Error::PastPivot(
+                definition.step(definition.pivot).map_or("", |s| s.name),
+            )),
             Phase::Pending | Phase::Forward { .. } => {
                 if self.stop_requested.is_some() {
                     // The first request wins; repeating it changes nothing.
@@ -651,19 +869,25 @@ impl SagaState {
     }
 
     fn on_operator_retry(&mut self, definition: &Definition) -> Result<(), Error> {
+        // A saga set aside resumes where it was (the executor retries it
+        // only once it knows its definition and the state fits it).
+        if let Some(held) = self.held.take() {
+            self.failure_reason = held.failure_reason;
+        }
         match self.phase {
             Phase::Completed | Phase::Failed | Phase::Cancelled => {
                 Err(Error::Settled(self.status(definition), "retry"))
             }
             Phase::NeedsAttention { step } => {
-                self.steps[step].forgiven = self.steps[step].compensation_attempts;
+                self.step_mut(step, |s| s.forgiven = s.compensation_attempts);
                 self.phase = Phase::Compensating { step };
                 self.waiting_retry = false;
                 Ok(())
             }
             Phase::Pending | Phase::Forward { .. } | Phase::Compensating { .. } => {
                 if let Some((step, _)) = self.current() {
-                    self.steps[step].forgiven = self.current_attempts();
+                    let attempts = self.current_attempts();
+                    self.step_mut(step, |s| s.forgiven = attempts);
                 }
                 // Skip the backoff: the next attempt goes out now.
                 self.waiting_retry = false;

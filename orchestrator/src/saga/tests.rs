@@ -882,3 +882,163 @@ fn a_cancel_stays_requested_when_its_compensation_needs_an_operator_and_an_abort
     assert!(!aborted.cancel_requested());
     assert!(!SagaState::new(DEF).cancel_requested());
 }
+
+/// Four steps, the pivot the third: the fourth only goes forward.
+static PIVOT_IN_THE_MIDDLE: Definition = Definition {
+    name: "pivoted",
+    version: 1,
+    steps: &[
+        StepDef {
+            name: "a",
+            status: Status::ReservingInventory,
+            participant: "pa",
+            action: "A",
+            compensation: "undo A",
+        },
+        StepDef {
+            name: "b",
+            status: Status::ChargingPayment,
+            participant: "pb",
+            action: "B",
+            compensation: "undo B",
+        },
+        StepDef {
+            name: "pivot",
+            status: Status::Shipping,
+            participant: "pc",
+            action: "P",
+            compensation: "undo P",
+        },
+        StepDef {
+            name: "after",
+            status: Status::Shipping,
+            participant: "pd",
+            action: "D",
+            compensation: "undo D",
+        },
+    ],
+    pivot: 2,
+};
+
+fn answer_in(definition: &Definition, state: &SagaState, outcome: Outcome) -> SagaState {
+    let (step, kind, attempt) = due(state).expect("a call is due");
+    state
+        .apply(
+            definition,
+            &POLICY,
+            &Event::CallFinished {
+                step,
+                kind,
+                attempt,
+                outcome,
+            },
+        )
+        .unwrap()
+}
+
+#[test]
+fn the_pivot_is_the_definitions_field_and_steps_after_it_only_go_forward() {
+    let def = &PIVOT_IN_THE_MIDDLE;
+    let mut state = SagaState::new(def);
+    for _ in 0..2 {
+        state = answer_in(def, &state, ok());
+    }
+    // A cancel while the pivot is in flight is recorded, then comes too
+    // late: the pivot succeeds and the saga goes on to the step after it.
+    state = state
+        .apply(def, &POLICY, &Event::CancelRequested { reason: None })
+        .unwrap();
+    assert_eq!(state.status(def), Status::Cancelling);
+    state = answer_in(def, &state, ok());
+    assert_eq!(state.phase, Phase::Forward { step: 3 });
+    assert_eq!(state.stop_requested, None);
+    assert_eq!(state.status(def), Status::Shipping);
+    // Past the pivot: no cancel, no abort, and failures of every kind are
+    // retried beyond the action budget, never compensated.
+    assert_eq!(
+        state.apply(def, &POLICY, &Event::CancelRequested { reason: None }),
+        Err(Error::PastPivot("pivot"))
+    );
+    for _ in 0..(POLICY.action_attempts * 2) {
+        state = answer_in(def, &state, rejected());
+        assert_eq!(state.phase, Phase::Forward { step: 3 });
+        assert!(state.waiting_retry);
+        state = answer_in(def, &state, transient());
+    }
+    state = answer_in(def, &state, ok());
+    assert_eq!(state.phase, Phase::Completed);
+    assert!(state.steps.iter().all(|s| !s.compensated));
+}
+
+#[test]
+fn a_pivot_failure_before_it_succeeded_still_compensates() {
+    let def = &PIVOT_IN_THE_MIDDLE;
+    let mut state = SagaState::new(def);
+    for _ in 0..2 {
+        state = answer_in(def, &state, ok());
+    }
+    state = answer_in(def, &state, rejected());
+    assert_eq!(state.phase, Phase::Compensating { step: 2 });
+}
+
+#[test]
+fn a_state_that_does_not_fit_its_definition_is_refused_and_never_panics() {
+    let four = SagaState::new(&PIVOT_IN_THE_MIDDLE);
+    assert!(four.fits(&PIVOT_IN_THE_MIDDLE).is_ok());
+    let error = four.fits(DEF).unwrap_err();
+    assert!(
+        error.contains("it has 4 steps, the definition 3"),
+        "{error}"
+    );
+    // Applied anyway: nothing panics, whatever the step numbers.
+    let mut at_four = four.clone();
+    at_four.phase = Phase::Forward { step: 3 };
+    assert!(at_four.fits(DEF).is_err());
+    assert_eq!(at_four.status(DEF), Status::NeedsAttention);
+    for step in [3, 7, usize::MAX - 1] {
+        for kind in [Kind::Action, Kind::Compensation] {
+            let event = Event::CallFinished {
+                step,
+                kind,
+                attempt: 1,
+                outcome: ok(),
+            };
+            let _ = at_four.apply(DEF, &POLICY, &event);
+            let _ = four.apply(DEF, &POLICY, &event);
+        }
+    }
+    let _ = at_four.apply(DEF, &POLICY, &Event::OperatorRetry);
+    let _ = at_four.failures_since_retry();
+    let _ = at_four.recovered();
+}
+
+#[test]
+fn a_held_saga_needs_attention_runs_nothing_and_a_retry_resumes_it_where_it_was() {
+    let charging = answer(&SagaState::new(DEF), ok());
+    let reason = "saga definition order v3 is not known to this replica (it knows v1, v2)";
+    let held = charging.hold(reason.to_owned());
+    assert_eq!(held.status(DEF), Status::NeedsAttention);
+    assert_eq!(held.failure_reason.as_deref(), Some(reason));
+    assert_eq!(held.next_command(), None);
+    assert_eq!(held.phase, charging.phase, "the phase is kept");
+    assert_eq!(held.hold("another".into()), held, "set aside once");
+    assert!(matches!(cancel(&held), Err(Error::Held(_))));
+    // The stored JSON of a saga never held has no such field; old rows
+    // read back as not held.
+    let json = serde_json::to_value(&charging).unwrap();
+    assert!(json.get("held").is_none());
+    let back: SagaState = serde_json::from_value(json).unwrap();
+    assert_eq!(back, charging);
+    let resumed = held.apply(DEF, &POLICY, &Event::OperatorRetry).unwrap();
+    assert_eq!(resumed.held, None);
+    assert_eq!(resumed.failure_reason, None);
+    assert_eq!(resumed.phase, Phase::Forward { step: 1 });
+    assert_eq!(
+        resumed.next_command(),
+        Some(Command::Call {
+            step: 1,
+            kind: Kind::Action,
+            attempt: 1
+        })
+    );
+}

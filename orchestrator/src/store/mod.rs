@@ -29,7 +29,7 @@ use sqlx::types::Json;
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use crate::error::Error;
-use crate::saga::{Definition, Kind, Outcome, SagaState, Status};
+use crate::saga::{Definition, Kind, Outcome, Registry, SagaState, Status, StepDef};
 
 /// A product and a quantity of it, as stored with the order.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -51,6 +51,8 @@ pub struct NewSaga {
     pub customer_id: String,
     /// What was ordered.
     pub items: Vec<OrderItem>,
+    /// The definition it starts under (its name and version are recorded).
+    pub definition: &'static Definition,
     /// The initial state.
     pub state: SagaState,
 }
@@ -66,6 +68,10 @@ pub struct SagaRecord {
     pub customer_id: String,
     /// What was ordered.
     pub items: Vec<OrderItem>,
+    /// The name of the definition it started under, e.g. `order`.
+    pub definition_name: String,
+    /// That definition's version; the saga runs by it to the end.
+    pub definition_version: u32,
     /// The state machine.
     pub state: SagaState,
     /// The status derived from the state when it was written.
@@ -95,6 +101,22 @@ pub struct SagaRecord {
 }
 
 impl SagaRecord {
+    /// The definition the saga runs by, as `registry` knows it: the one it
+    /// started under, if this replica knows it and the stored state fits
+    /// it. The error says why not.
+    pub fn definition(&self, registry: &Registry) -> Result<&'static Definition, String> {
+        let definition = registry.resolve(&self.definition_name, self.definition_version)?;
+        self.state.fits(definition)?;
+        Ok(definition)
+    }
+
+    /// The step being run or compensated (None when settled, or when the
+    /// definition is not known here).
+    pub fn current_step(&self, registry: &Registry) -> Option<(&'static StepDef, Kind)> {
+        let (step, kind) = self.state.current()?;
+        Some((self.definition(registry).ok()?.step(step)?, kind))
+    }
+
     /// The order total, known once the reservation succeeded.
     pub fn total_amount_cents(&self) -> i64 {
         total_amount_cents(&self.state)
@@ -178,7 +200,7 @@ impl Derived {
         let status = state.status(definition);
         let (current_step, attempts) = match state.current() {
             Some((step, _)) if !status.is_terminal() => (
-                Some(definition.steps[step].name),
+                definition.step(step).map(|s| s.name),
                 state.current_attempts() as i32,
             ),
             _ => (None, 0),
@@ -274,11 +296,18 @@ where
     let status: String = row.try_get("status")?;
     let Json(items) = row.try_get("items")?;
     let Json(state) = row.try_get("state")?;
+    let definition_version: i64 = row.try_get("definition_version")?;
     Ok(SagaRecord {
         saga_id: row.try_get("saga_id")?,
         idempotency_key: row.try_get("idempotency_key")?,
         customer_id: row.try_get("customer_id")?,
         items,
+        definition_name: row.try_get("definition_name")?,
+        definition_version: u32::try_from(definition_version).map_err(|_| {
+            Error::Corrupt(format!(
+                "definition version {definition_version} out of range"
+            ))
+        })?,
         state,
         status: Status::parse(&status)
             .ok_or_else(|| Error::Corrupt(format!("unknown status {status:?}")))?,

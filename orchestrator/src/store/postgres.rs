@@ -20,6 +20,7 @@ static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postg
 
 /// Every column of a saga row, in the shape [`record`] reads.
 const SAGA_COLUMNS: &str = "saga_id, idempotency_key, customer_id, items, state, status, version,
+    definition_name, definition_version,
     extract(epoch FROM next_attempt_at)::float8 AS next_attempt_at, lease_owner,
     extract(epoch FROM lease_expires_at)::float8 AS lease_expires_at,
     extract(epoch FROM created_at)::float8 AS created_at,
@@ -184,6 +185,8 @@ struct CreateRow {
     state: String,
     owner: String,
     ttl: f64,
+    definition_name: &'static str,
+    definition_version: i64,
 }
 
 /// Inserts a batch of sagas in one statement. A saga whose idempotency key
@@ -257,12 +260,14 @@ async fn insert_sagas(pool: &PgPool, rows: &[CreateRow]) -> Result<Vec<SagaRecor
     let column = |f: fn(&CreateRow) -> &str| rows.iter().map(|r| f(r)).collect::<Vec<_>>();
     let inserted = sqlx::query(sql!(
         "INSERT INTO sagas (saga_id, idempotency_key, customer_id, items, status, state,
-                            lease_owner, lease_expires_at)
+                            lease_owner, lease_expires_at, definition_name, definition_version)
          SELECT n.saga_id, n.idempotency_key, n.customer_id, n.items::jsonb, n.status,
-                n.state::jsonb, n.owner, now() + make_interval(secs => n.ttl)
+                n.state::jsonb, n.owner, now() + make_interval(secs => n.ttl),
+                n.definition_name, n.definition_version
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::text[], $8::float8[])
-              AS n(saga_id, idempotency_key, customer_id, items, status, state, owner, ttl)
+                     $7::text[], $8::float8[], $9::text[], $10::bigint[])
+              AS n(saga_id, idempotency_key, customer_id, items, status, state, owner, ttl,
+                   definition_name, definition_version)
          ON CONFLICT (customer_id, idempotency_key) DO NOTHING
          RETURNING {SAGA_COLUMNS}"
     ))
@@ -278,6 +283,12 @@ async fn insert_sagas(pool: &PgPool, rows: &[CreateRow]) -> Result<Vec<SagaRecor
     .bind(column(|r| &r.state))
     .bind(column(|r| &r.owner))
     .bind(rows.iter().map(|r| r.ttl).collect::<Vec<_>>())
+    .bind(column(|r| r.definition_name))
+    .bind(
+        rows.iter()
+            .map(|r| r.definition_version)
+            .collect::<Vec<_>>(),
+    )
     .fetch_all(pool)
     .await?;
     records(&inserted)
@@ -466,10 +477,12 @@ impl SagaStore for PgStore {
             idempotency_key: saga.idempotency_key.clone(),
             customer_id: saga.customer_id.clone(),
             items: serde_json::to_string(&saga.items).map_err(encode)?,
-            status: saga.state.status(&crate::saga::ORDER_SAGA).as_str(),
+            status: saga.state.status(saga.definition).as_str(),
             state: serde_json::to_string(&saga.state).map_err(encode)?,
             owner: owner.to_owned(),
             ttl: lease_ttl.as_secs_f64(),
+            definition_name: saga.definition.name,
+            definition_version: saga.definition.version.into(),
         };
         self.creates.submit(row).await.map_err(stopped)?
     }

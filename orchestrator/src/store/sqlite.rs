@@ -20,6 +20,7 @@ use crate::saga::Status;
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite/orchestrator");
 
 const SAGA_COLUMNS: &str = "saga_id, idempotency_key, customer_id, items, state, status, version,
+    definition_name, definition_version,
     next_attempt_at, lease_owner, lease_expires_at, created_at, updated_at, progress_at, finished_at";
 
 /// Saga persistence on SQLite.
@@ -76,11 +77,12 @@ impl SagaStore for SqliteStore {
         lease_ttl: Duration,
     ) -> Result<(SagaRecord, bool), Error> {
         let now = now_epoch();
-        let status = saga.state.status(&crate::saga::ORDER_SAGA);
+        let status = saga.state.status(saga.definition);
         let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO sagas (saga_id, idempotency_key, customer_id, items, status, state,
-                                lease_owner, lease_expires_at, created_at, updated_at, progress_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                lease_owner, lease_expires_at, created_at, updated_at, progress_at,
+                                definition_name, definition_version)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (customer_id, idempotency_key) DO NOTHING
              RETURNING {SAGA_COLUMNS}"
         )))
@@ -95,6 +97,8 @@ impl SagaStore for SqliteStore {
         .bind(now)
         .bind(now)
         .bind(now)
+        .bind(saga.definition.name)
+        .bind(i64::from(saga.definition.version))
         .fetch_optional(&self.pool)
         .await?;
         if let Some(row) = inserted {

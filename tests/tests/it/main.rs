@@ -3,6 +3,7 @@
 
 mod cancel;
 mod chaos;
+mod definitions;
 mod faults;
 mod fulfillment;
 mod inputs;
