@@ -423,8 +423,11 @@ impl pb::order_service_server::OrderService for OrderApi {
                         }
                         let update = updates.borrow_and_update().clone();
                         match update {
-                            // Driven here: the watch holds its latest status.
-                            Some(u) if executor.is_driving(&saga_id) => {
+                            // Driven here: the watch holds its latest
+                            // status. A settled one is final wherever the
+                            // driver is now (it was committed before it
+                            // was published): no read for the last update.
+                            Some(u) if u.status.is_settled() || executor.is_driving(&saga_id) => {
                                 Ok(Some((u.status, u.failure_reason, u.updated_at)))
                             }
                             // A driver here stopped, or a request here
