@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Before/after on a noisy host: builds each revision's release binaries,
+# then alternates them, round after round, on fresh databases: a closed
+# loop at C=64 (8,000 orders) and at C=1 (1,000 orders) per revision per
+# round. Alternating spreads the host's drift (CPU stolen by neighbours
+# varies from minute to minute here) over every revision alike; compare
+# the medians, not single runs.
+#
+#   bash bench/ab.sh REV_BEFORE REV_AFTER [MORE_REVS...]
+#   ROUNDS=6 bash bench/ab.sh main~3 main
+#
+# Writes bench/runs/ab-<date>.jsonl (one line per run) and prints the
+# medians per revision. Binaries are kept in target/ab/<commit>.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ $# -ge 2 ] || { echo "usage: bash bench/ab.sh REV_BEFORE REV_AFTER [MORE_REVS...]"; exit 2; }
+
+server=${DATABASE_SERVER:-postgres://postgres@127.0.0.1:5432}
+rounds=${ROUNDS:-4}
+root=$(pwd)
+out=bench/runs/ab-$(date -u +%Y%m%d-%H%M%S).jsonl
+mkdir -p bench/runs target/ab
+export RUST_LOG=warn
+
+commits=()
+for rev in "$@"; do
+  commit=$(git rev-parse --short "$rev")
+  commits+=("$commit")
+  bins=target/ab/$commit
+  [ -x "$bins/orchestrator" ] && continue
+  echo "== building $commit"
+  tree=$(mktemp -d)
+  git worktree add --detach "$tree" "$commit" >/dev/null
+  # One target directory for every revision: dependencies build once.
+  (cd "$tree" && CARGO_TARGET_DIR="$root/target/ab/build" cargo build --release --quiet --bins)
+  git worktree remove --force "$tree"
+  mkdir -p "$bins"
+  cp target/ab/build/release/{orchestrator,participant,sagactl} "$bins/"
+done
+
+pids=()
+stop() { kill -TERM "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true; pids=(); }
+trap stop EXIT
+fresh() {
+  for s in inventory payment fulfillment orchestrator; do
+    psql "$server/postgres" -qc "DROP DATABASE IF EXISTS ab_$s WITH (FORCE)" -qc "CREATE DATABASE ab_$s" 2>/dev/null
+  done
+}
+steal() { awk '/^cpu / {print $9}' /proc/stat; }
+
+for round in $(seq 1 "$rounds"); do
+  for commit in "${commits[@]}"; do
+    bins=target/ab/$commit
+    fresh
+    for p in inventory:50261 payment:50262 fulfillment:50263; do
+      "$bins/participant" "${p%%:*}" --listen "127.0.0.1:${p##*:}" \
+        --database-url "$server/ab_${p%%:*}" >/dev/null 2>&1 &
+      pids+=($!)
+    done
+    "$bins/orchestrator" serve --listen 127.0.0.1:50251 --database-url "$server/ab_orchestrator" \
+      --inventory-url http://127.0.0.1:50261 --payment-url http://127.0.0.1:50262 \
+      --fulfillment-url http://127.0.0.1:50263 >/dev/null 2>&1 &
+    pids+=($!)
+    for _ in $(seq 1 300); do
+      grpcurl -plaintext -d '{"service":"saga.v1.OrderService"}' 127.0.0.1:50251 \
+        grpc.health.v1.Health/Check 2>/dev/null | grep -q SERVING && break
+      sleep 0.2
+    done
+    for run in "64 8000" "1 1000"; do
+      set -- $run
+      before=$(steal)
+      line=$("$bins/sagactl" --endpoint http://127.0.0.1:50251 bench \
+        --inventory-url http://127.0.0.1:50261 --payment-url http://127.0.0.1:50262 \
+        --quiet --output json --concurrency "$1" --orders "$2" | tail -1)
+      python3 -c '
+import json, sys
+d = json.loads(sys.argv[1])
+print(json.dumps({"round": int(sys.argv[2]), "commit": sys.argv[3], "concurrency": int(sys.argv[4]),
+                  "sagas_per_second": d["sagas_per_second"], "p50_ms": d["latency_ms"]["p50"],
+                  "failed": d["failed"], "steal_seconds": (int(sys.argv[6]) - int(sys.argv[5])) / 100}))' \
+        "$line" "$round" "$commit" "$1" "$before" "$(steal)" | tee -a "$out"
+    done
+    stop
+  done
+done
+
+python3 - "$out" "${commits[@]}" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+print("| commit | C=64 sagas/s (median) | C=64 runs | C=1 p50 ms (median) | C=1 runs |")
+print("|---|---|---|---|---|")
+for commit in sys.argv[2:]:
+    c64 = [r["sagas_per_second"] for r in rows if r["commit"] == commit and r["concurrency"] == 64]
+    c1 = [r["p50_ms"] for r in rows if r["commit"] == commit and r["concurrency"] == 1]
+    print(f"| {commit} | {statistics.median(c64):.0f} | {', '.join(f'{x:.0f}' for x in c64)} "
+          f"| {statistics.median(c1):.2f} | {', '.join(f'{x:.1f}' for x in c1)} |")
+PY
