@@ -398,7 +398,10 @@ impl Executor {
             .claim(saga_id, &self.config.replica_id, self.config.lease_ttl)
             .await
         {
-            Ok(Some(saga)) => self.spawn(recovered(saga), permit),
+            Ok(Some(saga)) => {
+                common::metrics::count(crate::metrics::CLAIMS, &[("source", "resume")], 1);
+                self.spawn(recovered(saga), permit)
+            }
             Ok(None) => {}
             Err(error) => tracing::warn!(%error, saga_id, "could not claim the saga to resume it"),
         }
@@ -505,11 +508,20 @@ impl Executor {
             if free == 0 {
                 continue;
             }
-            match self
+            let began = Instant::now();
+            let claimed = self
                 .store
                 .claim_due(&self.config.replica_id, free, self.config.lease_ttl)
-                .await
-            {
+                .await;
+            if let Ok(claimed) = &claimed {
+                let now = now_epoch();
+                let lag = claimed
+                    .iter()
+                    .filter_map(|saga| saga.next_attempt_at.map(|at| now - at))
+                    .reduce(f64::max);
+                crate::metrics::sweep(began.elapsed().as_secs_f64(), claimed.len(), lag);
+            }
+            match claimed {
                 Ok(claimed) => {
                     if *stopping.borrow() {
                         // Stopping: the leases just taken are handed back
@@ -711,6 +723,19 @@ impl Executor {
                 .await;
             let finished_at = now_epoch();
             let journalled = JournalOutcome::of(&outcome);
+            crate::metrics::call(
+                step_def.name,
+                kind.as_str(),
+                journalled.as_str(),
+                match &outcome {
+                    Outcome::Succeeded(_) => "OK",
+                    Outcome::Retryable(detail) | Outcome::Rejected(detail) => {
+                        common::metrics::code_of(detail)
+                    }
+                },
+                finished_at - started_at,
+                matches!(outcome, Outcome::Retryable(_)),
+            );
             let detail = match &outcome {
                 // What a compensation did (released, tombstoned, ...) helps
                 // an operator; an action's outputs are in the saga's state.
@@ -800,6 +825,7 @@ impl Executor {
             match self.store.commit(commit).await {
                 Ok(Some(_)) => {
                     self.publish(&saga.saga_id, &next, Status::NeedsAttention);
+                    settled(Status::NeedsAttention);
                     return None;
                 }
                 Ok(None) => {
@@ -888,6 +914,7 @@ impl Executor {
                     if changed {
                         self.publish(&saga.saga_id, &saga.state, status);
                         log_status(saga, delay);
+                        settled(saga.status);
                     } else if let Some(delay) = delay {
                         tracing::info!(?delay, "retrying after backoff");
                     }
@@ -906,6 +933,7 @@ impl Executor {
                         if changed {
                             self.publish(&saga.saga_id, &saga.state, saga.status);
                             log_status(saga, delay);
+                            settled(saga.status);
                         }
                         return Some(delay);
                     }
@@ -949,6 +977,16 @@ pub const LATE_REPLY: &str = "late reply (the saga was not waiting for it)";
 fn recovered(mut saga: SagaRecord) -> SagaRecord {
     saga.state = saga.state.recovered();
     saga
+}
+
+/// Counts a saga that reached `status`, if it is settled.
+fn settled(status: Status) {
+    if status.is_settled() {
+        common::metrics::count(crate::metrics::FINISHED, &[("outcome", status.as_str())], 1);
+    }
+    if status == Status::NeedsAttention {
+        common::metrics::count(crate::metrics::NEEDS_ATTENTION, &[], 1);
+    }
 }
 
 fn log_status(saga: &SagaRecord, delay: Option<Duration>) {

@@ -17,6 +17,7 @@
 //! - [`reconcile`]: sagas against the participants' records (merge join).
 //! - [`config`]: flags with env fallbacks, validated into settings.
 //! - [`server`]: connecting the store and serving until shutdown.
+//! - [`metrics`]: the metric names and what records them.
 //! - [`telemetry`]: the HTTP port: `/healthz` and `/metrics`.
 //! - `dev` (feature `dev`): the embedded mode, every service in one process
 //!   on SQLite.
@@ -30,6 +31,7 @@ pub mod config;
 pub mod dev;
 pub mod error;
 pub mod executor;
+pub mod metrics;
 pub mod reconcile;
 pub mod saga;
 pub mod server;
