@@ -25,7 +25,8 @@ pub const NEEDS_ATTENTION: &str = "saga_needs_attention_total";
 pub const SHED: &str = "saga_place_order_shed_total";
 /// Sagas claimed, by source (sweeper, resume).
 pub const CLAIMS: &str = "saga_lease_claims_total";
-/// Sagas claimed whose lease another replica held and let expire.
+/// Sagas claimed whose lease another replica held and let expire
+/// (PostgreSQL; the embedded mode has one replica).
 pub const TAKEOVERS: &str = "saga_lease_takeovers_total";
 /// How overdue the most overdue saga of a sweep's claim was.
 pub const SWEEPER_LAG: &str = "saga_sweeper_lag_seconds";

@@ -533,15 +533,18 @@ impl SagaStore for PgStore {
         limit: i64,
         lease_ttl: Duration,
     ) -> Result<Vec<SagaRecord>, Error> {
+        // The lease each claimed saga had (another replica's, expired: a
+        // takeover) comes back with it, for the takeover count.
         let rows = sqlx::query(sql!(
             "UPDATE sagas SET lease_owner = $1, lease_expires_at = now() + make_interval(secs => $2)
-             WHERE saga_id IN (
-                 SELECT saga_id FROM sagas
+             FROM (
+                 SELECT saga_id AS due_id, lease_owner AS previous_owner FROM sagas
                  WHERE {claimable} AND {due}
                  ORDER BY next_attempt_at NULLS FIRST
                  LIMIT $3
-                 FOR UPDATE SKIP LOCKED)
-             RETURNING {SAGA_COLUMNS}",
+                 FOR UPDATE SKIP LOCKED) AS due
+             WHERE saga_id = due.due_id
+             RETURNING {SAGA_COLUMNS}, due.previous_owner",
             claimable = Claimable("now()"),
             due = Due("now()"),
         ))
@@ -550,6 +553,18 @@ impl SagaStore for PgStore {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
+        let takeovers = rows
+            .iter()
+            .filter(|row| {
+                sqlx::Row::try_get::<Option<String>, _>(*row, "previous_owner")
+                    .ok()
+                    .flatten()
+                    .is_some_and(|previous| previous != owner)
+            })
+            .count();
+        if takeovers > 0 {
+            common::metrics::count(crate::metrics::TAKEOVERS, &[], takeovers as u64);
+        }
         records(&rows)
     }
 
