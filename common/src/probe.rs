@@ -210,9 +210,9 @@ async fn answer(mut stream: TcpStream, probes: &Probes, idle: Duration) -> std::
 }
 
 /// Runs `check` now and then every `every` until `stopping` turns true,
-/// recording the result in `readiness` and marking `services` (and the
-/// server as a whole, `""`) SERVING when every check passed, NOT_SERVING
-/// otherwise, when `gate` says a check counts for gRPC health.
+/// recording the result in `readiness`, and marks `services` (and the
+/// server as a whole, `""`) SERVING when every check that `gate` selects
+/// passed, NOT_SERVING otherwise.
 pub async fn watch_readiness<F, Fut>(
     readiness: Arc<Readiness>,
     reporter: HealthReporter,
@@ -256,8 +256,8 @@ pub async fn watch_readiness<F, Fut>(
     }
 }
 
-/// A gRPC health Check of `url`'s server as a whole (service `""`), with
-/// `timeout` for connecting and answering: `Ok("SERVING")` or why not.
+/// A gRPC health Check of the server at the end of `channel`, as a whole
+/// (service `""`), within `timeout`: `Ok("SERVING")` or why not.
 pub async fn grpc_health(
     channel: tonic::transport::Channel,
     timeout: Duration,

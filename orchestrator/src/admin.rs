@@ -361,9 +361,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         // Terminal statuses: what this replica settled since it started
         // (counted in process), so that the call reads no history.
         for status in SagaStatus::ALL.into_iter().filter(|s| s.is_terminal()) {
-            let count =
-                common::metrics::value(crate::metrics::FINISHED, &[("outcome", status.as_str())])
-                    as i64;
+            let count = i64::try_from(self.executor.settled_count(status)).unwrap_or(i64::MAX);
             if count > 0 {
                 stats.counts.push((status, count));
             }

@@ -136,6 +136,9 @@ pub struct Executor {
     /// The sweeper and the renewer, awaited on shutdown so that no claim
     /// lands after the leases were handed back.
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Sagas this executor drove to each settled status since it started
+    /// (the admin Stats call's terminal counts: no read of history).
+    settled: Mutex<HashMap<Status, u64>>,
 }
 
 impl std::fmt::Debug for Executor {
@@ -163,7 +166,31 @@ impl Executor {
             watchers: Mutex::new(HashMap::new()),
             stopping: watch::channel(false).0,
             background: Mutex::new(Vec::new()),
+            settled: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// How many sagas this executor drove to `status` since it started.
+    pub fn settled_count(&self, status: Status) -> u64 {
+        let settled = self.settled.lock().unwrap_or_else(|e| e.into_inner());
+        settled.get(&status).copied().unwrap_or(0)
+    }
+
+    /// Counts a saga that reached `status`, if it is settled.
+    fn settled(&self, status: Status) {
+        if !status.is_settled() {
+            return;
+        }
+        *self
+            .settled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(status)
+            .or_insert(0) += 1;
+        common::metrics::count(crate::metrics::FINISHED, &[("outcome", status.as_str())], 1);
+        if status == Status::NeedsAttention {
+            common::metrics::count(crate::metrics::NEEDS_ATTENTION, &[], 1);
+        }
     }
 
     /// The configuration.
@@ -825,7 +852,7 @@ impl Executor {
             match self.store.commit(commit).await {
                 Ok(Some(_)) => {
                     self.publish(&saga.saga_id, &next, Status::NeedsAttention);
-                    settled(Status::NeedsAttention);
+                    self.settled(Status::NeedsAttention);
                     return None;
                 }
                 Ok(None) => {
@@ -914,7 +941,7 @@ impl Executor {
                     if changed {
                         self.publish(&saga.saga_id, &saga.state, status);
                         log_status(saga, delay);
-                        settled(saga.status);
+                        self.settled(saga.status);
                     } else if let Some(delay) = delay {
                         tracing::info!(?delay, "retrying after backoff");
                     }
@@ -933,7 +960,7 @@ impl Executor {
                         if changed {
                             self.publish(&saga.saga_id, &saga.state, saga.status);
                             log_status(saga, delay);
-                            settled(saga.status);
+                            self.settled(saga.status);
                         }
                         return Some(delay);
                     }
@@ -977,16 +1004,6 @@ pub const LATE_REPLY: &str = "late reply (the saga was not waiting for it)";
 fn recovered(mut saga: SagaRecord) -> SagaRecord {
     saga.state = saga.state.recovered();
     saga
-}
-
-/// Counts a saga that reached `status`, if it is settled.
-fn settled(status: Status) {
-    if status.is_settled() {
-        common::metrics::count(crate::metrics::FINISHED, &[("outcome", status.as_str())], 1);
-    }
-    if status == Status::NeedsAttention {
-        common::metrics::count(crate::metrics::NEEDS_ATTENTION, &[], 1);
-    }
 }
 
 fn log_status(saga: &SagaRecord, delay: Option<Duration>) {

@@ -18,7 +18,7 @@
 //! - [`config`]: flags with env fallbacks, validated into settings.
 //! - [`server`]: connecting the store and serving until shutdown.
 //! - [`metrics`]: the metric names and what records them.
-//! - [`telemetry`]: the HTTP port: `/healthz` and `/metrics`.
+//! - [`telemetry`]: the HTTP port: `/healthz`, `/readyz` and `/metrics`.
 //! - `dev` (feature `dev`): the embedded mode, every service in one process
 //!   on SQLite.
 //! - [`error`]: the one error type and its mapping to `tonic::Status`.
