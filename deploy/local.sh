@@ -12,6 +12,10 @@
 #   DB_PREFIX         prefix of the database names [none: inventory, payment, ...]
 #   ORCHESTRATOR_PORT [50051]  INVENTORY_PORT [50061]  PAYMENT_PORT [50062]
 #   FULFILLMENT_PORT  [50063]
+#   ORCHESTRATOR_HTTP_PORT, INVENTORY_HTTP_PORT, PAYMENT_HTTP_PORT,
+#   FULFILLMENT_HTTP_PORT  the --http-listen port of each (/healthz, /readyz,
+#                     /metrics) [none: off]; deploy/prometheus.yml scrapes
+#                     9000, 9061, 9062 and 9063
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +40,12 @@ for service in inventory payment fulfillment orchestrator; do
   [ "$exists" = 1 ] || psql "$server/postgres" -qc "CREATE DATABASE \"$db\""
 done
 
+# --http-listen for a service whose *_HTTP_PORT is set.
+http_flag() {
+  local var="${1}_HTTP_PORT"
+  if [ -n "${!var:-}" ]; then echo "--http-listen=127.0.0.1:${!var}"; fi
+}
+
 pids=()
 stop() {
   trap - INT TERM EXIT
@@ -48,14 +58,15 @@ trap stop EXIT
 for participant in inventory payment fulfillment; do
   port_var="${participant}_port"
   "$bin/participant" "$participant" --listen "127.0.0.1:${!port_var}" \
-    --database-url "$server/${prefix}${participant}" --fault-injection &
+    --database-url "$server/${prefix}${participant}" --fault-injection \
+    $(http_flag "${participant^^}") &
   pids+=($!)
 done
 "$bin/orchestrator" serve --listen "127.0.0.1:$orchestrator_port" \
   --database-url "$server/${prefix}orchestrator" \
   --inventory-url "http://127.0.0.1:$inventory_port" \
   --payment-url "http://127.0.0.1:$payment_port" \
-  --fulfillment-url "http://127.0.0.1:$fulfillment_port" &
+  --fulfillment-url "http://127.0.0.1:$fulfillment_port" $(http_flag ORCHESTRATOR) &
 pids+=($!)
 
 # Runs until stopped, or until one service dies (then stops the others).

@@ -58,6 +58,25 @@ where
         F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<R>> + Send + 'static,
     {
+        Self::named("batch", "default", max_batch, workers, flush)
+    }
+
+    /// [`Batcher::new`], recording each flush's size and duration in the
+    /// histograms `{prefix}_batch_size` and `{prefix}_batch_commit_seconds`,
+    /// labelled `writer`.
+    pub fn named<F, Fut>(
+        prefix: &str,
+        writer: &'static str,
+        max_batch: usize,
+        workers: usize,
+        flush: F,
+    ) -> Self
+    where
+        F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<R>> + Send + 'static,
+    {
+        let size_metric: Arc<str> = format!("{prefix}_batch_size").into();
+        let commit_metric: Arc<str> = format!("{prefix}_batch_commit_seconds").into();
         let max_batch = max_batch.max(1);
         let (queue, receiver) = mpsc::channel(max_batch * workers.max(1) * 4);
         let receiver = Arc::new(Mutex::new(receiver));
@@ -65,6 +84,7 @@ where
         for _ in 0..workers.max(1) {
             let receiver = receiver.clone();
             let flush = flush.clone();
+            let (size_metric, commit_metric) = (size_metric.clone(), commit_metric.clone());
             tokio::spawn(async move {
                 let mut batch = Vec::with_capacity(max_batch);
                 loop {
@@ -78,7 +98,21 @@ where
                     }
                     let (requests, answers): (Vec<T>, Vec<oneshot::Sender<R>>) =
                         batch.drain(..).unzip();
+                    let labels = [("writer", writer)];
+                    crate::metrics::observe(
+                        &size_metric,
+                        &labels,
+                        requests.len() as f64,
+                        crate::metrics::SIZES,
+                    );
+                    let began = std::time::Instant::now();
                     let results = flush(requests).await;
+                    crate::metrics::observe(
+                        &commit_metric,
+                        &labels,
+                        began.elapsed().as_secs_f64(),
+                        crate::metrics::SECONDS,
+                    );
                     debug_assert_eq!(results.len(), answers.len());
                     for (answer, result) in answers.into_iter().zip(results) {
                         // The caller may have given up (its call was cancelled).

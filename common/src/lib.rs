@@ -10,6 +10,8 @@
 //! - [`error`]: the shared error type, database error classes, `tonic::Status`.
 //! - [`grpc`]: health and reflection (v1 and v1alpha) for every server.
 //! - [`listen`]: accepting connections: back-off, rate-limited logs, idle close.
+//! - [`metrics`]: in-process counters, gauges and histograms, Prometheus text.
+//! - [`probe`]: the HTTP port: /healthz, /readyz (background checks), /metrics.
 
 pub mod batch;
 pub mod cli;
@@ -18,5 +20,7 @@ pub mod domain;
 pub mod error;
 pub mod grpc;
 pub mod listen;
+pub mod metrics;
+pub mod probe;
 
 pub use error::Error;

@@ -357,7 +357,15 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         _request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
-        let stats = self.executor.store().stats().await?;
+        let mut stats = self.executor.store().stats().await?;
+        // Terminal statuses: what this replica settled since it started
+        // (counted in process), so that the call reads no history.
+        for status in SagaStatus::ALL.into_iter().filter(|s| s.is_terminal()) {
+            let count = i64::try_from(self.executor.settled_count(status)).unwrap_or(i64::MAX);
+            if count > 0 {
+                stats.counts.push((status, count));
+            }
+        }
         Ok(Response::new(pb::StatsResponse {
             counts: stats
                 .counts

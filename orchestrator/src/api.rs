@@ -227,8 +227,15 @@ impl OrderApi {
                     .await?;
                 return match existing {
                     Some(record) => replayed(record, key, &items),
-                    None => Err(Error::ResourceExhausted(message)),
+                    None => {
+                        common::metrics::count(crate::metrics::SHED, &[], 1);
+                        Err(Error::ResourceExhausted(message))
+                    }
                 };
+            }
+            (Err(error @ Error::ResourceExhausted(_)), _) => {
+                common::metrics::count(crate::metrics::SHED, &[], 1);
+                return Err(error);
             }
             (Err(error), _) => return Err(error),
         };
@@ -266,6 +273,11 @@ impl OrderApi {
             status: status_pb(record.status).into(),
         };
         tracing::info!(saga_id = %record.saga_id, customer_id = %record.customer_id, "order placed");
+        common::metrics::count(
+            crate::metrics::STARTED,
+            &[("definition", definition.name)],
+            1,
+        );
         self.executor.spawn(record, permit);
         Ok(response)
     }

@@ -48,6 +48,12 @@ pub struct DevArgs {
     /// Deadline of one participant call.
     #[arg(long, default_value = "5s", value_parser = common::cli::parse_duration)]
     pub step_timeout: Duration,
+
+    /// Address of the HTTP endpoint for probes and metrics (/healthz,
+    /// /readyz, /metrics; the metrics of the participants in this process
+    /// too); off unless set.
+    #[arg(long, env = "ORCHESTRATOR_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
 }
 
 /// Demo products: id, name, price in cents, stock.
@@ -106,6 +112,10 @@ pub async fn run(
         })?;
     }
     let orchestrator_listener = bind(args.listen, "the orchestrator").await?;
+    let http_listener = match args.http_listen {
+        Some(address) => Some(bind(address, "the HTTP port (--http-listen)").await?),
+        None => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let registry = Arc::new(Registry::default());
     // Each participant the definitions name, in the order their steps
@@ -208,7 +218,7 @@ pub async fn run(
         Arc::new(calls),
         settings,
         orchestrator_listener,
-        None,
+        http_listener,
         shutdown,
     )
     .await;

@@ -136,6 +136,9 @@ pub struct Executor {
     /// The sweeper and the renewer, awaited on shutdown so that no claim
     /// lands after the leases were handed back.
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Sagas this executor drove to each settled status since it started
+    /// (the admin Stats call's terminal counts: no read of history).
+    settled: Mutex<HashMap<Status, u64>>,
 }
 
 impl std::fmt::Debug for Executor {
@@ -163,7 +166,31 @@ impl Executor {
             watchers: Mutex::new(HashMap::new()),
             stopping: watch::channel(false).0,
             background: Mutex::new(Vec::new()),
+            settled: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// How many sagas this executor drove to `status` since it started.
+    pub fn settled_count(&self, status: Status) -> u64 {
+        let settled = self.settled.lock().unwrap_or_else(|e| e.into_inner());
+        settled.get(&status).copied().unwrap_or(0)
+    }
+
+    /// Counts a saga that reached `status`, if it is settled.
+    fn settled(&self, status: Status) {
+        if !status.is_settled() {
+            return;
+        }
+        *self
+            .settled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(status)
+            .or_insert(0) += 1;
+        common::metrics::count(crate::metrics::FINISHED, &[("outcome", status.as_str())], 1);
+        if status == Status::NeedsAttention {
+            common::metrics::count(crate::metrics::NEEDS_ATTENTION, &[], 1);
+        }
     }
 
     /// The configuration.
@@ -398,7 +425,10 @@ impl Executor {
             .claim(saga_id, &self.config.replica_id, self.config.lease_ttl)
             .await
         {
-            Ok(Some(saga)) => self.spawn(recovered(saga), permit),
+            Ok(Some(saga)) => {
+                common::metrics::count(crate::metrics::CLAIMS, &[("source", "resume")], 1);
+                self.spawn(recovered(saga), permit)
+            }
             Ok(None) => {}
             Err(error) => tracing::warn!(%error, saga_id, "could not claim the saga to resume it"),
         }
@@ -505,11 +535,20 @@ impl Executor {
             if free == 0 {
                 continue;
             }
-            match self
+            let began = Instant::now();
+            let claimed = self
                 .store
                 .claim_due(&self.config.replica_id, free, self.config.lease_ttl)
-                .await
-            {
+                .await;
+            if let Ok(claimed) = &claimed {
+                let now = now_epoch();
+                let lag = claimed
+                    .iter()
+                    .filter_map(|saga| saga.next_attempt_at.map(|at| now - at))
+                    .reduce(f64::max);
+                crate::metrics::sweep(began.elapsed().as_secs_f64(), claimed.len(), lag);
+            }
+            match claimed {
                 Ok(claimed) => {
                     if *stopping.borrow() {
                         // Stopping: the leases just taken are handed back
@@ -711,6 +750,19 @@ impl Executor {
                 .await;
             let finished_at = now_epoch();
             let journalled = JournalOutcome::of(&outcome);
+            crate::metrics::call(
+                step_def.name,
+                kind.as_str(),
+                journalled.as_str(),
+                match &outcome {
+                    Outcome::Succeeded(_) => "OK",
+                    Outcome::Retryable(detail) | Outcome::Rejected(detail) => {
+                        common::metrics::code_of(detail)
+                    }
+                },
+                finished_at - started_at,
+                matches!(outcome, Outcome::Retryable(_)),
+            );
             let detail = match &outcome {
                 // What a compensation did (released, tombstoned, ...) helps
                 // an operator; an action's outputs are in the saga's state.
@@ -800,6 +852,7 @@ impl Executor {
             match self.store.commit(commit).await {
                 Ok(Some(_)) => {
                     self.publish(&saga.saga_id, &next, Status::NeedsAttention);
+                    self.settled(Status::NeedsAttention);
                     return None;
                 }
                 Ok(None) => {
@@ -888,6 +941,7 @@ impl Executor {
                     if changed {
                         self.publish(&saga.saga_id, &saga.state, status);
                         log_status(saga, delay);
+                        self.settled(saga.status);
                     } else if let Some(delay) = delay {
                         tracing::info!(?delay, "retrying after backoff");
                     }
@@ -906,6 +960,7 @@ impl Executor {
                         if changed {
                             self.publish(&saga.saga_id, &saga.state, saga.status);
                             log_status(saga, delay);
+                            self.settled(saga.status);
                         }
                         return Some(delay);
                     }

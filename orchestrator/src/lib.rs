@@ -17,7 +17,8 @@
 //! - [`reconcile`]: sagas against the participants' records (merge join).
 //! - [`config`]: flags with env fallbacks, validated into settings.
 //! - [`server`]: connecting the store and serving until shutdown.
-//! - [`telemetry`]: the HTTP port: `/healthz` and `/metrics`.
+//! - [`metrics`]: the metric names and what records them.
+//! - [`telemetry`]: the HTTP port: `/healthz`, `/readyz` and `/metrics`.
 //! - `dev` (feature `dev`): the embedded mode, every service in one process
 //!   on SQLite.
 //! - [`error`]: the one error type and its mapping to `tonic::Status`.
@@ -30,6 +31,7 @@ pub mod config;
 pub mod dev;
 pub mod error;
 pub mod executor;
+pub mod metrics;
 pub mod reconcile;
 pub mod saga;
 pub mod server;

@@ -61,15 +61,23 @@ pub async fn serve(
     ));
     let executor = Executor::new(store, calls, settings.executor.clone());
     executor.start().await?;
+
+    let (health, health_service) = common::grpc::health(SERVICES).await;
+    let readiness = common::probe::Readiness::new();
+    tokio::spawn(crate::telemetry::watch_readiness(
+        executor.clone(),
+        settings.participants.clone(),
+        readiness.clone(),
+        health.clone(),
+        SERVICES.to_vec(),
+    ));
     if let Some(http) = http_listener {
-        tokio::spawn(crate::telemetry::serve_http(
+        tokio::spawn(common::probe::serve_http(
             http,
-            executor.clone(),
+            crate::telemetry::probes(executor.clone(), readiness),
             settings.connection_idle_timeout,
         ));
     }
-
-    let (health, health_service) = common::grpc::health(SERVICES).await;
     let reflection_v1 = common::grpc::reflection_v1(SERVICES)?;
     let reflection_v1alpha = common::grpc::reflection_v1alpha(SERVICES)?;
 

@@ -1,83 +1,164 @@
-//! The HTTP probe and metrics endpoint (`--http-listen`): `GET /healthz`
-//! answers 200 while serving and 503 while stopping; `GET /metrics` answers
-//! Prometheus text. HTTP/1.0-style, one request per connection: a few lines
-//! instead of an HTTP framework. Accept errors are backed off and logged at
-//! most once a second (`common::listen`), and a connection whose
-//! request has not arrived within the idle timeout is closed.
+//! The HTTP port (`--http-listen`, served by [`common::probe`]): `/healthz`
+//! (200 while serving, 503 while stopping), `/readyz` (the database and
+//! each participant's gRPC health, checked in the background every
+//! second; 503 while any fails) and `/metrics` (Prometheus text: the
+//! in-process metrics of [`crate::metrics`], and a few gauges read from
+//! live work in the database at scrape time).
+//!
+//! The gRPC health of the orchestrator's own services follows the database
+//! check only: an orchestrator whose participant is down still takes
+//! orders and keeps them durably until the participant returns, so taking
+//! it out of rotation would turn one participant's outage into a full one.
+//! `/readyz` reports the participants all the same, for operators and
+//! alerts.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use common::probe::{Check, Probes, Readiness};
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::server::HealthReporter;
 
+use crate::clients::ParticipantUrls;
 use crate::executor::Executor;
 
-/// Serves probes and metrics until the executor stops; a connection whose
-/// request has not arrived within `idle` is closed unanswered.
-pub async fn serve_http(listener: TcpListener, executor: Arc<Executor>, idle: Duration) {
-    let mut stopping = executor.stopping();
-    let mut acceptor = common::listen::Acceptor::new(listener, "http");
-    loop {
-        let stream = tokio::select! {
-            stream = acceptor.accept() => stream,
-            _ = crate::executor::stopped(&mut stopping) => return,
-        };
-        let executor = executor.clone();
-        tokio::spawn(async move {
-            if let Err(error) = answer(stream, &executor, idle).await {
-                tracing::debug!(%error, "http request failed");
-            }
-        });
+/// How often readiness is checked.
+pub const READINESS_EVERY: Duration = Duration::from_secs(1);
+/// How long a participant's health check may take.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The probes and metrics of `executor`, with `readiness` as checked by
+/// [`watch_readiness`].
+pub fn probes(executor: Arc<Executor>, readiness: Arc<Readiness>) -> Probes {
+    crate::metrics::describe();
+    let stopping = executor.stopping();
+    Probes {
+        readiness,
+        stopping,
+        metrics: Arc::new(move || {
+            let executor = executor.clone();
+            Box::pin(async move { render(&executor).await })
+        }),
     }
 }
 
-async fn answer(mut stream: TcpStream, executor: &Executor, idle: Duration) -> std::io::Result<()> {
-    let mut buffer = [0u8; 1024];
-    let read = tokio::time::timeout(idle, stream.read(&mut buffer))
-        .await
-        .map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "no request within the idle timeout",
-            )
-        })??;
-    let request = String::from_utf8_lossy(&buffer[..read]);
-    let path = request.split_whitespace().nth(1).unwrap_or("/");
-    let (code, body) = match path {
-        "/healthz" if *executor.stopping().borrow() => {
-            ("503 Service Unavailable", "stopping\n".to_owned())
+/// Checks the database and every participant now and every
+/// [`READINESS_EVERY`] until the executor stops, into `readiness` and (the
+/// database only) the gRPC health of `services`.
+pub async fn watch_readiness(
+    executor: Arc<Executor>,
+    participants: ParticipantUrls,
+    readiness: Arc<Readiness>,
+    reporter: HealthReporter,
+    services: Vec<&'static str>,
+) {
+    let channels: Vec<(String, Result<Channel, String>)> = [
+        ("inventory", &participants.inventory),
+        ("payment", &participants.payment),
+        ("fulfillment", &participants.fulfillment),
+    ]
+    .into_iter()
+    .map(|(name, url)| {
+        let channel = Endpoint::from_shared(url.clone())
+            .map(|endpoint| endpoint.connect_timeout(HEALTH_TIMEOUT).connect_lazy())
+            .map_err(|e| format!("bad URL: {e}"));
+        (format!("participant:{name}"), channel)
+    })
+    .collect();
+    let check = || {
+        let executor = executor.clone();
+        let channels = channels.clone();
+        async move {
+            let database = async {
+                let ready = tokio::time::timeout(HEALTH_TIMEOUT, executor.store().ready()).await;
+                Check::of(
+                    "database",
+                    ready.unwrap_or_else(|_| Err(format!("no answer within {HEALTH_TIMEOUT:?}"))),
+                )
+            };
+            // Checked concurrently: one slow participant does not delay
+            // the others' results.
+            let participants: Vec<_> = channels
+                .into_iter()
+                .map(|(name, channel)| {
+                    tokio::spawn(async move {
+                        let result = match channel {
+                            Ok(channel) => {
+                                common::probe::grpc_health(channel, HEALTH_TIMEOUT).await
+                            }
+                            Err(error) => Err(error),
+                        };
+                        Check::of(name, result)
+                    })
+                })
+                .collect();
+            let mut checks = vec![database.await];
+            for participant in participants {
+                if let Ok(check) = participant.await {
+                    checks.push(check);
+                }
+            }
+            checks
         }
-        "/healthz" => ("200 OK", "ok\n".to_owned()),
-        "/metrics" => ("200 OK", metrics(executor).await),
-        _ => ("404 Not Found", "try /healthz or /metrics\n".to_owned()),
     };
-    let response = format!(
-        "HTTP/1.1 {code}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    common::probe::watch_readiness(
+        readiness,
+        reporter,
+        services,
+        READINESS_EVERY,
+        executor.stopping(),
+        |check| check.name == "database",
+        check,
+    )
+    .await;
 }
 
-async fn metrics(executor: &Executor) -> String {
-    let mut text = format!(
-        "# HELP saga_in_flight Sagas driven by this replica now.\n# TYPE saga_in_flight gauge\nsaga_in_flight {}\n\
-         # HELP saga_max_in_flight The in-flight bound.\n# TYPE saga_max_in_flight gauge\nsaga_max_in_flight {}\n",
-        executor.in_flight(),
-        executor.config().max_in_flight
+async fn render(executor: &Executor) -> String {
+    use common::metrics::set;
+    set(crate::metrics::IN_FLIGHT, &[], executor.in_flight() as f64);
+    set(
+        crate::metrics::MAX_IN_FLIGHT,
+        &[],
+        executor.config().max_in_flight as f64,
     );
+    if let Some((in_use, idle, max)) = executor.store().pool_state() {
+        set(
+            crate::metrics::POOL,
+            &[("state", "in_use")],
+            f64::from(in_use),
+        );
+        set(crate::metrics::POOL, &[("state", "idle")], f64::from(idle));
+        set(crate::metrics::POOL_MAX, &[], f64::from(max));
+    }
+    let mut text = common::metrics::render();
+    // Read from live work only (the unsettled sagas' index and the last
+    // minute's finishes), the same reads as the admin Stats call.
     if let Ok(stats) = executor.store().stats().await {
         text.push_str(
-            "# HELP saga_sagas Sagas per status, all replicas.\n# TYPE saga_sagas gauge\n",
+            "# HELP saga_sagas Sagas per status that is not terminal (in flight, NEEDS_ATTENTION), all replicas.\n\
+             # TYPE saga_sagas gauge\n",
         );
-        for (status, count) in stats.counts {
+        for status in crate::saga::Status::ALL
+            .into_iter()
+            .filter(|s| !s.is_terminal())
+        {
+            let count = stats
+                .counts
+                .iter()
+                .find(|(s, _)| *s == status)
+                .map_or(0, |(_, count)| *count);
             text.push_str(&format!("saga_sagas{{status=\"{status}\"}} {count}\n"));
         }
         text.push_str(&format!(
-            "# TYPE saga_started_last_minute gauge\nsaga_started_last_minute {}\n\
+            "# HELP saga_oldest_open_age_seconds Age of the oldest saga that is not terminal, all replicas (0 when none).\n\
+             # TYPE saga_oldest_open_age_seconds gauge\nsaga_oldest_open_age_seconds {}\n\
+             # HELP saga_started_last_minute Sagas placed in the last minute, all replicas.\n\
+             # TYPE saga_started_last_minute gauge\nsaga_started_last_minute {}\n\
+             # HELP saga_finished_last_minute Sagas that reached a terminal status in the last minute, all replicas.\n\
              # TYPE saga_finished_last_minute gauge\nsaga_finished_last_minute {}\n",
-            stats.started_last_minute, stats.finished_last_minute
+            stats.oldest_active_age.unwrap_or(0.0).max(0.0),
+            stats.started_last_minute,
+            stats.finished_last_minute
         ));
     }
     text

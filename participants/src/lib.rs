@@ -8,6 +8,7 @@
 //! - `fast_path`: what the PostgreSQL stores share around their batches.
 //! - `record`: the per-saga idempotency record and its tombstones.
 //! - [`fault`]: fault injection (registry, tower layer, control service).
+//! - [`rpc_metrics`]: a tower layer recording each RPC's latency and code.
 //! - [`server`]: the [`Participant`]s, their databases ([`Backend`], chosen
 //!   by the URL's scheme) and migrations, and serving on a listener.
 //!
@@ -20,6 +21,7 @@ pub mod fulfillment;
 pub mod inventory;
 pub mod payment;
 mod record;
+pub mod rpc_metrics;
 pub mod server;
 
-pub use server::{Backend, Participant, ServeOptions, connect, serve};
+pub use server::{Backend, Participant, ServeOptions, connect, serve, serve_with_http};

@@ -40,6 +40,11 @@ struct Args {
     #[arg(long, env = "PARTICIPANT_LISTEN")]
     listen: Option<SocketAddr>,
 
+    /// Address of the HTTP endpoint for probes and metrics (/healthz,
+    /// /readyz, /metrics); off unless set.
+    #[arg(long, env = "PARTICIPANT_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+
     /// PostgreSQL or SQLite URL of this participant's own database
     /// (postgres://..., sqlite:PATH or sqlite::memory:); its tables are
     /// created at start, and a missing SQLite file too.
@@ -117,19 +122,29 @@ async fn run(participant: Participant, args: Args) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let address = listener.local_addr().map_err(|e| e.to_string())?;
+    let http = match args.http_listen {
+        Some(address) => Some(
+            TcpListener::bind(address)
+                .await
+                .map_err(|e| format!("cannot listen on {address} (--http-listen): {e}"))?,
+        ),
+        None => None,
+    };
     tracing::info!(
         participant = participant.name(),
         %address,
+        http = ?args.http_listen,
         fault_injection = args.fault_injection,
         "listening"
     );
     let options = ServeOptions {
         fault_injection: args.fault_injection,
     };
-    participants::serve(
+    participants::serve_with_http(
         participant,
         backend.clone(),
         listener,
+        http,
         options,
         common::cli::shutdown_signal(),
     )

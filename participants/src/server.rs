@@ -179,6 +179,37 @@ impl Backend {
         }
     }
 
+    /// Readiness: the database answers and is migrated as far as this
+    /// build expects for `participant`; one indexed read.
+    pub async fn ready(&self, participant: Participant) -> Result<String, String> {
+        let (applied, migrator) = match self {
+            Self::Postgres(pool) => (
+                sqlx::query_scalar(common::probe::MIGRATED_SQL)
+                    .fetch_one(pool)
+                    .await,
+                participant.migrator(),
+            ),
+            Self::Sqlite(pool) => (
+                sqlx::query_scalar(common::probe::MIGRATED_SQL)
+                    .fetch_one(pool)
+                    .await,
+                participant.sqlite_migrator(),
+            ),
+        };
+        let latest = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+        common::probe::migrated(applied, latest)
+    }
+
+    /// The pool now: (connections in use, idle).
+    pub fn pool_state(&self) -> (u32, u32) {
+        let (size, idle) = match self {
+            Self::Postgres(pool) => (pool.size(), pool.num_idle()),
+            Self::Sqlite(pool) => (pool.size(), pool.num_idle()),
+        };
+        let idle = u32::try_from(idle).unwrap_or(u32::MAX);
+        (size.saturating_sub(idle), idle)
+    }
+
     /// Closes the pool, waiting for connections in use to come back.
     pub async fn close(&self) {
         match self {
@@ -243,8 +274,72 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
+    serve_with_http(participant, backend, listener, None, options, shutdown).await
+}
+
+/// How often a participant checks its readiness (its database).
+pub const READINESS_EVERY: Duration = Duration::from_secs(1);
+
+/// [`serve`], and `/healthz`, `/readyz` and `/metrics` on `http_listener`
+/// if given. Readiness (the database answers and is migrated) is checked
+/// every [`READINESS_EVERY`] whether or not there is an HTTP port: the gRPC
+/// health service follows it (NOT_SERVING while the database is not
+/// ready).
+pub async fn serve_with_http(
+    participant: Participant,
+    backend: Backend,
+    listener: TcpListener,
+    http_listener: Option<TcpListener>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
     let service_name = participant.service_name();
     let (reporter, health_service) = health(&[service_name]).await;
+    crate::rpc_metrics::describe();
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let readiness = common::probe::Readiness::new();
+    tokio::spawn({
+        let backend = backend.clone();
+        common::probe::watch_readiness(
+            readiness.clone(),
+            reporter.clone(),
+            vec![service_name],
+            READINESS_EVERY,
+            stopping.clone(),
+            |_| true,
+            move || {
+                let backend = backend.clone();
+                async move {
+                    let ready =
+                        tokio::time::timeout(Duration::from_secs(1), backend.ready(participant))
+                            .await
+                            .unwrap_or_else(|_| Err("no answer within 1s".to_owned()));
+                    vec![common::probe::Check::of("database", ready)]
+                }
+            },
+        )
+    });
+    if let Some(http) = http_listener {
+        let backend = backend.clone();
+        let probes = common::probe::Probes {
+            readiness,
+            stopping: stopping.clone(),
+            metrics: Arc::new(move || {
+                let (in_use, idle) = backend.pool_state();
+                Box::pin(async move {
+                    let pool = "participant_db_pool_connections";
+                    common::metrics::set(pool, &[("state", "in_use")], f64::from(in_use));
+                    common::metrics::set(pool, &[("state", "idle")], f64::from(idle));
+                    common::metrics::render()
+                })
+            }),
+        };
+        tokio::spawn(common::probe::serve_http(
+            http,
+            probes,
+            DEFAULT_IDLE_TIMEOUT,
+        ));
+    }
     let registry = options
         .fault_injection
         .then(|| Arc::new(FaultRegistry::new(service_name, participant.methods())));
@@ -260,6 +355,7 @@ pub async fn serve(
     let router = Server::builder()
         .http2_keepalive_interval(Some(ping_every))
         .http2_keepalive_timeout(Some(ping_timeout))
+        .layer(crate::rpc_metrics::RpcMetricsLayer)
         .layer(FaultLayer::new(registry.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -279,7 +375,11 @@ pub async fn serve(
 
     let shutdown = async move {
         shutdown.await;
+        let _ = stopping_tx.send(true);
         set_health(&reporter, &[service_name], ServingStatus::NotServing).await;
+        reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
     };
     router
         .serve_with_incoming_shutdown(incoming(listener, DEFAULT_IDLE_TIMEOUT), shutdown)

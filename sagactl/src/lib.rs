@@ -171,7 +171,10 @@ pub enum Command {
         operator: String,
     },
     /// Counts per status, the oldest unfinished saga, sagas started and
-    /// finished in the last minute.
+    /// finished in the last minute. Unfinished statuses (and
+    /// NEEDS_ATTENTION) count every replica's sagas now; COMPLETED, FAILED
+    /// and CANCELLED count what the answering replica settled since it
+    /// started.
     Stats,
     /// Load generator: place orders (closed loop: --concurrency/--orders;
     /// open loop: --rate/--duration), follow each saga to its end, report

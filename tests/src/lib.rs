@@ -377,6 +377,55 @@ where
     outputs
 }
 
+/// `GET path` on an HTTP port such as `--http-listen`'s: the status code
+/// and the body (code 0 when nothing answered).
+pub async fn http_get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").as_bytes())
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        std::io::Result::Ok(response)
+    };
+    let Ok(Ok(response)) = tokio::time::timeout(Duration::from_secs(10), exchange).await else {
+        return (0, String::new());
+    };
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, body)| body)
+        .to_owned();
+    (code, body)
+}
+
+/// Polls `GET path` on `address` until `want` holds for the answer (the
+/// code and the body), or fails after `timeout` with the last answer.
+pub async fn wait_http(
+    address: std::net::SocketAddr,
+    path: &str,
+    timeout: Duration,
+    want: impl Fn(u16, &str) -> bool,
+) -> Result<(u16, String)> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let (code, body) = http_get(address, path).await;
+        if want(code, &body) {
+            return Ok((code, body));
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("GET {path} on {address} still answers {code}: {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Asserts that `result` failed with `code`, and returns its message.
 #[track_caller]
 pub fn expect_code<T: std::fmt::Debug>(

@@ -145,6 +145,14 @@ impl SagaStore for LossyStore {
         self.inner.stats().await
     }
 
+    async fn ready(&self) -> Result<String, String> {
+        self.inner.ready().await
+    }
+
+    fn pool_state(&self) -> Option<(u32, u32, u32)> {
+        self.inner.pool_state()
+    }
+
     async fn sagas_by_id(&self, after: &str, limit: i64) -> Result<Vec<SagaBrief>, Error> {
         self.inner.sagas_by_id(after, limit).await
     }

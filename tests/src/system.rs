@@ -68,6 +68,7 @@ pub fn test_settings(participants: &Participants) -> Settings {
 #[derive(Debug)]
 pub struct SpawnedOrchestrator {
     endpoint: String,
+    http_address: std::net::SocketAddr,
     channel: Channel,
     replica_id: String,
     runtime: Option<tokio::runtime::Runtime>,
@@ -114,6 +115,10 @@ async fn spawn_orchestrator_full(
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     listener.set_nonblocking(true)?;
     let endpoint = format!("http://{}", listener.local_addr()?);
+    // The probes and metrics port, as `--http-listen` gives one.
+    let http = std::net::TcpListener::bind("127.0.0.1:0")?;
+    http.set_nonblocking(true)?;
+    let http_address = http.local_addr()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -138,10 +143,19 @@ async fn spawn_orchestrator_full(
             );
             let listener = tokio::net::TcpListener::from_std(listener)
                 .map_err(|e| orchestrator::Error::invalid(e.to_string()))?;
+            let http = tokio::net::TcpListener::from_std(http)
+                .map_err(|e| orchestrator::Error::invalid(e.to_string()))?;
             let _ = ready_tx.send(());
-            orchestrator::server::serve(store, Arc::new(calls), settings, listener, None, async {
-                let _ = shutdown_rx.await;
-            })
+            orchestrator::server::serve(
+                store,
+                Arc::new(calls),
+                settings,
+                listener,
+                Some(http),
+                async {
+                    let _ = shutdown_rx.await;
+                },
+            )
             .await
         }
         .await;
@@ -158,6 +172,7 @@ async fn spawn_orchestrator_full(
     let channel = Endpoint::from_shared(endpoint.clone())?.connect().await?;
     Ok(SpawnedOrchestrator {
         endpoint,
+        http_address,
         channel,
         replica_id,
         runtime: Some(runtime),
@@ -170,6 +185,11 @@ impl SpawnedOrchestrator {
     /// Its URL.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// Its HTTP port (/healthz, /readyz, /metrics).
+    pub fn http_address(&self) -> std::net::SocketAddr {
+        self.http_address
     }
 
     /// Its replica id (the lease owner name).

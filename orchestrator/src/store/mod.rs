@@ -23,7 +23,7 @@ mod sqlite;
 
 use std::time::Duration;
 
-pub use postgres::{PgStore, WRITER_CONNECTIONS};
+pub use postgres::{PgStore, WRITER_CONNECTIONS, stats_sql};
 pub use sqlite::SqliteStore;
 use sqlx::types::Json;
 use sqlx::{ColumnIndex, Decode, Row, Type};
@@ -531,10 +531,14 @@ pub struct ListFilter {
     pub limit: i64,
 }
 
-/// Counts for the admin Stats call.
+/// Counts for the admin Stats call, read from live work only: the cost
+/// does not grow with the number of settled sagas.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Stats {
-    /// Sagas per status.
+    /// Sagas per status, for the statuses that are not terminal (in flight
+    /// and NEEDS_ATTENTION), on every replica. Terminal statuses are not
+    /// counted here: counting them would read all of history (the admin
+    /// call adds this replica's own counts since it started).
     pub counts: Vec<(Status, i64)>,
     /// Age of the oldest non-terminal saga, in seconds.
     pub oldest_active_age: Option<f64>,
@@ -545,16 +549,23 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// Stats from raw counts per stored status name, sorted by lifecycle.
-    pub(crate) fn new(
-        counts: Vec<(String, i64)>,
-        oldest: Option<f64>,
-        started: i64,
+    /// Stats from the two reads: per non-terminal status (its stored
+    /// name, how many, the oldest one's age, how many started in the last
+    /// minute), and the last minute's finishes (how many, and how many of
+    /// them started in the last minute too).
+    pub(crate) fn from_open(
+        open: Vec<(String, i64, Option<f64>, i64)>,
         finished: i64,
+        finished_started: i64,
     ) -> Self {
-        let mut counts: Vec<(Status, i64)> = counts
+        let oldest = open
+            .iter()
+            .filter_map(|(_, _, age, _)| *age)
+            .reduce(f64::max);
+        let started = finished_started + open.iter().map(|(_, _, _, s)| s).sum::<i64>();
+        let mut counts: Vec<(Status, i64)> = open
             .into_iter()
-            .filter_map(|(status, count)| Some((Status::parse(&status)?, count)))
+            .filter_map(|(status, count, _, _)| Some((Status::parse(&status)?, count)))
             .collect();
         counts.sort_by_key(|(status, _)| Status::ALL.iter().position(|s| s == status));
         Self {
@@ -682,6 +693,18 @@ pub trait SagaStore: Send + Sync + 'static {
 
     /// Counts per status and activity of the last minute.
     async fn stats(&self) -> Result<Stats, Error>;
+
+    /// Readiness: the database answers and is migrated as far as this
+    /// build expects; one indexed read. `Ok` says how far, `Err` why not.
+    async fn ready(&self) -> Result<String, String> {
+        Ok("not checked".to_owned())
+    }
+
+    /// The connection pool now: (connections in use, idle, bound), if the
+    /// store has one.
+    fn pool_state(&self) -> Option<(u32, u32, u32)> {
+        None
+    }
 
     /// Up to `limit` sagas, every status, with ids after `after` (empty:
     /// from the start), in saga-id order: a keyset scan of the primary key,

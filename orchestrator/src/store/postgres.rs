@@ -133,6 +133,26 @@ pub struct PgStore {
     async_commits: Batcher<CommitPlan, Result<Option<i64>, Error>>,
 }
 
+/// The two queries of [`SagaStore::stats`], public so a test can read their
+/// plans. Neither reads more than live work: the first reads the unsettled
+/// sagas through the partial index `sagas_stuck` (per status: how many, the
+/// oldest one's age, how many started in the last minute); the second reads
+/// the last minute's finishes through `sagas_finished` (how many, and how
+/// many of them started in the last minute too). Settled sagas of the past
+/// are never counted, so the cost does not grow with history.
+pub fn stats_sql() -> [&'static str; 2] {
+    [
+        sql!(
+            "SELECT status, count(*),
+                    extract(epoch FROM now() - min(created_at))::float8,
+                    count(*) FILTER (WHERE created_at > now() - interval '1 minute')
+             FROM sagas WHERE status NOT IN {TERMINAL} GROUP BY status"
+        ),
+        "SELECT count(*), count(*) FILTER (WHERE created_at > now() - interval '1 minute')
+         FROM sagas WHERE finished_at > now() - interval '1 minute'",
+    ]
+}
+
 impl PgStore {
     /// A store on `pool`, after applying the embedded migrations. Starts
     /// the batch writers, so it needs a Tokio runtime.
@@ -143,7 +163,7 @@ impl PgStore {
         let writers = common::db::generic_plan_pool(&pool, WRITER_CONNECTIONS);
         let creates = {
             let pool = writers.clone();
-            Batcher::new(MAX_BATCH, WRITERS, move |rows| {
+            Batcher::named("saga", "create", MAX_BATCH, WRITERS, move |rows| {
                 let pool = pool.clone();
                 async move { create_batch(&pool, rows).await }
             })
@@ -151,15 +171,15 @@ impl PgStore {
         // Durable and asynchronous transitions queue apart: a progress
         // write that may skip the WAL flush never waits for one because a
         // durable write shares its batch.
-        let commits = |writers: &PgPool, workers| {
+        let commits = |writers: &PgPool, workers, writer| {
             let pool = writers.clone();
-            Batcher::new(MAX_BATCH, workers, move |rows| {
+            Batcher::named("saga", writer, MAX_BATCH, workers, move |rows| {
                 let pool = pool.clone();
                 async move { commit_batch(&pool, rows).await }
             })
         };
-        let durable_commits = commits(&writers, WRITERS);
-        let async_commits = commits(&writers, WRITERS);
+        let durable_commits = commits(&writers, WRITERS, "durable_commit");
+        let async_commits = commits(&writers, WRITERS, "async_commit");
         Ok(Self {
             pool,
             creates,
@@ -513,15 +533,18 @@ impl SagaStore for PgStore {
         limit: i64,
         lease_ttl: Duration,
     ) -> Result<Vec<SagaRecord>, Error> {
+        // The lease each claimed saga had (another replica's, expired: a
+        // takeover) comes back with it, for the takeover count.
         let rows = sqlx::query(sql!(
             "UPDATE sagas SET lease_owner = $1, lease_expires_at = now() + make_interval(secs => $2)
-             WHERE saga_id IN (
-                 SELECT saga_id FROM sagas
+             FROM (
+                 SELECT saga_id AS due_id, lease_owner AS previous_owner FROM sagas
                  WHERE {claimable} AND {due}
                  ORDER BY next_attempt_at NULLS FIRST
                  LIMIT $3
-                 FOR UPDATE SKIP LOCKED)
-             RETURNING {SAGA_COLUMNS}",
+                 FOR UPDATE SKIP LOCKED) AS due
+             WHERE saga_id = due.due_id
+             RETURNING {SAGA_COLUMNS}, due.previous_owner",
             claimable = Claimable("now()"),
             due = Due("now()"),
         ))
@@ -530,6 +553,18 @@ impl SagaStore for PgStore {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
+        let takeovers = rows
+            .iter()
+            .filter(|row| {
+                sqlx::Row::try_get::<Option<String>, _>(*row, "previous_owner")
+                    .ok()
+                    .flatten()
+                    .is_some_and(|previous| previous != owner)
+            })
+            .count();
+        if takeovers > 0 {
+            common::metrics::count(crate::metrics::TAKEOVERS, &[], takeovers as u64);
+        }
         records(&rows)
     }
 
@@ -662,21 +697,31 @@ impl SagaStore for PgStore {
         records(&rows)
     }
 
-    async fn stats(&self) -> Result<Stats, Error> {
-        let counts: Vec<(String, i64)> =
-            sqlx::query_as("SELECT status, count(*) FROM sagas GROUP BY status")
-                .fetch_all(&self.pool)
-                .await?;
-        let (oldest, started, finished): (Option<f64>, i64, i64) = sqlx::query_as(sql!(
-            "SELECT
-                 (SELECT extract(epoch FROM now() - min(created_at))::float8
-                    FROM sagas WHERE status NOT IN {TERMINAL}),
-                 (SELECT count(*) FROM sagas WHERE created_at > now() - interval '1 minute'),
-                 (SELECT count(*) FROM sagas WHERE finished_at > now() - interval '1 minute')"
+    async fn ready(&self) -> Result<String, String> {
+        let latest = MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0);
+        let applied = sqlx::query_scalar(common::probe::MIGRATED_SQL)
+            .fetch_one(&self.pool)
+            .await;
+        common::probe::migrated(applied, latest)
+    }
+
+    fn pool_state(&self) -> Option<(u32, u32, u32)> {
+        let idle = u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX);
+        let size = self.pool.size();
+        Some((
+            size.saturating_sub(idle),
+            idle,
+            self.pool.options().get_max_connections(),
         ))
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(Stats::new(counts, oldest, started, finished))
+    }
+
+    async fn stats(&self) -> Result<Stats, Error> {
+        let [open, finished] = stats_sql();
+        let rows: Vec<(String, i64, Option<f64>, i64)> =
+            sqlx::query_as(open).fetch_all(&self.pool).await?;
+        let (finished, finished_started): (i64, i64) =
+            sqlx::query_as(finished).fetch_one(&self.pool).await?;
+        Ok(Stats::from_open(rows, finished, finished_started))
     }
 
     async fn sagas_by_id(&self, after: &str, limit: i64) -> Result<Vec<SagaBrief>, Error> {

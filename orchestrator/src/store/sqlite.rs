@@ -321,23 +321,43 @@ impl SagaStore for SqliteStore {
         records(&rows)
     }
 
-    async fn stats(&self) -> Result<Stats, Error> {
-        let now = now_epoch();
-        let counts: Vec<(String, i64)> =
-            sqlx::query_as("SELECT status, count(*) FROM sagas GROUP BY status")
-                .fetch_all(&self.pool)
-                .await?;
-        let (oldest, started, finished): (Option<f64>, i64, i64) = sqlx::query_as(sql!(
-            "SELECT
-                 (SELECT ?1 - min(created_at) FROM sagas
-                    WHERE status NOT IN {TERMINAL}),
-                 (SELECT count(*) FROM sagas WHERE created_at > ?1 - 60),
-                 (SELECT count(*) FROM sagas WHERE finished_at > ?1 - 60)"
+    async fn ready(&self) -> Result<String, String> {
+        let latest = MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0);
+        let applied = sqlx::query_scalar(common::probe::MIGRATED_SQL)
+            .fetch_one(&self.pool)
+            .await;
+        common::probe::migrated(applied, latest)
+    }
+
+    fn pool_state(&self) -> Option<(u32, u32, u32)> {
+        let idle = u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX);
+        let size = self.pool.size();
+        Some((
+            size.saturating_sub(idle),
+            idle,
+            self.pool.options().get_max_connections(),
         ))
+    }
+
+    async fn stats(&self) -> Result<Stats, Error> {
+        // The same two reads as on PostgreSQL (see `postgres::stats_sql`).
+        let now = now_epoch();
+        let rows: Vec<(String, i64, Option<f64>, i64)> = sqlx::query_as(sql!(
+            "SELECT status, count(*), ?1 - min(created_at),
+                    count(*) FILTER (WHERE created_at > ?1 - 60)
+             FROM sagas WHERE status NOT IN {TERMINAL} GROUP BY status"
+        ))
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        let (finished, finished_started): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE created_at > ?1 - 60)
+             FROM sagas WHERE finished_at > ?1 - 60",
+        )
         .bind(now)
         .fetch_one(&self.pool)
         .await?;
-        Ok(Stats::new(counts, oldest, started, finished))
+        Ok(Stats::from_open(rows, finished, finished_started))
     }
 
     async fn sagas_by_id(&self, after: &str, limit: i64) -> Result<Vec<SagaBrief>, Error> {

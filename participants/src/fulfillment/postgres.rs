@@ -52,7 +52,7 @@ impl PgFulfillment {
         let ships = {
             let pool = pool.clone();
             let writers = generic_plan_pool(&pool, WORKERS as u32);
-            Batcher::new(MAX_BATCH, WORKERS, move |batch| {
+            Batcher::named("participant", "ship", MAX_BATCH, WORKERS, move |batch| {
                 ship_batch(pool.clone(), writers.clone(), batch)
             })
         };

@@ -59,7 +59,7 @@ impl PgInventory {
         let reserves = {
             let pool = pool.clone();
             let writers = generic_plan_pool(&pool, WORKERS as u32);
-            Batcher::new(MAX_BATCH, WORKERS, move |batch| {
+            Batcher::named("participant", "reserve", MAX_BATCH, WORKERS, move |batch| {
                 reserve_batch(pool.clone(), writers.clone(), batch)
             })
         };

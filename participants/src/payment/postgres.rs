@@ -59,7 +59,7 @@ impl PgPayment {
         let charges = {
             let pool = pool.clone();
             let writers = generic_plan_pool(&pool, WORKERS as u32);
-            Batcher::new(MAX_BATCH, WORKERS, move |batch| {
+            Batcher::named("participant", "charge", MAX_BATCH, WORKERS, move |batch| {
                 charge_batch(pool.clone(), writers.clone(), batch)
             })
         };

@@ -6,6 +6,7 @@ mod chaos;
 mod definitions;
 mod faults;
 mod fulfillment;
+mod health;
 mod inputs;
 mod inventory;
 mod orders;

@@ -1,0 +1,333 @@
+//! The HTTP port of every service (`--http-listen`): `GET /healthz` (the
+//! process is alive: 200, 503 while stopping), `GET /readyz` (a JSON body
+//! with the status of each dependency; 503 while not ready) and
+//! `GET /metrics` (Prometheus text). HTTP/1.0-style, one request per
+//! connection: a few lines instead of an HTTP framework. Accept errors are
+//! backed off and logged at most once a second ([`crate::listen`]), and a
+//! connection whose request has not arrived within the idle timeout is
+//! closed.
+//!
+//! Readiness is checked in the background ([`watch_readiness`]) every
+//! second or so, not per request: a probe or a scrape never waits on a
+//! dependency, and the gRPC health service follows the same result.
+
+use std::fmt::Write;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+/// One dependency's status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// What it is (`database`, `participant:inventory`, ...).
+    pub name: String,
+    /// Whether it answered as it should.
+    pub ok: bool,
+    /// What it answered, or why it did not.
+    pub detail: String,
+}
+
+impl Check {
+    /// A check named `name` from the result of probing it.
+    pub fn of(name: impl Into<String>, result: Result<String, String>) -> Self {
+        let (ok, detail) = match result {
+            Ok(detail) => (true, detail),
+            Err(detail) => (false, detail),
+        };
+        Self {
+            name: name.into(),
+            ok,
+            detail,
+        }
+    }
+}
+
+/// The latest readiness checks; not ready until the first check ran.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    checks: Mutex<Option<Vec<Check>>>,
+}
+
+impl Readiness {
+    /// Nothing checked yet.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Records the latest checks; true if every one passed.
+    pub fn update(&self, checks: Vec<Check>) -> bool {
+        let ready = checks.iter().all(|c| c.ok);
+        *self.checks.lock().unwrap_or_else(|e| e.into_inner()) = Some(checks);
+        ready
+    }
+
+    /// Whether the latest checks all passed.
+    pub fn is_ready(&self) -> bool {
+        self.checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|checks| checks.iter().all(|c| c.ok))
+    }
+
+    /// `{"ready": bool, "checks": [{"name", "ok", "detail"}]}`.
+    pub fn json(&self, stopping: bool) -> String {
+        let checks = self
+            .checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let ready = !stopping && checks.as_ref().is_some_and(|c| c.iter().all(|c| c.ok));
+        let mut text = format!("{{\"ready\": {ready}");
+        if stopping {
+            text.push_str(", \"stopping\": true");
+        }
+        text.push_str(", \"checks\": [");
+        for (i, check) in checks.iter().flatten().enumerate() {
+            if i > 0 {
+                text.push_str(", ");
+            }
+            let _ = write!(
+                text,
+                "{{\"name\": {}, \"ok\": {}, \"detail\": {}}}",
+                json_string(&check.name),
+                check.ok,
+                json_string(&check.detail)
+            );
+        }
+        text.push_str("]}\n");
+        text
+    }
+}
+
+fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Renders the `/metrics` body (it may read gauges first).
+pub type RenderMetrics =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
+
+/// What the HTTP port serves.
+#[derive(Clone)]
+pub struct Probes {
+    /// The latest readiness checks.
+    pub readiness: Arc<Readiness>,
+    /// True once the service stops.
+    pub stopping: watch::Receiver<bool>,
+    /// The metrics body.
+    pub metrics: RenderMetrics,
+}
+
+impl std::fmt::Debug for Probes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Probes")
+            .field("readiness", &self.readiness)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Serves the probes and metrics until `probes.stopping` turns true; a
+/// connection whose request has not arrived within `idle` is closed
+/// unanswered.
+pub async fn serve_http(listener: TcpListener, probes: Probes, idle: Duration) {
+    let mut stopping = probes.stopping.clone();
+    let mut acceptor = crate::listen::Acceptor::new(listener, "http");
+    loop {
+        let stream = tokio::select! {
+            stream = acceptor.accept() => stream,
+            _ = stopping.wait_for(|stopping| *stopping) => return,
+        };
+        let probes = probes.clone();
+        tokio::spawn(async move {
+            if let Err(error) = answer(stream, &probes, idle).await {
+                tracing::debug!(%error, "http request failed");
+            }
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, probes: &Probes, idle: Duration) -> std::io::Result<()> {
+    let mut buffer = [0u8; 1024];
+    let read = tokio::time::timeout(idle, stream.read(&mut buffer))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no request within the idle timeout",
+            )
+        })??;
+    let request = String::from_utf8_lossy(&buffer[..read]);
+    let path = request.split_whitespace().nth(1).unwrap_or("/");
+    let stopping = *probes.stopping.borrow();
+    const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+    const JSON: &str = "application/json";
+    let (code, content_type, body) = match path {
+        "/healthz" if stopping => ("503 Service Unavailable", TEXT, "stopping\n".to_owned()),
+        "/healthz" => ("200 OK", TEXT, "ok\n".to_owned()),
+        "/readyz" => {
+            let code = if !stopping && probes.readiness.is_ready() {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            };
+            (code, JSON, probes.readiness.json(stopping))
+        }
+        "/metrics" => ("200 OK", TEXT, (probes.metrics)().await),
+        _ => (
+            "404 Not Found",
+            TEXT,
+            "try /healthz, /readyz or /metrics\n".to_owned(),
+        ),
+    };
+    let response = format!(
+        "HTTP/1.1 {code}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Runs `check` now and then every `every` until `stopping` turns true,
+/// recording the result in `readiness`, and marks `services` (and the
+/// server as a whole, `""`) SERVING when every check that `gate` selects
+/// passed, NOT_SERVING otherwise.
+pub async fn watch_readiness<F, Fut>(
+    readiness: Arc<Readiness>,
+    reporter: HealthReporter,
+    services: Vec<&'static str>,
+    every: Duration,
+    mut stopping: watch::Receiver<bool>,
+    gate: fn(&Check) -> bool,
+    check: F,
+) where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Vec<Check>>,
+{
+    let mut serving = None;
+    loop {
+        let checks = check().await;
+        let healthy = checks.iter().filter(|c| gate(c)).all(|c| c.ok);
+        for failed in checks.iter().filter(|c| !c.ok) {
+            tracing::debug!(check = %failed.name, detail = %failed.detail, "not ready");
+        }
+        readiness.update(checks);
+        if *stopping.borrow() {
+            return;
+        }
+        if serving != Some(healthy) {
+            if serving.is_some() {
+                tracing::info!(serving = healthy, "readiness changed");
+            }
+            let status = if healthy {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            crate::grpc::set_health(&reporter, &services, status).await;
+            reporter.set_service_status("", status).await;
+            serving = Some(healthy);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stopping.wait_for(|stopping| *stopping) => return,
+        }
+    }
+}
+
+/// A gRPC health Check of the server at the end of `channel`, as a whole
+/// (service `""`), within `timeout`: `Ok("SERVING")` or why not.
+pub async fn grpc_health(
+    channel: tonic::transport::Channel,
+    timeout: Duration,
+) -> Result<String, String> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let mut client = HealthClient::new(channel);
+    let mut request = tonic::Request::new(HealthCheckRequest {
+        service: String::new(),
+    });
+    request.set_timeout(timeout);
+    match tokio::time::timeout(timeout, client.check(request)).await {
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+        Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
+        Ok(Ok(response)) => {
+            let status = response.into_inner().status();
+            if status == tonic_health::pb::health_check_response::ServingStatus::Serving {
+                Ok("SERVING".to_owned())
+            } else {
+                Err(status.as_str_name().to_owned())
+            }
+        }
+    }
+}
+
+/// A database readiness check: reachable, and migrated up to `latest`
+/// (the last migration this build knows), read from sqlx's bookkeeping
+/// table: one indexed row.
+pub fn migrated(applied: Result<Option<i64>, sqlx::Error>, latest: i64) -> Result<String, String> {
+    match applied {
+        Err(error) => Err(format!("unreachable: {error}")),
+        Ok(Some(version)) if version >= latest => Ok(format!("migrated to {version}")),
+        Ok(version) => Err(format!(
+            "migrated to {} of {latest}",
+            version.map_or("nothing".to_owned(), |v| v.to_string())
+        )),
+    }
+}
+
+/// The query [`migrated`] reads: the last migration applied.
+pub const MIGRATED_SQL: &str = "SELECT max(version) FROM _sqlx_migrations WHERE success";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_json_names_each_check_and_escapes() {
+        let readiness = Readiness::new();
+        assert!(!readiness.is_ready());
+        assert_eq!(
+            readiness.json(false),
+            "{\"ready\": false, \"checks\": []}\n"
+        );
+        readiness.update(vec![
+            Check::of("database", Ok("migrated to 6".into())),
+            Check::of("participant:payment", Err("said \"no\"".into())),
+        ]);
+        assert!(!readiness.is_ready());
+        assert_eq!(
+            readiness.json(false),
+            "{\"ready\": false, \"checks\": [{\"name\": \"database\", \"ok\": true, \"detail\": \"migrated to 6\"}, \
+             {\"name\": \"participant:payment\", \"ok\": false, \"detail\": \"said \\\"no\\\"\"}]}\n"
+        );
+        readiness.update(vec![Check::of("database", Ok(String::new()))]);
+        assert!(readiness.is_ready());
+        assert!(
+            readiness
+                .json(true)
+                .starts_with("{\"ready\": false, \"stopping\": true")
+        );
+    }
+}
