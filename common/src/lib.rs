@@ -10,6 +10,7 @@
 //! - [`error`]: the shared error type, database error classes, `tonic::Status`.
 //! - [`grpc`]: health and reflection (v1 and v1alpha) for every server.
 //! - [`listen`]: accepting connections: back-off, rate-limited logs, idle close.
+//! - [`telemetry`]: log format, OpenTelemetry tracing, W3C trace context.
 
 pub mod batch;
 pub mod cli;
@@ -18,5 +19,6 @@ pub mod domain;
 pub mod error;
 pub mod grpc;
 pub mod listen;
+pub mod telemetry;
 
 pub use error::Error;

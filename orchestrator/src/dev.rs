@@ -48,6 +48,10 @@ pub struct DevArgs {
     /// Deadline of one participant call.
     #[arg(long, default_value = "5s", value_parser = common::cli::parse_duration)]
     pub step_timeout: Duration,
+    /// Logs and traces (--log-format, --otlp-endpoint); every service of
+    /// this process reports as one (`orchestrator` by default).
+    #[command(flatten)]
+    pub telemetry: common::telemetry::TelemetryArgs,
 }
 
 /// Demo products: id, name, price in cents, stock.

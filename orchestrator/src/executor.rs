@@ -427,7 +427,14 @@ impl Executor {
                 failure_reason: saga.state.failure_reason.clone(),
                 updated_at: saga.updated_at,
             }));
-        let span = tracing::info_span!("saga", saga_id = %saga.saga_id);
+        // One span per driver of the saga; its parent is the trace the saga
+        // was created in, so a resumed saga stays in its trace.
+        let span = tracing::info_span!(
+            "saga",
+            saga_id = %saga.saga_id,
+            trace_id = tracing::field::Empty,
+        );
+        common::telemetry::continue_trace(&span, saga.trace_parent.as_deref());
         let executor = self.clone();
         tokio::spawn(
             async move {
@@ -698,6 +705,21 @@ impl Executor {
                 Kind::Compensation => step_def.compensation,
             };
             let started_at = now_epoch();
+            // A span per attempt, only when traces are exported.
+            let attempt_span = if common::telemetry::enabled() {
+                tracing::info_span!(
+                    "step",
+                    otel.name = format!("{} {}", kind.as_str(), step_def.name),
+                    step = step_def.name,
+                    kind = kind.as_str(),
+                    attempt,
+                    rpc = rpc,
+                    outcome = tracing::field::Empty,
+                    rpc.grpc.status_code = tracing::field::Empty,
+                )
+            } else {
+                tracing::Span::none()
+            };
             let outcome = self
                 .calls
                 .call(StepCall {
@@ -708,9 +730,12 @@ impl Executor {
                     items: &saga.items,
                     outputs: &saga.state.outputs,
                 })
+                .instrument(attempt_span.clone())
                 .await;
             let finished_at = now_epoch();
             let journalled = JournalOutcome::of(&outcome);
+            attempt_span.record("outcome", journalled.as_str());
+            drop(attempt_span);
             let detail = match &outcome {
                 // What a compensation did (released, tombstoned, ...) helps
                 // an operator; an action's outputs are in the saga's state.

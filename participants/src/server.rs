@@ -260,6 +260,7 @@ pub async fn serve(
     let router = Server::builder()
         .http2_keepalive_interval(Some(ping_every))
         .http2_keepalive_timeout(Some(ping_timeout))
+        .layer(common::telemetry::ServerTraceLayer)
         .layer(FaultLayer::new(registry.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -53,7 +53,7 @@ usage, 3 the request failed (orchestrator unreachable, unknown id, refused).
 JSON (--output json), one document on stdout; times are RFC 3339 UTC:
   list, stuck  {\"sagas\": [SAGA...], \"next_page_token\": \"\"}
   show         {\"saga\": SAGA, \"items\": [{\"product_id\", \"quantity\"}], \"total_amount_cents\",
-                \"failure_reason\", \"step_outputs\": {}, \"idempotency_key\", \"version\",
+                \"failure_reason\", \"step_outputs\": {}, \"idempotency_key\", \"version\", \"trace_id\",
                 \"journal\": [{\"step\", \"kind\", \"attempt\", \"outcome\", \"detail\", \"rpc\",
                 \"actor\", \"started_at\", \"finished_at\", \"duration_ms\"}]}
   retry, abort {\"saga_id\", \"status\", \"message\"} (message: what the request did)
@@ -608,6 +608,7 @@ fn show_json(reply: &pb::GetSagaResponse, now: f64) -> String {
         "step_outputs": reply.step_outputs,
         "idempotency_key": text_or_null(&reply.idempotency_key),
         "version": reply.version,
+        "trace_id": text_or_null(&reply.trace_id),
         "journal": reply.journal.iter().map(|e| json!({
             "step": e.step,
             "kind": kind_name(e.kind),
@@ -669,6 +670,9 @@ fn show_text(reply: &pb::GetSagaResponse, now: f64) -> String {
     field("Driven by", saga.lease_owner.clone());
     field("Outputs", outputs.join(", "));
     field("Key", reply.idempotency_key.clone());
+    // The journal's calls are spans of this trace (find it in the tracing
+    // backend by this id).
+    field("Trace", reply.trace_id.clone());
     field(
         "Placed",
         format!(

@@ -589,6 +589,7 @@ async fn reconcile_works_on_the_embedded_mode() {
             in_memory: true,
             fault_injection: false,
             step_timeout: Duration::from_secs(5),
+            telemetry: Default::default(),
         },
         async move {
             let _ = stopped.await;
