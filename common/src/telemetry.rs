@@ -146,7 +146,7 @@ impl Telemetry {
     }
 }
 
-type Base = tracing_subscriber::layer::Layered<EnvFilter, tracing_subscriber::Registry>;
+type Base = tracing_subscriber::Registry;
 type BoxedLayer = Box<dyn Layer<Base> + Send + Sync>;
 
 /// Sets up logging to stderr (filtered by RUST_LOG, default `info`, sqlx
@@ -161,10 +161,14 @@ pub fn init(args: &TelemetryArgs, default_service: &str) -> Result<Telemetry, Se
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_ansi(ansi)
             .with_writer(std::io::stderr)
+            .with_filter(filter)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .event_format(JsonLines)
+            .fmt_fields(tracing_subscriber::fmt::format::DefaultFields::new())
+            .with_ansi(false)
             .with_writer(std::io::stderr)
+            .with_filter(filter)
             .boxed(),
     });
     let mut provider = None;
@@ -194,12 +198,14 @@ pub fn init(args: &TelemetryArgs, default_service: &str) -> Result<Telemetry, Se
             tracing_opentelemetry::layer::<Base>()
                 .with_tracer(tracer)
                 .with_tracked_inactivity(false)
+                // Its own filter: RUST_LOG quietens the logs, not the
+                // traces (the spans here are at INFO).
+                .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
                 .boxed(),
         );
         provider = Some(sdk);
     }
     tracing_subscriber::registry()
-        .with(filter)
         .with(layers)
         .try_init()
         .map_err(|e| SettingsError(format!("cannot set up logging: {e}")))?;

@@ -429,7 +429,10 @@ impl Executor {
             }));
         // One span per driver of the saga; its parent is the trace the saga
         // was created in, so a resumed saga stays in its trace.
+        // A root in the process's span tree (not the caller's child, which
+        // would keep PlaceOrder's span open until the saga ends).
         let span = tracing::info_span!(
+            parent: None,
             "saga",
             saga_id = %saga.saga_id,
             trace_id = tracing::field::Empty,
@@ -709,7 +712,14 @@ impl Executor {
             let attempt_span = if common::telemetry::enabled() {
                 tracing::info_span!(
                     "step",
-                    otel.name = format!("{} {}", kind.as_str(), step_def.name),
+                    otel.name = format!(
+                        "{} {}",
+                        match kind {
+                            Kind::Action => "action",
+                            Kind::Compensation => "compensation",
+                        },
+                        step_def.name
+                    ),
                     step = step_def.name,
                     kind = kind.as_str(),
                     attempt,
