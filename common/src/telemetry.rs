@@ -346,8 +346,12 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    // Off, the inner future itself: no allocation, no span.
+    type Future = futures_util::future::Either<
+        S::Future,
+        std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+        >,
     >;
 
     fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
@@ -357,7 +361,7 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         // Health checks and reflection are not worth a trace.
         if !enabled() || request.uri().path().starts_with("/grpc.") {
-            return Box::pin(self.inner.call(request));
+            return futures_util::future::Either::Left(self.inner.call(request));
         }
         let path = request.uri().path().trim_start_matches('/');
         let (service, method) = path.split_once('/').unwrap_or((path, ""));
@@ -372,7 +376,7 @@ where
         );
         let _ = span.set_parent(extract(request.headers()));
         let future = self.inner.call(request);
-        Box::pin(
+        futures_util::future::Either::Right(Box::pin(
             async move {
                 let response = future.await;
                 if let Ok(response) = &response {
@@ -392,7 +396,7 @@ where
                 response
             }
             .instrument(span),
-        )
+        ))
     }
 }
 
