@@ -708,3 +708,30 @@ fn show_text(reply: &pb::GetSagaResponse, now: f64) -> String {
     ));
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn show_prints_the_trace_id_when_there_is_one() {
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let reply = pb::GetSagaResponse {
+            trace_id: trace.into(),
+            ..Default::default()
+        };
+        let text = show_text(&reply, 0.0);
+        assert!(
+            text.lines()
+                .any(|line| line.starts_with("Trace") && line.ends_with(trace)),
+            "{text}"
+        );
+        let json: Value = serde_json::from_str(&show_json(&reply, 0.0)).unwrap();
+        assert_eq!(json["trace_id"], trace);
+
+        let untraced = pb::GetSagaResponse::default();
+        assert!(!show_text(&untraced, 0.0).contains("Trace"));
+        let json: Value = serde_json::from_str(&show_json(&untraced, 0.0)).unwrap();
+        assert_eq!(json["trace_id"], Value::Null);
+    }
+}

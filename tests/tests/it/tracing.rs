@@ -43,6 +43,8 @@ struct Span {
     parent: String,
     name: String,
     attributes: HashMap<String, String>,
+    /// The span ids it links to.
+    links: Vec<String>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -95,6 +97,7 @@ impl TraceService for Collector {
                         parent: hex(&span.parent_span_id),
                         name: span.name.clone(),
                         attributes: attributes(&span.attributes),
+                        links: span.links.iter().map(|l| hex(&l.span_id)).collect(),
                     });
                 }
             }
@@ -496,6 +499,22 @@ async fn a_saga_is_one_trace_across_the_four_services_and_a_resumed_saga_stays_i
         "the saga runs under PlaceOrder"
     );
     assert_rpcs_under_step_attempts(&spans);
+    // Each participant's group-commit write is a span of its own, linked
+    // to the RPC span (or a span under it) it served.
+    for service in ["inventory", "payment", "fulfillment"] {
+        let ours: BTreeSet<&str> = spans
+            .iter()
+            .filter(|s| s.service == service)
+            .map(|s| s.span_id.as_str())
+            .collect();
+        let all = collector.spans();
+        assert!(
+            all.iter().any(|s| s.service == service
+                && s.name == "db.batch"
+                && s.links.iter().any(|l| ours.contains(l.as_str()))),
+            "no {service} db.batch span linked to the trace: {all:#?}"
+        );
+    }
 
     // A caller's trace continues.
     let caller_trace = "0af7651916cd43dd8448eb211c80319c";
