@@ -373,6 +373,7 @@ where
             rpc.service = %service,
             rpc.method = %method,
             rpc.grpc.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
         );
         let _ = span.set_parent(extract(request.headers()));
         let future = self.inner.call(request);

@@ -5,6 +5,10 @@
 //! orchestrator's step-attempt spans, a saga resumed by another replica
 //! after a crash stays in its trace, a caller's `traceparent` is
 //! continued, and with tracing off nothing is exported.
+//!
+//! The binaries are the ones in the target directory: `cargo test
+//! --workspace` builds them first; after changing the servers, a narrower
+//! command needs `cargo build --workspace --bins` before it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
