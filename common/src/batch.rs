@@ -13,11 +13,18 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use opentelemetry::trace::{SpanContext, TraceContextExt};
 use tokio::sync::{Mutex, mpsc, oneshot};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// A queued request: the request, where to answer, and the caller's span
+/// (only when tracing is on), which the batch's span links to.
+type Queued<T, R> = (T, oneshot::Sender<R>, Option<SpanContext>);
 
 /// A queue in front of a batch operation. Cloning shares the queue.
 pub struct Batcher<T, R> {
-    queue: mpsc::Sender<(T, oneshot::Sender<R>)>,
+    queue: mpsc::Sender<Queued<T, R>>,
 }
 
 impl<T, R> std::fmt::Debug for Batcher<T, R> {
@@ -78,7 +85,7 @@ where
         let size_metric: Arc<str> = format!("{prefix}_batch_size").into();
         let commit_metric: Arc<str> = format!("{prefix}_batch_commit_seconds").into();
         let max_batch = max_batch.max(1);
-        let (queue, receiver) = mpsc::channel(max_batch * workers.max(1) * 4);
+        let (queue, receiver) = mpsc::channel::<Queued<T, R>>(max_batch * workers.max(1) * 4);
         let receiver = Arc::new(Mutex::new(receiver));
         let flush = Arc::new(flush);
         for _ in 0..workers.max(1) {
@@ -96,8 +103,14 @@ where
                             return; // every sender is gone
                         }
                     }
-                    let (requests, answers): (Vec<T>, Vec<oneshot::Sender<R>>) =
-                        batch.drain(..).unzip();
+                    let mut requests = Vec::with_capacity(batch.len());
+                    let mut answers = Vec::with_capacity(batch.len());
+                    let mut callers = Vec::new();
+                    for (request, answer, caller) in batch.drain(..) {
+                        requests.push(request);
+                        answers.push(answer);
+                        callers.extend(caller);
+                    }
                     let labels = [("writer", writer)];
                     crate::metrics::observe(
                         &size_metric,
@@ -105,8 +118,19 @@ where
                         requests.len() as f64,
                         crate::metrics::SIZES,
                     );
+                    // With tracing on, the write is a span of its own (one
+                    // batch serves many traces), linked to each caller's.
+                    let span = if crate::telemetry::enabled() {
+                        let span = tracing::info_span!("db.batch", rows = requests.len());
+                        for caller in callers {
+                            span.add_link(caller);
+                        }
+                        span
+                    } else {
+                        tracing::Span::none()
+                    };
                     let began = std::time::Instant::now();
-                    let results = flush(requests).await;
+                    let results = flush(requests).instrument(span).await;
                     crate::metrics::observe(
                         &commit_metric,
                         &labels,
@@ -127,8 +151,15 @@ where
     /// Queues `request` and waits for its answer.
     pub async fn submit(&self, request: T) -> Result<R, Stopped> {
         let (answer, result) = oneshot::channel();
+        let caller = crate::telemetry::enabled()
+            .then(|| {
+                let context = tracing::Span::current().context();
+                let caller = context.span().span_context().clone();
+                caller.is_valid().then_some(caller)
+            })
+            .flatten();
         self.queue
-            .send((request, answer))
+            .send((request, answer, caller))
             .await
             .map_err(|_| Stopped)?;
         result.await.map_err(|_| Stopped)

@@ -12,6 +12,7 @@
 //! - [`listen`]: accepting connections: back-off, rate-limited logs, idle close.
 //! - [`metrics`]: in-process counters, gauges and histograms, Prometheus text.
 //! - [`probe`]: the HTTP port: /healthz, /readyz (background checks), /metrics.
+//! - [`telemetry`]: log format, OpenTelemetry tracing, W3C trace context.
 
 pub mod batch;
 pub mod cli;
@@ -22,5 +23,6 @@ pub mod grpc;
 pub mod listen;
 pub mod metrics;
 pub mod probe;
+pub mod telemetry;
 
 pub use error::Error;

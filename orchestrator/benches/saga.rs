@@ -94,6 +94,7 @@ fn store_transition(c: &mut Criterion) {
                             }],
                             definition: &ORDER_SAGA,
                             state: SagaState::new(&ORDER_SAGA),
+                            trace_parent: None,
                         },
                         "bench",
                         Duration::from_secs(30),

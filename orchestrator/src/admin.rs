@@ -294,6 +294,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
             cancel_requested: saga.state.cancel_requested(),
             version: saga.version,
             idempotency_key: saga.idempotency_key.clone().unwrap_or_default(),
+            trace_id: saga.trace_id(),
         }))
     }
 

@@ -195,7 +195,13 @@ impl OrderApi {
             .ok_or_else(|| Error::NotFound(format!("no order {order_id}")))
     }
 
-    async fn place(&self, request: pb::PlaceOrderRequest) -> Result<pb::PlaceOrderResponse, Error> {
+    /// `trace_parent`: the trace the saga belongs to (see
+    /// `common::telemetry::traceparent_to_store`).
+    async fn place(
+        &self,
+        request: pb::PlaceOrderRequest,
+        trace_parent: Option<String>,
+    ) -> Result<pb::PlaceOrderResponse, Error> {
         let customer_id = Id::parse("customer_id", request.customer_id)?;
         let items = Items::parse(
             request
@@ -257,6 +263,7 @@ impl OrderApi {
             items,
             definition,
             state: SagaState::new(definition),
+            trace_parent,
         };
         let config = self.executor.config();
         let (record, created) = self
@@ -332,7 +339,10 @@ impl pb::order_service_server::OrderService for OrderApi {
         &self,
         request: Request<pb::PlaceOrderRequest>,
     ) -> Result<Response<pb::PlaceOrderResponse>, Status> {
-        Ok(Response::new(self.place(request.into_inner()).await?))
+        let trace_parent = common::telemetry::traceparent_to_store(request.metadata());
+        Ok(Response::new(
+            self.place(request.into_inner(), trace_parent).await?,
+        ))
     }
 
     async fn get_order_status(
@@ -352,6 +362,7 @@ impl pb::order_service_server::OrderService for OrderApi {
             created_at: Some(timestamp(saga.created_at)),
             updated_at: Some(timestamp(saga.updated_at)),
             cancel_requested: saga.state.cancel_requested(),
+            trace_id: saga.trace_id(),
         }))
     }
 

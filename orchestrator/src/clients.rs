@@ -107,10 +107,13 @@ fn channel(name: &str, url: &str) -> Result<Channel, Error> {
         .connect_lazy())
 }
 
-/// A request that tells the participant when to give up too.
+/// A request that tells the participant when to give up too, and carries
+/// the step attempt's trace context (W3C `traceparent`) when tracing is on:
+/// every step adapter builds its requests here.
 fn with_deadline<T>(message: T, timeout: Duration) -> Request<T> {
     let mut request = Request::new(message);
     request.set_timeout(timeout);
+    common::telemetry::inject(request.metadata_mut());
     request
 }
 
@@ -362,7 +365,17 @@ impl StepCalls for GrpcParticipants {
                 self.timeout
             ))
         };
-        match tokio::time::timeout(self.timeout, self.send(call)).await {
+        let reply = tokio::time::timeout(self.timeout, self.send(call)).await;
+        if common::telemetry::enabled() {
+            // On the step attempt's span, which declares the field.
+            let code = match &reply {
+                Ok(Ok(_)) => Code::Ok,
+                Ok(Err(status)) => status.code(),
+                Err(_) => Code::DeadlineExceeded,
+            };
+            tracing::Span::current().record("rpc.grpc.status_code", code as i32);
+        }
+        match reply {
             Ok(Ok(outputs)) => Outcome::Succeeded(outputs),
             // The participant enforced the deadline we sent it (tonic says
             // CANCELLED "Timeout expired"): report it as the timeout it is.
@@ -455,9 +468,7 @@ pub struct RecordClients {
 
 impl RecordClients {
     fn request<T>(&self, message: T) -> Request<T> {
-        let mut request = Request::new(message);
-        request.set_timeout(self.timeout);
-        request
+        with_deadline(message, self.timeout)
     }
 
     /// Runs `call` under the deadline (the client does not enforce it).

@@ -163,6 +163,9 @@ pub struct ServeArgs {
     /// UNAVAILABLE ("database unavailable, try again").
     #[arg(long, env = "ORCHESTRATOR_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
+    /// Logs and traces (--log-format, --otlp-endpoint).
+    #[command(flatten)]
+    pub telemetry: common::telemetry::TelemetryArgs,
 }
 
 /// Validated settings.

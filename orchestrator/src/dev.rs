@@ -54,6 +54,11 @@ pub struct DevArgs {
     /// too); off unless set.
     #[arg(long, env = "ORCHESTRATOR_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
+
+    /// Logs and traces (--log-format, --otlp-endpoint); every service of
+    /// this process reports as one (`orchestrator` by default).
+    #[command(flatten)]
+    pub telemetry: common::telemetry::TelemetryArgs,
 }
 
 /// Demo products: id, name, price in cents, stock.

@@ -457,7 +457,17 @@ impl Executor {
                 failure_reason: saga.state.failure_reason.clone(),
                 updated_at: saga.updated_at,
             }));
-        let span = tracing::info_span!("saga", saga_id = %saga.saga_id);
+        // One span per driver of the saga; its parent is the trace the saga
+        // was created in, so a resumed saga stays in its trace.
+        // A root in the process's span tree (not the caller's child, which
+        // would keep PlaceOrder's span open until the saga ends).
+        let span = tracing::info_span!(
+            parent: None,
+            "saga",
+            saga_id = %saga.saga_id,
+            trace_id = tracing::field::Empty,
+        );
+        common::telemetry::continue_trace(&span, saga.trace_parent.as_deref());
         let executor = self.clone();
         tokio::spawn(
             async move {
@@ -737,6 +747,28 @@ impl Executor {
                 Kind::Compensation => step_def.compensation,
             };
             let started_at = now_epoch();
+            // A span per attempt, only when traces are exported.
+            let attempt_span = if common::telemetry::enabled() {
+                tracing::info_span!(
+                    "step",
+                    otel.name = format!(
+                        "{} {}",
+                        match kind {
+                            Kind::Action => "action",
+                            Kind::Compensation => "compensation",
+                        },
+                        step_def.name
+                    ),
+                    step = step_def.name,
+                    kind = kind.as_str(),
+                    attempt,
+                    rpc = rpc,
+                    outcome = tracing::field::Empty,
+                    rpc.grpc.status_code = tracing::field::Empty,
+                )
+            } else {
+                tracing::Span::none()
+            };
             let outcome = self
                 .calls
                 .call(StepCall {
@@ -747,6 +779,7 @@ impl Executor {
                     items: &saga.items,
                     outputs: &saga.state.outputs,
                 })
+                .instrument(attempt_span.clone())
                 .await;
             let finished_at = now_epoch();
             let journalled = JournalOutcome::of(&outcome);
@@ -763,6 +796,8 @@ impl Executor {
                 finished_at - started_at,
                 matches!(outcome, Outcome::Retryable(_)),
             );
+            attempt_span.record("outcome", journalled.as_str());
+            drop(attempt_span);
             let detail = match &outcome {
                 // What a compensation did (released, tombstoned, ...) helps
                 // an operator; an action's outputs are in the saga's state.

@@ -51,7 +51,6 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    common::cli::init_logging();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -60,17 +59,30 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(*args)),
+        Command::Serve(args) => runtime.block_on(async {
+            let telemetry = common::telemetry::init(&args.telemetry, "orchestrator")
+                .map_err(|e| e.to_string())?;
+            let result = serve(*args).await;
+            telemetry.shutdown().await;
+            result
+        }),
         #[cfg(feature = "dev")]
         Command::Dev(args) => runtime.block_on(async {
-            orchestrator::dev::run(args, common::cli::shutdown_signal())
+            let telemetry = common::telemetry::init(&args.telemetry, "orchestrator")
+                .map_err(|e| e.to_string())?;
+            let result = orchestrator::dev::run(args, common::cli::shutdown_signal())
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string());
+            telemetry.shutdown().await;
+            result
         }),
         #[cfg(not(feature = "dev"))]
-        Command::Dev { .. } => Err("this build has no embedded mode (`orchestrator dev` needs \
+        Command::Dev { .. } => {
+            common::cli::init_logging();
+            Err("this build has no embedded mode (`orchestrator dev` needs \
              the `dev` feature, on by default); use `orchestrator serve`"
-            .to_owned()),
+                .to_owned())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

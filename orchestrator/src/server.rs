@@ -97,6 +97,7 @@ pub async fn serve(
     let server = Server::builder()
         .http2_keepalive_interval(Some(ping_every))
         .http2_keepalive_timeout(Some(ping_timeout))
+        .layer(common::telemetry::ServerTraceLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

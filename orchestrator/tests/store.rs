@@ -175,7 +175,51 @@ conformance!(
     sagas_are_paged_by_id_with_what_reconcile_compares,
     the_partial_indexes_leave_out_the_status_types_sets,
     a_saga_records_the_name_and_version_of_its_definition,
+    a_saga_keeps_the_trace_it_was_created_in_through_commits_and_claims,
 );
+
+/// The traceparent is written at creation and read with the row by every
+/// reader, and a commit leaves it alone.
+async fn a_saga_keeps_the_trace_it_was_created_in_through_commits_and_claims(backend: Backend) {
+    let store = &backend.store;
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let traced = NewSaga {
+        trace_parent: Some(parent.into()),
+        ..new_saga("s1", None)
+    };
+    let (created, _) = store.create(&traced, "r1", TTL).await.unwrap();
+    assert_eq!(created.trace_parent.as_deref(), Some(parent));
+    let (untraced, _) = store
+        .create(&new_saga("s2", None), "r1", TTL)
+        .await
+        .unwrap();
+    assert_eq!(untraced.trace_parent, None);
+    let next = created.state.clone();
+    let version = store
+        .commit(Commit {
+            saga_id: "s1",
+            expected_version: created.version,
+            state: &next,
+            definition: &ORDER_SAGA,
+            journal: &[entry("reserve")],
+            next_attempt: NextAttempt::Clear,
+            lease: LeaseChange::Extend {
+                owner: "r1",
+                ttl: TTL,
+            },
+            durable: true,
+            wake: false,
+        })
+        .await
+        .unwrap();
+    assert!(version.is_some());
+    let loaded = store.load("s1").await.unwrap().unwrap();
+    assert_eq!(loaded.trace_parent.as_deref(), Some(parent));
+    store.release_leases("r1").await.unwrap();
+    let claimed = store.claim("s1", "r2", TTL).await.unwrap().unwrap();
+    assert_eq!(claimed.trace_parent.as_deref(), Some(parent));
+    assert_eq!(store.load("s2").await.unwrap().unwrap().trace_parent, None);
+}
 
 /// The migrations' partial indexes are SQL text, written once: they must
 /// leave out exactly the statuses the `Status` type calls settled (the
@@ -350,6 +394,7 @@ fn new_saga(id: &str, key: Option<&str>) -> NewSaga {
         }],
         definition: &ORDER_SAGA,
         state: SagaState::new(&ORDER_SAGA),
+        trace_parent: None,
     }
 }
 

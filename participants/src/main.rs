@@ -72,6 +72,10 @@ struct Args {
     /// UNAVAILABLE.
     #[arg(long, env = "PARTICIPANT_CONNECT_TIMEOUT", default_value = "10s", value_parser = common::cli::parse_duration)]
     connect_timeout: Duration,
+
+    /// Logs and traces (--log-format, --otlp-endpoint).
+    #[command(flatten)]
+    telemetry: common::telemetry::TelemetryArgs,
 }
 
 fn main() -> ExitCode {
@@ -79,7 +83,6 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    common::cli::init_logging();
     let (participant, args) = match cli.participant {
         Kind::Inventory(args) => (Participant::Inventory, args),
         Kind::Payment(args) => (Participant::Payment, args),
@@ -99,7 +102,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(participant, args)) {
+    let outcome = runtime.block_on(async {
+        let telemetry = common::telemetry::init(&args.telemetry, participant.name())
+            .map_err(|e| e.to_string())?;
+        let result = run(participant, args).await;
+        telemetry.shutdown().await;
+        result
+    });
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("participant {}: {message}", participant.name());

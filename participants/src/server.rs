@@ -356,6 +356,7 @@ pub async fn serve_with_http(
         .http2_keepalive_interval(Some(ping_every))
         .http2_keepalive_timeout(Some(ping_timeout))
         .layer(crate::rpc_metrics::RpcMetricsLayer)
+        .layer(common::telemetry::ServerTraceLayer)
         .layer(FaultLayer::new(registry.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -53,7 +53,7 @@ usage, 3 the request failed (orchestrator unreachable, unknown id, refused).
 JSON (--output json), one document on stdout; times are RFC 3339 UTC:
   list, stuck  {\"sagas\": [SAGA...], \"next_page_token\": \"\"}
   show         {\"saga\": SAGA, \"items\": [{\"product_id\", \"quantity\"}], \"total_amount_cents\",
-                \"failure_reason\", \"step_outputs\": {}, \"idempotency_key\", \"version\",
+                \"failure_reason\", \"step_outputs\": {}, \"idempotency_key\", \"version\", \"trace_id\",
                 \"journal\": [{\"step\", \"kind\", \"attempt\", \"outcome\", \"detail\", \"rpc\",
                 \"actor\", \"started_at\", \"finished_at\", \"duration_ms\"}]}
   retry, abort {\"saga_id\", \"status\", \"message\"} (message: what the request did)
@@ -611,6 +611,7 @@ fn show_json(reply: &pb::GetSagaResponse, now: f64) -> String {
         "step_outputs": reply.step_outputs,
         "idempotency_key": text_or_null(&reply.idempotency_key),
         "version": reply.version,
+        "trace_id": text_or_null(&reply.trace_id),
         "journal": reply.journal.iter().map(|e| json!({
             "step": e.step,
             "kind": kind_name(e.kind),
@@ -672,6 +673,9 @@ fn show_text(reply: &pb::GetSagaResponse, now: f64) -> String {
     field("Driven by", saga.lease_owner.clone());
     field("Outputs", outputs.join(", "));
     field("Key", reply.idempotency_key.clone());
+    // The journal's calls are spans of this trace (find it in the tracing
+    // backend by this id).
+    field("Trace", reply.trace_id.clone());
     field(
         "Placed",
         format!(
@@ -706,4 +710,31 @@ fn show_text(reply: &pb::GetSagaResponse, now: f64) -> String {
         &rows,
     ));
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn show_prints_the_trace_id_when_there_is_one() {
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let reply = pb::GetSagaResponse {
+            trace_id: trace.into(),
+            ..Default::default()
+        };
+        let text = show_text(&reply, 0.0);
+        assert!(
+            text.lines()
+                .any(|line| line.starts_with("Trace") && line.ends_with(trace)),
+            "{text}"
+        );
+        let json: Value = serde_json::from_str(&show_json(&reply, 0.0)).unwrap();
+        assert_eq!(json["trace_id"], trace);
+
+        let untraced = pb::GetSagaResponse::default();
+        assert!(!show_text(&untraced, 0.0).contains("Trace"));
+        let json: Value = serde_json::from_str(&show_json(&untraced, 0.0)).unwrap();
+        assert_eq!(json["trace_id"], Value::Null);
+    }
 }

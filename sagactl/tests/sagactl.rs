@@ -590,6 +590,7 @@ async fn reconcile_works_on_the_embedded_mode() {
             fault_injection: false,
             step_timeout: Duration::from_secs(5),
             http_listen: None,
+            telemetry: Default::default(),
         },
         async move {
             let _ = stopped.await;

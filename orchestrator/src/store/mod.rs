@@ -55,6 +55,8 @@ pub struct NewSaga {
     pub definition: &'static Definition,
     /// The initial state.
     pub state: SagaState,
+    /// The W3C `traceparent` of the trace it belongs to, if any.
+    pub trace_parent: Option<String>,
 }
 
 /// A saga as stored.
@@ -98,9 +100,21 @@ pub struct SagaRecord {
     pub progress_at: f64,
     /// When it reached a terminal status.
     pub finished_at: Option<f64>,
+    /// The W3C `traceparent` it was created under, if any: every driver of
+    /// the saga continues that trace.
+    pub trace_parent: Option<String>,
 }
 
 impl SagaRecord {
+    /// The trace id of the trace it belongs to; empty when none.
+    pub fn trace_id(&self) -> String {
+        self.trace_parent
+            .as_deref()
+            .and_then(common::telemetry::trace_id_of)
+            .unwrap_or_default()
+            .to_owned()
+    }
+
     /// The definition the saga runs by, as `registry` knows it: the one it
     /// started under, if this replica knows it and the stored state fits
     /// it. The error says why not.
@@ -319,6 +333,7 @@ where
         updated_at: row.try_get("updated_at")?,
         progress_at: row.try_get("progress_at")?,
         finished_at: row.try_get("finished_at")?,
+        trace_parent: row.try_get("trace_parent")?,
     })
 }
 

@@ -20,7 +20,7 @@ static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postg
 
 /// Every column of a saga row, in the shape [`record`] reads.
 const SAGA_COLUMNS: &str = "saga_id, idempotency_key, customer_id, items, state, status, version,
-    definition_name, definition_version,
+    definition_name, definition_version, trace_parent,
     extract(epoch FROM next_attempt_at)::float8 AS next_attempt_at, lease_owner,
     extract(epoch FROM lease_expires_at)::float8 AS lease_expires_at,
     extract(epoch FROM created_at)::float8 AS created_at,
@@ -207,6 +207,7 @@ struct CreateRow {
     ttl: f64,
     definition_name: &'static str,
     definition_version: i64,
+    trace_parent: Option<String>,
 }
 
 /// Inserts a batch of sagas in one statement. A saga whose idempotency key
@@ -280,14 +281,15 @@ async fn insert_sagas(pool: &PgPool, rows: &[CreateRow]) -> Result<Vec<SagaRecor
     let column = |f: fn(&CreateRow) -> &str| rows.iter().map(|r| f(r)).collect::<Vec<_>>();
     let inserted = sqlx::query(sql!(
         "INSERT INTO sagas (saga_id, idempotency_key, customer_id, items, status, state,
-                            lease_owner, lease_expires_at, definition_name, definition_version)
+                            lease_owner, lease_expires_at, definition_name, definition_version,
+                            trace_parent)
          SELECT n.saga_id, n.idempotency_key, n.customer_id, n.items::jsonb, n.status,
                 n.state::jsonb, n.owner, now() + make_interval(secs => n.ttl),
-                n.definition_name, n.definition_version
+                n.definition_name, n.definition_version, n.trace_parent
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::text[], $8::float8[], $9::text[], $10::bigint[])
+                     $7::text[], $8::float8[], $9::text[], $10::bigint[], $11::text[])
               AS n(saga_id, idempotency_key, customer_id, items, status, state, owner, ttl,
-                   definition_name, definition_version)
+                   definition_name, definition_version, trace_parent)
          ON CONFLICT (customer_id, idempotency_key) DO NOTHING
          RETURNING {SAGA_COLUMNS}"
     ))
@@ -307,6 +309,11 @@ async fn insert_sagas(pool: &PgPool, rows: &[CreateRow]) -> Result<Vec<SagaRecor
     .bind(
         rows.iter()
             .map(|r| r.definition_version)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|r| r.trace_parent.as_deref())
             .collect::<Vec<_>>(),
     )
     .fetch_all(pool)
@@ -503,6 +510,7 @@ impl SagaStore for PgStore {
             ttl: lease_ttl.as_secs_f64(),
             definition_name: saga.definition.name,
             definition_version: saga.definition.version.into(),
+            trace_parent: saga.trace_parent.clone(),
         };
         self.creates.submit(row).await.map_err(stopped)?
     }

@@ -20,7 +20,7 @@ use crate::saga::Status;
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite/orchestrator");
 
 const SAGA_COLUMNS: &str = "saga_id, idempotency_key, customer_id, items, state, status, version,
-    definition_name, definition_version,
+    definition_name, definition_version, trace_parent,
     next_attempt_at, lease_owner, lease_expires_at, created_at, updated_at, progress_at, finished_at";
 
 /// Saga persistence on SQLite.
@@ -81,8 +81,8 @@ impl SagaStore for SqliteStore {
         let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO sagas (saga_id, idempotency_key, customer_id, items, status, state,
                                 lease_owner, lease_expires_at, created_at, updated_at, progress_at,
-                                definition_name, definition_version)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                definition_name, definition_version, trace_parent)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (customer_id, idempotency_key) DO NOTHING
              RETURNING {SAGA_COLUMNS}"
         )))
@@ -99,6 +99,7 @@ impl SagaStore for SqliteStore {
         .bind(now)
         .bind(saga.definition.name)
         .bind(i64::from(saga.definition.version))
+        .bind(&saga.trace_parent)
         .fetch_optional(&self.pool)
         .await?;
         if let Some(row) = inserted {

@@ -15,5 +15,6 @@ mod payment;
 mod reconcile;
 mod recovery;
 mod snapshot;
+mod tracing;
 mod wake;
 mod watch;
