@@ -8,6 +8,14 @@
 #
 #   bash bench/ab.sh REV_BEFORE REV_AFTER [MORE_REVS...]
 #   ROUNDS=6 bash bench/ab.sh main~3 main
+#   RUNS="1 1000" bash bench/ab.sh main~3 main     # only C=1 (CONCURRENCY ORDERS, comma-separated)
+#
+# A revision written REV:RATIO runs with traces exported: every service
+# gets --otlp-endpoint (an otlp-sink from this tree, which counts and drops
+# what it receives) and OTEL_TRACES_SAMPLER=parentbased_traceidratio with
+# RATIO as its argument. The tracing cost of one revision:
+#
+#   bash bench/ab.sh main main:0.01 main:1
 #
 # Writes bench/runs/ab-<date>.jsonl (one line per run) and prints the
 # medians per revision. Binaries are kept in target/ab/<commit>.
@@ -23,9 +31,15 @@ mkdir -p bench/runs target/ab
 export RUST_LOG=warn
 
 commits=()
-for rev in "$@"; do
+variants=()
+traced=0
+for arg in "$@"; do
+  rev=${arg%%:*}
+  ratio=
+  [ "$rev" != "$arg" ] && ratio=${arg#*:} && traced=1
   commit=$(git rev-parse --short "$rev")
   commits+=("$commit")
+  variants+=("$commit${ratio:+:$ratio}")
   bins=target/ab/$commit
   [ -x "$bins/orchestrator" ] && continue
   echo "== building $commit"
@@ -38,6 +52,12 @@ for rev in "$@"; do
   cp target/ab/build/release/{orchestrator,participant,sagactl} "$bins/"
 done
 
+if [ "$traced" = 1 ]; then
+  echo "== building otlp-sink"
+  cargo build --release --quiet -p saga-tests --bin otlp-sink
+  cp target/release/otlp-sink target/ab/otlp-sink
+fi
+
 pids=()
 stop() { kill -TERM "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true; pids=(); }
 trap stop EXIT
@@ -49,9 +69,19 @@ fresh() {
 steal() { awk '/^cpu / {print $9}' /proc/stat; }
 
 for round in $(seq 1 "$rounds"); do
-  for commit in "${commits[@]}"; do
+  for variant in "${variants[@]}"; do
+    commit=${variant%%:*}
+    ratio=${variant#"$commit"}
+    ratio=${ratio#:}
     bins=target/ab/$commit
     fresh
+    unset OTEL_EXPORTER_OTLP_ENDPOINT OTEL_TRACES_SAMPLER OTEL_TRACES_SAMPLER_ARG
+    if [ -n "$ratio" ]; then
+      target/ab/otlp-sink --listen 127.0.0.1:50299 >>"$out.sink" 2>/dev/null &
+      pids+=($!)
+      export OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:50299
+      export OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=$ratio
+    fi
     for p in inventory:50261 payment:50262 fulfillment:50263; do
       "$bins/participant" "${p%%:*}" --listen "127.0.0.1:${p##*:}" \
         --database-url "$server/ab_${p%%:*}" >/dev/null 2>&1 &
@@ -66,7 +96,8 @@ for round in $(seq 1 "$rounds"); do
         grpc.health.v1.Health/Check 2>/dev/null | grep -q SERVING && break
       sleep 0.2
     done
-    for run in "64 8000" "1 1000"; do
+    IFS=, read -r -a runs <<<"${RUNS:-64 8000,1 1000}"
+    for run in "${runs[@]}"; do
       set -- $run
       before=$(steal)
       line=$("$bins/sagactl" --endpoint http://127.0.0.1:50251 bench \
@@ -78,20 +109,21 @@ d = json.loads(sys.argv[1])
 print(json.dumps({"round": int(sys.argv[2]), "commit": sys.argv[3], "concurrency": int(sys.argv[4]),
                   "sagas_per_second": d["sagas_per_second"], "p50_ms": d["latency_ms"]["p50"],
                   "failed": d["failed"], "steal_seconds": (int(sys.argv[6]) - int(sys.argv[5])) / 100}))' \
-        "$line" "$round" "$commit" "$1" "$before" "$(steal)" | tee -a "$out"
+        "$line" "$round" "$variant" "$1" "$before" "$(steal)" | tee -a "$out"
     done
     stop
   done
 done
 
-python3 - "$out" "${commits[@]}" <<'PY'
+python3 - "$out" "${variants[@]}" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-print("| commit | C=64 sagas/s (median) | C=64 runs | C=1 p50 ms (median) | C=1 runs |")
+print("| commit[:sampling] | C=64 sagas/s (median) | C=64 runs | C=1 p50 ms (median) | C=1 runs |")
 print("|---|---|---|---|---|")
 for commit in sys.argv[2:]:
     c64 = [r["sagas_per_second"] for r in rows if r["commit"] == commit and r["concurrency"] == 64]
     c1 = [r["p50_ms"] for r in rows if r["commit"] == commit and r["concurrency"] == 1]
-    print(f"| {commit} | {statistics.median(c64):.0f} | {', '.join(f'{x:.0f}' for x in c64)} "
-          f"| {statistics.median(c1):.2f} | {', '.join(f'{x:.1f}' for x in c1)} |")
+    med = lambda xs, f: format(statistics.median(xs), f) if xs else "-"
+    print(f"| {commit} | {med(c64, '.0f')} | {', '.join(f'{x:.0f}' for x in c64)} "
+          f"| {med(c1, '.2f')} | {', '.join(f'{x:.1f}' for x in c1)} |")
 PY

@@ -51,6 +51,15 @@ impl<T, R> Clone for Batcher<T, R> {
 #[error("the batch writer stopped")]
 pub struct Stopped;
 
+impl<T, R> Batcher<T, R> {
+    /// Requests queued that no worker has taken yet: they wait for a
+    /// worker (and its database connection) to be free. Read from the
+    /// queue itself, so it costs the writers nothing.
+    pub fn queued(&self) -> usize {
+        self.queue.max_capacity() - self.queue.capacity()
+    }
+}
+
 impl<T, R> Batcher<T, R>
 where
     T: Send + 'static,

@@ -54,6 +54,12 @@ struct Family {
 static REGISTRY: LazyLock<Mutex<BTreeMap<String, Family>>> =
     LazyLock::new(|| Mutex::new(BTreeMap::new()));
 
+thread_local! {
+    /// The label text of the update in progress: built here, so an update
+    /// of a series that exists allocates nothing.
+    static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
 fn with_series(
     name: &str,
     kind: Kind,
@@ -61,35 +67,58 @@ fn with_series(
     update: impl FnOnce(&mut Value),
     new: impl FnOnce() -> Value,
 ) {
-    let key = label_text(labels);
-    let mut registry = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
-    if !registry.contains_key(name) {
-        registry.insert(
-            name.to_owned(),
-            Family {
-                kind,
-                help: "",
-                series: BTreeMap::new(),
-            },
-        );
-    }
-    if let Some(family) = registry.get_mut(name) {
-        update(family.series.entry(key).or_insert_with(new));
+    KEY.with_borrow_mut(|key| {
+        key.clear();
+        write_labels(key, labels);
+        let mut registry = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+        if !registry.contains_key(name) {
+            registry.insert(
+                name.to_owned(),
+                Family {
+                    kind,
+                    help: "",
+                    series: BTreeMap::new(),
+                },
+            );
+        }
+        let Some(family) = registry.get_mut(name) else {
+            return;
+        };
+        match family.series.get_mut(key.as_str()) {
+            Some(value) => update(value),
+            None => update(family.series.entry(key.clone()).or_insert_with(new)),
+        }
+    });
+}
+
+/// Appends `labels` as Prometheus label text (`a="x",b="y"`), escaping
+/// backslashes, quotes and newlines in the values.
+fn write_labels(text: &mut String, labels: &[(&str, &str)]) {
+    for (i, (name, value)) in labels.iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(name);
+        text.push_str("=\"");
+        if value.bytes().any(|b| matches!(b, b'\\' | b'"' | b'\n')) {
+            for c in value.chars() {
+                match c {
+                    '\\' => text.push_str("\\\\"),
+                    '"' => text.push_str("\\\""),
+                    '\n' => text.push_str("\\n"),
+                    c => text.push(c),
+                }
+            }
+        } else {
+            text.push_str(value);
+        }
+        text.push('"');
     }
 }
 
 fn label_text(labels: &[(&str, &str)]) -> String {
     let mut text = String::new();
-    for (i, (name, value)) in labels.iter().enumerate() {
-        if i > 0 {
-            text.push(',');
-        }
-        let value = value
-            .replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('\n', "\\n");
-        let _ = write!(text, "{name}=\"{value}\"");
-    }
+    write_labels(&mut text, labels);
     text
 }
 

@@ -210,9 +210,11 @@ async fn answer(mut stream: TcpStream, probes: &Probes, idle: Duration) -> std::
 }
 
 /// Runs `check` now and then every `every` until `stopping` turns true,
-/// recording the result in `readiness`, and marks `services` (and the
-/// server as a whole, `""`) SERVING when every check that `gate` selects
-/// passed, NOT_SERVING otherwise.
+/// recording the result in `readiness`. The gRPC health of the server as a
+/// whole (service `""`, what a probe asks by default) follows readiness:
+/// SERVING when every check passed, as `/readyz` answers 200. Each of
+/// `services` is SERVING when the checks that `gate` selects passed (what
+/// that service needs to take calls), NOT_SERVING otherwise.
 pub async fn watch_readiness<F, Fut>(
     readiness: Arc<Readiness>,
     reporter: HealthReporter,
@@ -225,10 +227,18 @@ pub async fn watch_readiness<F, Fut>(
     F: Fn() -> Fut,
     Fut: Future<Output = Vec<Check>>,
 {
-    let mut serving = None;
+    let status = |serving: bool| {
+        if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        }
+    };
+    let (mut serving, mut ready) = (None, None);
     loop {
         let checks = check().await;
         let healthy = checks.iter().filter(|c| gate(c)).all(|c| c.ok);
+        let all_ok = checks.iter().all(|c| c.ok);
         for failed in checks.iter().filter(|c| !c.ok) {
             tracing::debug!(check = %failed.name, detail = %failed.detail, "not ready");
         }
@@ -238,16 +248,17 @@ pub async fn watch_readiness<F, Fut>(
         }
         if serving != Some(healthy) {
             if serving.is_some() {
-                tracing::info!(serving = healthy, "readiness changed");
+                tracing::info!(serving = healthy, "serving changed");
             }
-            let status = if healthy {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
-            crate::grpc::set_health(&reporter, &services, status).await;
-            reporter.set_service_status("", status).await;
+            crate::grpc::set_health(&reporter, &services, status(healthy)).await;
             serving = Some(healthy);
+        }
+        if ready != Some(all_ok) {
+            if ready.is_some() {
+                tracing::info!(ready = all_ok, "readiness changed");
+            }
+            reporter.set_service_status("", status(all_ok)).await;
+            ready = Some(all_ok);
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

@@ -38,6 +38,8 @@ pub const SWEEP_CLAIMED: &str = "saga_sweep_claimed";
 pub const POOL: &str = "saga_db_pool_connections";
 /// The database pool's bound.
 pub const POOL_MAX: &str = "saga_db_pool_max_connections";
+/// Gauge: writes waiting for a batch writer's connection.
+pub const POOL_WAITING: &str = "saga_db_pool_waiting";
 
 /// Declares every metric, so a scrape shows them from the start.
 pub fn describe() {
@@ -72,6 +74,10 @@ pub fn describe() {
     metrics::describe_histogram(SWEEP_CLAIMED, "Sagas claimed per sweep that claimed any.");
     metrics::describe_gauge(POOL, "Database pool connections, by state (in_use, idle).");
     metrics::describe_gauge(POOL_MAX, "The database pool's bound.");
+    metrics::describe_gauge(
+        POOL_WAITING,
+        "Writes (creations and transitions) queued for a batch writer's database connection.",
+    );
     metrics::describe_histogram("saga_batch_size", "Rows per group-commit flush, by writer.");
     metrics::describe_histogram(
         "saga_batch_commit_seconds",

@@ -5,12 +5,15 @@
 //! in-process metrics of [`crate::metrics`], and a few gauges read from
 //! live work in the database at scrape time).
 //!
-//! The gRPC health of the orchestrator's own services follows the database
-//! check only: an orchestrator whose participant is down still takes
-//! orders and keeps them durably until the participant returns, so taking
-//! it out of rotation would turn one participant's outage into a full one.
-//! `/readyz` reports the participants all the same, for operators and
-//! alerts.
+//! gRPC health follows the same checks. The server as a whole (service
+//! `""`, what a gRPC probe asks by default) is SERVING exactly when
+//! `/readyz` answers 200: the database and every participant. The
+//! orchestrator's own services (`saga.v1.OrderService`,
+//! `saga.v1.AdminService`) follow the database only: an orchestrator whose
+//! participant is down still takes orders and keeps them durably until the
+//! participant returns, so a client or balancer that asks for
+//! `saga.v1.OrderService` keeps sending them, while a readiness probe on
+//! the whole server sees the outage.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,8 +46,8 @@ pub fn probes(executor: Arc<Executor>, readiness: Arc<Readiness>) -> Probes {
 }
 
 /// Checks the database and every participant now and every
-/// [`READINESS_EVERY`] until the executor stops, into `readiness` and (the
-/// database only) the gRPC health of `services`.
+/// [`READINESS_EVERY`] until the executor stops, into `readiness` and the
+/// gRPC health (the whole server: every check; `services`: the database).
 pub async fn watch_readiness(
     executor: Arc<Executor>,
     participants: ParticipantUrls,
@@ -129,6 +132,9 @@ async fn render(executor: &Executor) -> String {
         );
         set(crate::metrics::POOL, &[("state", "idle")], f64::from(idle));
         set(crate::metrics::POOL_MAX, &[], f64::from(max));
+    }
+    if let Some(waiting) = executor.store().writes_waiting() {
+        set(crate::metrics::POOL_WAITING, &[], waiting as f64);
     }
     let mut text = common::metrics::render();
     // Read from live work only (the unsettled sagas' index and the last

@@ -72,16 +72,18 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let path = request.uri().path().to_owned();
+        // A clone of the URI shares its bytes: no allocation per call.
+        let uri = request.uri().clone();
         let began = Instant::now();
         let call = self.inner.call(request);
         Box::pin(async move {
             let response = call.await;
+            let path = uri.path();
             // The probe and reflection services are not the participant's API.
             let (service, method) = path
                 .trim_start_matches('/')
                 .split_once('/')
-                .unwrap_or(("", path.as_str()));
+                .unwrap_or(("", path));
             if service.starts_with("grpc.") {
                 return response;
             }

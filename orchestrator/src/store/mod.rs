@@ -24,7 +24,7 @@ mod sqlite;
 use std::time::Duration;
 
 pub use postgres::{PgStore, WRITER_CONNECTIONS, stats_sql};
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteStore, stats_sql as sqlite_stats_sql};
 use sqlx::types::Json;
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
@@ -718,6 +718,12 @@ pub trait SagaStore: Send + Sync + 'static {
     /// The connection pool now: (connections in use, idle, bound), if the
     /// store has one.
     fn pool_state(&self) -> Option<(u32, u32, u32)> {
+        None
+    }
+
+    /// Writes (creations and transitions) queued for a batch writer and
+    /// its connection, when the store batches them.
+    fn writes_waiting(&self) -> Option<usize> {
         None
     }
 

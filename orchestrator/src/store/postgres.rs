@@ -723,6 +723,10 @@ impl SagaStore for PgStore {
         ))
     }
 
+    fn writes_waiting(&self) -> Option<usize> {
+        Some(self.creates.queued() + self.durable_commits.queued() + self.async_commits.queued())
+    }
+
     async fn stats(&self) -> Result<Stats, Error> {
         let [open, finished] = stats_sql();
         let rows: Vec<(String, i64, Option<f64>, i64)> =

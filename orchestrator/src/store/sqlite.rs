@@ -23,6 +23,23 @@ const SAGA_COLUMNS: &str = "saga_id, idempotency_key, customer_id, items, state,
     definition_name, definition_version, trace_parent,
     next_attempt_at, lease_owner, lease_expires_at, created_at, updated_at, progress_at, finished_at";
 
+/// The two queries of [`SagaStore::stats`] on SQLite (`?1` is the time
+/// now, in epoch seconds), public so a test can read their plans: the same
+/// reads as on PostgreSQL (see [`super::stats_sql`]), through the partial
+/// indexes `sagas_stuck` (the sagas that are not terminal; named, so the
+/// planner never prefers a scan of every saga) and `sagas_finished`.
+pub fn stats_sql() -> [&'static str; 2] {
+    [
+        sql!(
+            "SELECT status, count(*), ?1 - min(created_at),
+                    count(*) FILTER (WHERE created_at > ?1 - 60)
+             FROM sagas INDEXED BY sagas_stuck WHERE status NOT IN {TERMINAL} GROUP BY status"
+        ),
+        "SELECT count(*), count(*) FILTER (WHERE created_at > ?1 - 60)
+         FROM sagas INDEXED BY sagas_finished WHERE finished_at > ?1 - 60",
+    ]
+}
+
 /// Saga persistence on SQLite.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -341,23 +358,14 @@ impl SagaStore for SqliteStore {
     }
 
     async fn stats(&self) -> Result<Stats, Error> {
-        // The same two reads as on PostgreSQL (see `postgres::stats_sql`).
         let now = now_epoch();
-        let rows: Vec<(String, i64, Option<f64>, i64)> = sqlx::query_as(sql!(
-            "SELECT status, count(*), ?1 - min(created_at),
-                    count(*) FILTER (WHERE created_at > ?1 - 60)
-             FROM sagas WHERE status NOT IN {TERMINAL} GROUP BY status"
-        ))
-        .bind(now)
-        .fetch_all(&self.pool)
-        .await?;
-        let (finished, finished_started): (i64, i64) = sqlx::query_as(
-            "SELECT count(*), count(*) FILTER (WHERE created_at > ?1 - 60)
-             FROM sagas WHERE finished_at > ?1 - 60",
-        )
-        .bind(now)
-        .fetch_one(&self.pool)
-        .await?;
+        let [open, finished] = stats_sql();
+        let rows: Vec<(String, i64, Option<f64>, i64)> =
+            sqlx::query_as(open).bind(now).fetch_all(&self.pool).await?;
+        let (finished, finished_started): (i64, i64) = sqlx::query_as(finished)
+            .bind(now)
+            .fetch_one(&self.pool)
+            .await?;
         Ok(Stats::from_open(rows, finished, finished_started))
     }
 

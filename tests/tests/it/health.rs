@@ -1,8 +1,9 @@
 //! Health, readiness and metrics on the HTTP port of every service:
 //! `/readyz` names each dependency and follows it (a participant that stops
 //! and returns, a database that stops answering and comes back), the gRPC
-//! health service follows the readiness it is built on, and `/metrics`
-//! shows what happened.
+//! health of the whole server follows the same readiness (a service's own
+//! health, what it needs to take calls), and `/metrics` shows what
+//! happened.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -129,8 +130,10 @@ async fn readyz_names_every_dependency_and_follows_a_participant_that_stops_and_
         Some(true),
         "{body}"
     );
-    // The orchestrator still takes orders (they wait for the participant
-    // durably): its own gRPC health follows its database only.
+    // The server as a whole is not ready, as /readyz says; but it still
+    // takes orders (they wait for the participant durably): its own
+    // services' gRPC health follows its database only.
+    wait_grpc(orchestrator.channel(), "", ServingStatus::NotServing).await;
     assert_eq!(
         grpc_status(orchestrator.channel(), "saga.v1.OrderService").await,
         Some(ServingStatus::Serving)
@@ -144,6 +147,7 @@ async fn readyz_names_every_dependency_and_follows_a_participant_that_stops_and_
     })
     .await
     .unwrap();
+    wait_grpc(orchestrator.channel(), "", ServingStatus::Serving).await;
     drop(system);
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
@@ -302,6 +306,7 @@ async fn metrics_count_the_sagas_their_steps_and_their_failures() {
     for name in [
         "saga_in_flight ",
         "saga_db_pool_connections{state=\"idle\"}",
+        "saga_db_pool_waiting 0\n",
         "saga_sagas{status=\"NEEDS_ATTENTION\"}",
         "saga_batch_size_bucket{writer=\"create\"",
         "# TYPE saga_step_retries_total counter",
