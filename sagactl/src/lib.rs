@@ -17,6 +17,7 @@ pub mod bench;
 pub mod reconcile;
 pub mod render;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -24,7 +25,7 @@ use common::cli::parse_duration;
 use proto::saga::v1 as pb;
 use proto::saga::v1::admin_service_client::AdminServiceClient;
 use serde_json::{Value, json};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use orchestrator::admin::human_duration;
 use orchestrator::clients::code_name;
@@ -94,6 +95,20 @@ pub struct Cli {
     /// Output format: a table for people, JSON for scripts.
     #[arg(long, global = true, value_enum, default_value = "table")]
     pub output: Output,
+
+    /// PEM CA certificate the servers' certificates must chain to; needed
+    /// for an https:// --endpoint (and https:// bench participant URLs).
+    #[arg(long, global = true, env = "SAGACTL_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// PEM client certificate to present to servers that require one
+    /// (mTLS); needs --key.
+    #[arg(long, global = true, env = "SAGACTL_CERT")]
+    pub cert: Option<PathBuf>,
+
+    /// PEM private key of --cert.
+    #[arg(long, global = true, env = "SAGACTL_KEY")]
+    pub key: Option<PathBuf>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -238,6 +253,62 @@ fn request_failed(endpoint: &str, status: tonic::Status) -> Failure {
     ))
 }
 
+/// The names of sagactl's TLS flags.
+const TLS_FLAGS: common::tls::ClientFlags = common::tls::ClientFlags {
+    ca: "--ca-cert",
+    cert: "--cert",
+    key: "--key",
+};
+
+impl Cli {
+    /// The TLS of `--ca-cert`, `--cert` and `--key`; None when none is given.
+    pub fn tls(&self) -> Result<Option<common::tls::Client>, Failure> {
+        common::tls::Client::from_flags(
+            self.ca_cert.as_deref(),
+            self.cert.as_deref(),
+            self.key.as_deref(),
+            TLS_FLAGS,
+        )
+        .map_err(|e| Failure {
+            message: e.to_string(),
+            code: 2,
+        })
+    }
+}
+
+/// A connected channel to `url` (`what`, and the `flag` naming the URL, in
+/// the messages): plaintext for http://, TLS for https://, which needs
+/// --ca-cert.
+async fn connect_channel(
+    url: &str,
+    flag: &str,
+    what: &str,
+    tls: Option<&common::tls::Client>,
+    configure: impl FnOnce(tonic::transport::Endpoint) -> tonic::transport::Endpoint,
+) -> Result<Channel, Failure> {
+    let endpoint = common::tls::endpoint(url, tls, TLS_FLAGS.ca)
+        .map_err(|e| Failure {
+            message: format!("{flag}: {e}"),
+            code: 2,
+        })?
+        .connect_timeout(Duration::from_secs(3));
+    configure(endpoint).connect().await.map_err(|e| {
+        let mut message = format!(
+            "cannot reach the {what} at {url}: {}",
+            common::tls::error_chain(&e)
+        );
+        if message.contains("certificate") || message.contains("handshake") {
+            message.push_str(&format!(
+                " (check {} and, for servers requiring client certificates, {} and {})",
+                TLS_FLAGS.ca, TLS_FLAGS.cert, TLS_FLAGS.key
+            ));
+        } else {
+            message.push_str(&format!(" (is it running? set {flag})"));
+        }
+        failed(message)
+    })
+}
+
 struct Client {
     endpoint: String,
     token: Option<String>,
@@ -245,27 +316,29 @@ struct Client {
 }
 
 impl Client {
-    async fn connect(endpoint: &str, token: Option<String>) -> Result<Self, Failure> {
-        Self::connect_with_timeout(endpoint, token, Duration::from_secs(30)).await
+    async fn connect(
+        endpoint: &str,
+        token: Option<String>,
+        tls: Option<&common::tls::Client>,
+    ) -> Result<Self, Failure> {
+        Self::connect_with_timeout(endpoint, token, tls, Duration::from_secs(30)).await
     }
 
     /// Like `connect`, with `timeout` for each request.
     async fn connect_with_timeout(
         endpoint: &str,
         token: Option<String>,
+        tls: Option<&common::tls::Client>,
         timeout: Duration,
     ) -> Result<Self, Failure> {
-        let channel = Endpoint::from_shared(endpoint.to_owned())
-            .map_err(|e| failed(format!("--endpoint {endpoint:?} is not a URL: {e}")))?
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(timeout)
-            .connect()
-            .await
-            .map_err(|e| {
-                failed(format!(
-                    "cannot reach the orchestrator at {endpoint}: {e} (is it running? set --endpoint or SAGACTL_ENDPOINT)"
-                ))
-            })?;
+        let channel = connect_channel(
+            endpoint,
+            "--endpoint or SAGACTL_ENDPOINT",
+            "orchestrator",
+            tls,
+            |endpoint| endpoint.timeout(timeout),
+        )
+        .await?;
         Ok(Self {
             endpoint: endpoint.to_owned(),
             token,
@@ -369,13 +442,27 @@ fn pretty(value: &Value) -> String {
 
 /// Runs the command; the caller prints and exits.
 pub async fn run(cli: Cli) -> Result<Done, Failure> {
+    let tls = cli.tls()?;
     if let Command::Bench(args) = cli.command {
-        return bench::run(&cli.endpoint, *args, cli.output == Output::Json).await;
+        return bench::run(
+            &cli.endpoint,
+            tls.as_ref(),
+            *args,
+            cli.output == Output::Json,
+        )
+        .await;
     }
     if let Command::Reconcile(args) = cli.command {
-        return reconcile::run(&cli.endpoint, cli.token, args, cli.output == Output::Json).await;
+        return reconcile::run(
+            &cli.endpoint,
+            cli.token,
+            tls.as_ref(),
+            args,
+            cli.output == Output::Json,
+        )
+        .await;
     }
-    let client = Client::connect(&cli.endpoint, cli.token.clone()).await?;
+    let client = Client::connect(&cli.endpoint, cli.token.clone(), tls.as_ref()).await?;
     let json_out = cli.output == Output::Json;
     let now = now_epoch();
     let done = |stdout: String| Done { stdout, code: 0 };

@@ -27,7 +27,7 @@ use proto::saga::v1::{
 };
 use sqlx::PgPool;
 use tokio::sync::oneshot;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::{Participants, SpawnedParticipant, TestDb, spawn_participants};
 
@@ -54,6 +54,7 @@ pub fn test_settings(participants: &Participants) -> Settings {
             inventory: participants.inventory.endpoint().to_owned(),
             payment: participants.payment.endpoint().to_owned(),
             fulfillment: participants.fulfillment.endpoint().to_owned(),
+            tls: None,
         },
         step_timeout: Duration::from_secs(2),
         max_participant_calls: orchestrator::clients::DEFAULT_MAX_CALLS,
@@ -61,6 +62,7 @@ pub fn test_settings(participants: &Participants) -> Settings {
         stuck_after: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(5),
         connection_idle_timeout: common::listen::DEFAULT_IDLE_TIMEOUT,
+        tls: None,
     }
 }
 
@@ -85,6 +87,24 @@ pub async fn spawn_orchestrator(
     spawn_orchestrator_wrapped(database_url, settings, |store| store).await
 }
 
+/// Like [`spawn_orchestrator`], serving with `settings.tls`: its endpoint
+/// is `https://` and the test's own channel to it trusts what `client`
+/// trusts.
+pub async fn spawn_orchestrator_tls(
+    database_url: &str,
+    settings: Settings,
+    client: common::tls::Client,
+) -> Result<SpawnedOrchestrator> {
+    spawn_orchestrator_full(
+        database_url,
+        settings,
+        |store| store,
+        Vec::new(),
+        Some(client),
+    )
+    .await
+}
+
 /// Like [`spawn_orchestrator`], with its store wrapped by `wrap` (e.g. a
 /// [`crate::LossyStore`]).
 pub async fn spawn_orchestrator_wrapped(
@@ -92,7 +112,7 @@ pub async fn spawn_orchestrator_wrapped(
     settings: Settings,
     wrap: impl FnOnce(Arc<dyn SagaStore>) -> Arc<dyn SagaStore> + Send + 'static,
 ) -> Result<SpawnedOrchestrator> {
-    spawn_orchestrator_full(database_url, settings, wrap, Vec::new()).await
+    spawn_orchestrator_full(database_url, settings, wrap, Vec::new(), None).await
 }
 
 /// Like [`spawn_orchestrator`], with more participants: each adapter
@@ -103,7 +123,7 @@ pub async fn spawn_orchestrator_with_adapters(
     settings: Settings,
     adapters: Vec<(&'static str, Arc<dyn StepAdapter>)>,
 ) -> Result<SpawnedOrchestrator> {
-    spawn_orchestrator_full(database_url, settings, |store| store, adapters).await
+    spawn_orchestrator_full(database_url, settings, |store| store, adapters, None).await
 }
 
 async fn spawn_orchestrator_full(
@@ -111,10 +131,16 @@ async fn spawn_orchestrator_full(
     settings: Settings,
     wrap: impl FnOnce(Arc<dyn SagaStore>) -> Arc<dyn SagaStore> + Send + 'static,
     adapters: Vec<(&'static str, Arc<dyn StepAdapter>)>,
+    client: Option<common::tls::Client>,
 ) -> Result<SpawnedOrchestrator> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     listener.set_nonblocking(true)?;
-    let endpoint = format!("http://{}", listener.local_addr()?);
+    let scheme = if settings.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let endpoint = format!("{scheme}://{}", listener.local_addr()?);
     // The probes and metrics port, as `--http-listen` gives one.
     let http = std::net::TcpListener::bind("127.0.0.1:0")?;
     http.set_nonblocking(true)?;
@@ -169,7 +195,10 @@ async fn spawn_orchestrator_full(
         runtime.shutdown_background();
         bail!("orchestrator failed to start: {error:?}");
     }
-    let channel = Endpoint::from_shared(endpoint.clone())?.connect().await?;
+    let channel = common::tls::endpoint(&endpoint, client.as_ref(), "a test CA")
+        .map_err(anyhow::Error::msg)?
+        .connect()
+        .await?;
     Ok(SpawnedOrchestrator {
         endpoint,
         http_address,
@@ -266,6 +295,7 @@ pub async fn spawn_system() -> Result<System> {
 pub async fn spawn_system_with(adjust: impl FnOnce(&mut Settings)) -> Result<System> {
     let participants = spawn_participants(ServeOptions {
         fault_injection: true,
+        tls: None,
     })
     .await?;
     let db = TestDb::create("orchestrator").await?;
