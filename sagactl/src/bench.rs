@@ -245,7 +245,14 @@ async fn seed(
     let mut payment = PaymentServiceClient::new(
         connect(&args.payment_url, "--payment-url", "payment", tls).await?,
     );
-    let seeding = |e: tonic::Status| failed(format!("seeding failed: {e}"));
+    let seeding = |e: tonic::Status| {
+        failed(format!(
+            "seeding the participants failed: {}: {}{}",
+            orchestrator::clients::code_name(e.code()),
+            e.message(),
+            crate::connection_dropped_hint(&args.inventory_url, tls).unwrap_or_default()
+        ))
+    };
     for p in 0..args.products {
         inventory
             .upsert_product(UpsertProductRequest {

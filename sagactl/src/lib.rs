@@ -238,8 +238,24 @@ fn failed(message: impl Into<String>) -> Failure {
     }
 }
 
-fn request_failed(endpoint: &str, status: tonic::Status) -> Failure {
+fn request_failed(
+    endpoint: &str,
+    tls: Option<&common::tls::Client>,
+    status: tonic::Status,
+) -> Failure {
     let hint = match status.code() {
+        // The connection was dropped under the request: what a TLS server
+        // does to a plaintext client, and an mTLS server (in TLS 1.3, after
+        // the handshake) to a client without a certificate.
+        tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Unavailable
+            if connection_dropped_hint(endpoint, tls).is_some() =>
+        {
+            connection_dropped_hint(endpoint, tls).unwrap_or_default()
+        }
+        // HTTP/2 spoken to a port that answers TLS.
+        tonic::Code::Internal if status.message().contains("h2 protocol error") => {
+            connection_dropped_hint(endpoint, tls).unwrap_or_default()
+        }
         tonic::Code::Unavailable => {
             " (is the orchestrator running? set --endpoint or SAGACTL_ENDPOINT)"
         }
@@ -251,6 +267,20 @@ fn request_failed(endpoint: &str, status: tonic::Status) -> Failure {
         code_name(status.code()),
         status.message()
     ))
+}
+
+/// Why a server may have dropped the connection under a request, given
+/// how it was reached.
+fn connection_dropped_hint(url: &str, tls: Option<&common::tls::Client>) -> Option<&'static str> {
+    match (url.starts_with("https://"), tls) {
+        (false, _) => Some(
+            " (if the server speaks TLS, use an https:// URL with --ca-cert or SAGACTL_CA_CERT)",
+        ),
+        (true, Some(tls)) if !tls.has_identity() => Some(
+            " (if the server requires client certificates, set --cert and --key, or SAGACTL_CERT and SAGACTL_KEY)",
+        ),
+        _ => None,
+    }
 }
 
 /// The names of sagactl's TLS flags.
@@ -286,7 +316,7 @@ async fn connect_channel(
     tls: Option<&common::tls::Client>,
     configure: impl FnOnce(tonic::transport::Endpoint) -> tonic::transport::Endpoint,
 ) -> Result<Channel, Failure> {
-    let endpoint = common::tls::endpoint(url, tls, TLS_FLAGS.ca)
+    let endpoint = common::tls::endpoint(url, tls, "--ca-cert (or SAGACTL_CA_CERT)")
         .map_err(|e| Failure {
             message: format!("{flag}: {e}"),
             code: 2,
@@ -312,6 +342,7 @@ async fn connect_channel(
 struct Client {
     endpoint: String,
     token: Option<String>,
+    tls: Option<common::tls::Client>,
     admin: AdminServiceClient<Channel>,
 }
 
@@ -342,6 +373,7 @@ impl Client {
         Ok(Self {
             endpoint: endpoint.to_owned(),
             token,
+            tls: tls.cloned(),
             admin: AdminServiceClient::new(channel),
         })
     }
@@ -358,7 +390,7 @@ impl Client {
     }
 
     fn fail(&self, status: tonic::Status) -> Failure {
-        request_failed(&self.endpoint, status)
+        request_failed(&self.endpoint, self.tls.as_ref(), status)
     }
 }
 

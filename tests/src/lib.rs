@@ -17,7 +17,7 @@ pub use lossy::LossyStore;
 pub use system::{
     Audit, SpawnedOrchestrator, System, compensations, delay, fault, place_request, settled,
     spawn_orchestrator, spawn_orchestrator_tls, spawn_orchestrator_with_adapters,
-    spawn_orchestrator_wrapped, spawn_system, spawn_system_with, test_settings,
+    spawn_orchestrator_wrapped, spawn_system, spawn_system_with, spawn_tls_system, test_settings,
 };
 
 use std::sync::Once;
@@ -365,10 +365,26 @@ impl Drop for SpawnedParticipant {
 
 /// Starts the three participants, each on its own database.
 pub async fn spawn_participants(options: ServeOptions) -> Result<Participants> {
+    spawn_participants_with(options, None).await
+}
+
+/// Like [`spawn_participants`], serving with `options.tls`; the test's own
+/// channels use `client`.
+pub async fn spawn_participants_tls(
+    options: ServeOptions,
+    client: common::tls::Client,
+) -> Result<Participants> {
+    spawn_participants_with(options, Some(client)).await
+}
+
+async fn spawn_participants_with(
+    options: ServeOptions,
+    client: Option<common::tls::Client>,
+) -> Result<Participants> {
     let (inventory, payment, fulfillment) = tokio::try_join!(
-        spawn_participant(Participant::Inventory, options.clone()),
-        spawn_participant(Participant::Payment, options.clone()),
-        spawn_participant(Participant::Fulfillment, options),
+        spawn_participant_with(Participant::Inventory, options.clone(), client.clone()),
+        spawn_participant_with(Participant::Payment, options.clone(), client.clone()),
+        spawn_participant_with(Participant::Fulfillment, options, client),
     )?;
     Ok(Participants {
         inventory,

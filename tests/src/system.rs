@@ -298,10 +298,59 @@ pub async fn spawn_system_with(adjust: impl FnOnce(&mut Settings)) -> Result<Sys
         tls: None,
     })
     .await?;
+    assemble(participants, adjust, None).await
+}
+
+/// Like [`spawn_system`], every hop over TLS with the first CA of
+/// `certs`: the participants (requiring client certificates when `mtls`),
+/// the orchestrator's ports, and its calls to the participants (presenting
+/// the client certificate when `client_certificate`). The test's own
+/// channels present the client certificate to the participants and trust
+/// the CA.
+pub async fn spawn_tls_system(
+    certs: &crate::tls::TestCerts,
+    mtls: bool,
+    client_certificate: bool,
+) -> Result<System> {
+    let participants = crate::spawn_participants_tls(
+        ServeOptions {
+            fault_injection: true,
+            tls: Some(certs.server(mtls)?),
+        },
+        certs.client(true)?,
+    )
+    .await?;
+    let orchestrator_tls = certs.server(false)?;
+    let participant_tls = certs.client(client_certificate)?;
+    assemble(
+        participants,
+        |settings| {
+            settings.tls = Some(orchestrator_tls);
+            settings.participants.tls = Some(participant_tls);
+        },
+        Some(certs.client(false)?),
+    )
+    .await
+}
+
+/// A system of `participants` and one orchestrator with [`test_settings`]
+/// adjusted, reached with `client` when it serves TLS.
+async fn assemble(
+    participants: Participants,
+    adjust: impl FnOnce(&mut Settings),
+    client: Option<common::tls::Client>,
+) -> Result<System> {
     let db = TestDb::create("orchestrator").await?;
     let mut settings = test_settings(&participants);
     adjust(&mut settings);
-    let orchestrator = spawn_orchestrator(db.url(), settings.clone()).await?;
+    let orchestrator = spawn_orchestrator_full(
+        db.url(),
+        settings.clone(),
+        |store| store,
+        Vec::new(),
+        client,
+    )
+    .await?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
         .connect(db.url())
