@@ -438,7 +438,7 @@ fn print_banner(
             tls.files
                 .ca_cert
                 .parent()
-                .map_or_else(String::new, |dir| shell_path(dir)),
+                .map_or_else(String::new, shell_path),
             if tls.made { "made now" } else { "reused" },
             shell_path(&tls.files.client_cert),
             shell_path(&tls.files.client_key),
