@@ -125,14 +125,26 @@ async fn untrusted_certificates_are_refused_both_ways() {
         .unwrap();
 }
 
+/// A system over mTLS (the orchestrator presenting its client certificate
+/// when `client_certificate`), 10 widgets at 2.50 and alice with 100.00,
+/// and one order of `quantity` widgets followed until it settles.
+async fn one_order(
+    certs: &TestCerts,
+    client_certificate: bool,
+    quantity: i32,
+) -> Result<(harness::System, proto::saga::v1::GetOrderStatusResponse)> {
+    let system = spawn_tls_system(certs, true, client_certificate).await?;
+    system.seed_product("widget", 250, 10).await?;
+    system.seed_account("alice", 10_000).await?;
+    let id = system.place("alice", &[("widget", quantity)]).await?;
+    let order = system.wait_settled(&id, SETTLE).await?;
+    Ok((system, order))
+}
+
 #[tokio::test]
 async fn an_orchestrator_without_a_client_certificate_is_refused_by_mtls_participants() {
     let certs = TestCerts::new().unwrap();
-    let system = spawn_tls_system(&certs, true, false).await.unwrap();
-    system.seed_product("widget", 250, 10).await.unwrap();
-    system.seed_account("alice", 10_000).await.unwrap();
-    let id = system.place("alice", &[("widget", 1)]).await.unwrap();
-    let order = system.wait_settled(&id, SETTLE).await.unwrap();
+    let (system, order) = one_order(&certs, false, 1).await.unwrap();
 
     // Every attempt, forward and back, failed retryably: the budget of 5
     // each was spent, and the saga waits for an operator.
@@ -162,11 +174,7 @@ async fn an_orchestrator_without_a_client_certificate_is_refused_by_mtls_partici
 #[tokio::test]
 async fn an_order_completes_over_mtls_on_every_hop() {
     let certs = TestCerts::new().unwrap();
-    let system = spawn_tls_system(&certs, true, true).await.unwrap();
-    system.seed_product("widget", 250, 10).await.unwrap();
-    system.seed_account("alice", 10_000).await.unwrap();
-    let id = system.place("alice", &[("widget", 2)]).await.unwrap();
-    let order = system.wait_settled(&id, SETTLE).await.unwrap();
+    let (system, order) = one_order(&certs, true, 2).await.unwrap();
     assert_eq!(order.status(), OrderStatus::Completed, "{order:?}");
     assert_eq!(system.balance("alice").await.unwrap(), 9_500);
     let audit = system.audit().await.unwrap();
