@@ -13,6 +13,8 @@
 //! - [`metrics`]: in-process counters, gauges and histograms, Prometheus text.
 //! - [`probe`]: the HTTP port: /healthz, /readyz (background checks), /metrics.
 //! - [`telemetry`]: log format, OpenTelemetry tracing, W3C trace context.
+//! - [`tls`]: TLS and mTLS: server flags, reloadable acceptors, SIGHUP,
+//!   client configurations, development certificates.
 
 pub mod batch;
 pub mod cli;
@@ -24,5 +26,6 @@ pub mod listen;
 pub mod metrics;
 pub mod probe;
 pub mod telemetry;
+pub mod tls;
 
 pub use error::Error;

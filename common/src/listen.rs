@@ -14,6 +14,7 @@
 //!   see [`keepalive`]) make every live peer send something, so a live
 //!   connection, even one only receiving a long stream, is never idle.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -21,6 +22,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc::Sender;
 use tokio::time::{Instant, Sleep};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
@@ -121,13 +123,34 @@ pub fn incoming(
     listener: TcpListener,
     idle: Duration,
 ) -> ReceiverStream<Result<IdleClose<TcpStream>, io::Error>> {
+    accepting(listener, idle, |stream, sender| async move {
+        sender.send(Ok(stream)).await.is_ok()
+    })
+}
+
+/// The accept loop of a gRPC port: each connection accepted on `listener`
+/// (wrapped in [`IdleClose`]) goes to `handle` with the sender of the
+/// stream returned, which the server reads its connections from; the loop
+/// ends when `handle` answers false or the stream is dropped. Plaintext
+/// sends the connection as it is ([`incoming`]); TLS hands it to a
+/// handshake task ([`crate::tls::incoming`]).
+pub(crate) fn accepting<T, F, Fut>(
+    listener: TcpListener,
+    idle: Duration,
+    mut handle: F,
+) -> ReceiverStream<Result<T, io::Error>>
+where
+    T: Send + 'static,
+    F: FnMut(IdleClose<TcpStream>, Sender<Result<T, io::Error>>) -> Fut + Send + 'static,
+    Fut: Future<Output = bool> + Send,
+{
     let (sender, receiver) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {
         let mut acceptor = Acceptor::new(listener, "grpc");
         loop {
             tokio::select! {
                 stream = acceptor.accept() => {
-                    if sender.send(Ok(IdleClose::new(stream, idle))).await.is_err() {
+                    if !handle(IdleClose::new(stream, idle), sender.clone()).await {
                         return;
                     }
                 }

@@ -5,7 +5,8 @@
 //! connection: a few lines instead of an HTTP framework. Accept errors are
 //! backed off and logged at most once a second ([`crate::listen`]), and a
 //! connection whose request has not arrived within the idle timeout is
-//! closed.
+//! closed. With the server's TLS ([`crate::tls`]) the port speaks HTTPS
+//! only.
 //!
 //! Readiness is checked in the background ([`watch_readiness`]) every
 //! second or so, not per request: a probe or a scrape never waits on a
@@ -17,8 +18,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -150,8 +151,15 @@ impl std::fmt::Debug for Probes {
 
 /// Serves the probes and metrics until `probes.stopping` turns true; a
 /// connection whose request has not arrived within `idle` is closed
-/// unanswered.
-pub async fn serve_http(listener: TcpListener, probes: Probes, idle: Duration) {
+/// unanswered. With `tls`, over TLS only (HTTPS; ALPN `http/1.1`, client
+/// certificates as the server's TLS requires them), each handshake in the
+/// connection's own task.
+pub async fn serve_http(
+    listener: TcpListener,
+    probes: Probes,
+    idle: Duration,
+    tls: Option<Arc<crate::tls::Server>>,
+) {
     let mut stopping = probes.stopping.clone();
     let mut acceptor = crate::listen::Acceptor::new(listener, "http");
     loop {
@@ -160,15 +168,26 @@ pub async fn serve_http(listener: TcpListener, probes: Probes, idle: Duration) {
             _ = stopping.wait_for(|stopping| *stopping) => return,
         };
         let probes = probes.clone();
+        let tls = tls.as_ref().map(|tls| tls.acceptor(crate::tls::Port::Http));
         tokio::spawn(async move {
-            if let Err(error) = answer(stream, &probes, idle).await {
+            let answered = match tls {
+                None => answer(stream, &probes, idle).await,
+                Some(acceptor) => match crate::tls::handshake(&acceptor, stream).await {
+                    Ok(stream) => answer(stream, &probes, idle).await,
+                    Err(error) => Err(error),
+                },
+            };
+            if let Err(error) = answered {
                 tracing::debug!(%error, "http request failed");
             }
         });
     }
 }
 
-async fn answer(mut stream: TcpStream, probes: &Probes, idle: Duration) -> std::io::Result<()> {
+async fn answer<S>(mut stream: S, probes: &Probes, idle: Duration) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut buffer = [0u8; 1024];
     let read = tokio::time::timeout(idle, stream.read(&mut buffer))
         .await

@@ -64,7 +64,7 @@ pub trait StepAdapter: Send + Sync + 'static {
     async fn compensate(&self, call: StepCall<'_>) -> Result<Vec<(String, String)>, Status>;
 }
 
-/// Where the participants listen.
+/// Where the participants listen, and how to reach them.
 #[derive(Debug, Clone)]
 pub struct ParticipantUrls {
     /// inventory.v1.InventoryService.
@@ -73,6 +73,18 @@ pub struct ParticipantUrls {
     pub payment: String,
     /// fulfillment.v1.FulfillmentService.
     pub fulfillment: String,
+    /// TLS for `https://` URLs (`--participant-ca`, `--client-cert`,
+    /// `--client-key`); an https URL without it is an error.
+    pub tls: Option<common::tls::Client>,
+}
+
+impl ParticipantUrls {
+    /// The endpoint of `url`, the URL of participant `name`, with the TLS
+    /// the URL asks for; not connected.
+    pub fn endpoint(&self, name: &str, url: &str) -> Result<Endpoint, Error> {
+        common::tls::endpoint(url, self.tls.as_ref(), crate::config::CLIENT_TLS_FLAGS.ca)
+            .map_err(|e| Error::invalid(format!("--{name}-url: {e}")))
+    }
 }
 
 /// [`StepCalls`] through one [`StepAdapter`] per participant (keyed by the
@@ -95,9 +107,8 @@ impl std::fmt::Debug for GrpcParticipants {
     }
 }
 
-fn channel(name: &str, url: &str) -> Result<Channel, Error> {
-    let endpoint = Endpoint::from_shared(url.to_owned())
-        .map_err(|e| Error::invalid(format!("--{name}-url {url:?} is not a URL: {e}")))?;
+fn channel(urls: &ParticipantUrls, name: &str, url: &str) -> Result<Channel, Error> {
+    let endpoint = urls.endpoint(name, url)?;
     // Lazy: the orchestrator starts even while a participant is down; calls
     // made meanwhile fail UNAVAILABLE and are retried.
     Ok(endpoint
@@ -270,15 +281,17 @@ impl GrpcParticipants {
     /// `payment`, `fulfillment`); `timeout` bounds every call.
     pub fn new(urls: &ParticipantUrls, timeout: Duration) -> Result<Self, Error> {
         let inventory = inventory::inventory_service_client::InventoryServiceClient::new(channel(
+            urls,
             "inventory",
             &urls.inventory,
         )?);
         let payment = payment::payment_service_client::PaymentServiceClient::new(channel(
+            urls,
             "payment",
             &urls.payment,
         )?);
         let fulfillment = fulfillment::fulfillment_service_client::FulfillmentServiceClient::new(
-            channel("fulfillment", &urls.fulfillment)?,
+            channel(urls, "fulfillment", &urls.fulfillment)?,
         );
         let records = RecordClients {
             inventory: inventory.clone(),

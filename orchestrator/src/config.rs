@@ -2,6 +2,8 @@
 //! and a sane default, validated once at start.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::cli::parse_duration;
@@ -166,7 +168,33 @@ pub struct ServeArgs {
     /// Logs and traces (--log-format, --otlp-endpoint).
     #[command(flatten)]
     pub telemetry: common::telemetry::TelemetryArgs,
+
+    /// TLS on both ports (--tls-cert, --tls-key, --tls-client-ca).
+    #[command(flatten)]
+    pub tls: common::tls::ServerArgs,
+
+    /// PEM CA certificate(s) the participants' certificates must chain to;
+    /// required for https:// participant URLs (the system's roots are not
+    /// used).
+    #[arg(long, env = "ORCHESTRATOR_PARTICIPANT_CA")]
+    pub participant_ca: Option<PathBuf>,
+
+    /// PEM certificate the orchestrator presents to participants that
+    /// require client certificates (mTLS); needs --client-key.
+    #[arg(long, env = "ORCHESTRATOR_CLIENT_CERT")]
+    pub client_cert: Option<PathBuf>,
+
+    /// PEM private key of --client-cert.
+    #[arg(long, env = "ORCHESTRATOR_CLIENT_KEY")]
+    pub client_key: Option<PathBuf>,
 }
+
+/// The names of the orchestrator's client TLS flags.
+pub const CLIENT_TLS_FLAGS: common::tls::ClientFlags = common::tls::ClientFlags {
+    ca: "--participant-ca",
+    cert: "--client-cert",
+    key: "--client-key",
+};
 
 /// Validated settings.
 #[derive(Debug, Clone)]
@@ -187,6 +215,8 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// A connection silent for this long is closed (both ports).
     pub connection_idle_timeout: Duration,
+    /// TLS on both ports, reloaded on SIGHUP; None: plaintext.
+    pub tls: Option<Arc<common::tls::Server>>,
 }
 
 fn host_name() -> String {
@@ -235,6 +265,14 @@ impl ServeArgs {
         if self.admin_token.as_deref() == Some("") {
             return Err(Error::invalid("--admin-token must not be empty"));
         }
+        // Before anything starts: a bad TLS flag or file is a one-line error.
+        let tls = self.tls.load()?;
+        let participant_tls = common::tls::Client::from_flags(
+            self.participant_ca.as_deref(),
+            self.client_cert.as_deref(),
+            self.client_key.as_deref(),
+            CLIENT_TLS_FLAGS,
+        )?;
         let replica_id = match &self.replica_id {
             Some(id) if !id.trim().is_empty() => id.trim().to_owned(),
             Some(_) => return Err(Error::invalid("--replica-id must not be empty")),
@@ -252,12 +290,13 @@ impl ServeArgs {
                 lease_ttl: self.lease_ttl,
                 poll_interval: self.poll_interval,
                 max_in_flight: self.max_in_flight,
-                registry: std::sync::Arc::default(),
+                registry: Arc::default(),
             },
             participants: ParticipantUrls {
                 inventory: self.inventory_url.clone(),
                 payment: self.payment_url.clone(),
                 fulfillment: self.fulfillment_url.clone(),
+                tls: participant_tls,
             },
             step_timeout: self.step_timeout,
             max_participant_calls: self.max_participant_calls,
@@ -265,6 +304,7 @@ impl ServeArgs {
             stuck_after: self.stuck_after,
             shutdown_grace: self.shutdown_grace,
             connection_idle_timeout: self.connection_idle_timeout,
+            tls,
         })
     }
 }

@@ -59,6 +59,58 @@ pub struct DevArgs {
     /// this process reports as one (`orchestrator` by default).
     #[command(flatten)]
     pub telemetry: common::telemetry::TelemetryArgs,
+
+    /// Serve every port over TLS, the participants with mTLS (they require
+    /// the orchestrator's client certificate). A development CA and its
+    /// certificates are made in DATA_DIR/tls and reused while valid (with
+    /// --in-memory, in a temporary folder removed at exit); the grpcurl
+    /// and sagactl commands to use are printed.
+    #[arg(long)]
+    pub tls: bool,
+}
+
+/// The embedded mode's TLS: the development CA's files, and what each
+/// side uses.
+struct DevTls {
+    files: common::tls::dev::PkiFiles,
+    /// Made now (not reused).
+    made: bool,
+    /// Removed at exit (--in-memory).
+    temporary: Option<PathBuf>,
+    /// The orchestrator's ports: TLS.
+    orchestrator: Arc<common::tls::Server>,
+    /// The participants' ports: mTLS.
+    participants: Arc<common::tls::Server>,
+    /// The orchestrator's calls to the participants.
+    client: common::tls::Client,
+}
+
+impl DevTls {
+    /// The development CA in `data_dir`/tls (or a temporary folder), with
+    /// a server certificate for `listen`'s address and localhost.
+    fn prepare(data_dir: Option<&Path>, listen: SocketAddr) -> Result<Self, Error> {
+        let (dir, temporary) = match data_dir {
+            Some(dir) => (dir.join("tls"), None),
+            None => {
+                let dir = std::env::temp_dir().join(format!("saga-dev-tls-{}", std::process::id()));
+                (dir.clone(), Some(dir))
+            }
+        };
+        let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+        let ip = listen.ip().to_string();
+        if !listen.ip().is_unspecified() && !names.contains(&ip) {
+            names.push(ip);
+        }
+        let (files, made) = common::tls::dev::ensure(&dir, "saga orchestrator dev", &names)?;
+        Ok(Self {
+            orchestrator: common::tls::Server::load(files.server(false))?,
+            participants: common::tls::Server::load(files.server(true))?,
+            client: files.client(true)?,
+            files,
+            made,
+            temporary,
+        })
+    }
 }
 
 /// Demo products: id, name, price in cents, stock.
@@ -116,6 +168,10 @@ pub async fn run(
             ))
         })?;
     }
+    let tls = match args.tls {
+        true => Some(DevTls::prepare(data_dir, args.listen)?),
+        false => None,
+    };
     let orchestrator_listener = bind(args.listen, "the orchestrator").await?;
     let http_listener = match args.http_listen {
         Some(address) => Some(bind(address, "the HTTP port (--http-listen)").await?),
@@ -158,6 +214,7 @@ pub async fn run(
             listener,
             ServeOptions {
                 fault_injection: args.fault_injection,
+                tls: tls.as_ref().map(|tls| tls.participants.clone()),
             },
             async move {
                 let _ = stop.wait_for(|stopped| *stopped).await;
@@ -175,10 +232,12 @@ pub async fn run(
         address_of("payment")?,
         address_of("fulfillment")?,
     );
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let urls = ParticipantUrls {
-        inventory: format!("http://{inventory}"),
-        payment: format!("http://{payment}"),
-        fulfillment: format!("http://{fulfillment}"),
+        inventory: format!("{scheme}://{inventory}"),
+        payment: format!("{scheme}://{payment}"),
+        fulfillment: format!("{scheme}://{fulfillment}"),
+        tls: tls.as_ref().map(|tls| tls.client.clone()),
     };
     let store = crate::server::connect(
         &database_url(data_dir, "orchestrator"),
@@ -188,7 +247,13 @@ pub async fn run(
     .await?;
     let calls = GrpcParticipants::new(&urls, args.step_timeout)?;
     let seeded = seed(&urls).await?;
-    print_banner(&args, data_dir, [inventory, payment, fulfillment], seeded);
+    print_banner(
+        &args,
+        data_dir,
+        tls.as_ref(),
+        [inventory, payment, fulfillment],
+        seeded,
+    );
     tracing::info!(
         orchestrator = %args.listen,
         %inventory,
@@ -217,6 +282,7 @@ pub async fn run(
         stuck_after: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(10),
         connection_idle_timeout: common::listen::DEFAULT_IDLE_TIMEOUT,
+        tls: tls.as_ref().map(|tls| tls.orchestrator.clone()),
     };
     let served = crate::server::serve(
         store,
@@ -236,20 +302,21 @@ pub async fn run(
             Err(error) => tracing::warn!(%error, "a participant task failed"),
         }
     }
+    if let Some(dir) = tls.and_then(|tls| tls.temporary) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     served
 }
 
 /// Seeds the demo products and accounts if the inventory is empty; returns
 /// whether it did.
 async fn seed(urls: &ParticipantUrls) -> Result<bool, Error> {
-    let channel = |url: &str| -> Result<tonic::transport::Channel, Error> {
-        Ok(tonic::transport::Endpoint::from_shared(url.to_owned())
-            .map_err(|e| Error::invalid(e.to_string()))?
-            .connect_lazy())
+    let channel = |name: &str, url: &str| -> Result<tonic::transport::Channel, Error> {
+        Ok(urls.endpoint(name, url)?.connect_lazy())
     };
     let failed =
         |e: tonic::Status| Error::Unavailable(format!("seeding the demo data failed: {e}"));
-    let mut inventory = InventoryServiceClient::new(channel(&urls.inventory)?);
+    let mut inventory = InventoryServiceClient::new(channel("inventory", &urls.inventory)?);
     let existing = inventory
         .list_products(ListProductsRequest {
             page_size: 1,
@@ -272,7 +339,7 @@ async fn seed(urls: &ParticipantUrls) -> Result<bool, Error> {
             .await
             .map_err(failed)?;
     }
-    let mut payment = PaymentServiceClient::new(channel(&urls.payment)?);
+    let mut payment = PaymentServiceClient::new(channel("payment", &urls.payment)?);
     for (customer_id, balance_cents) in ACCOUNTS {
         payment
             .upsert_account(UpsertAccountRequest {
@@ -288,10 +355,31 @@ async fn seed(urls: &ParticipantUrls) -> Result<bool, Error> {
 fn print_banner(
     args: &DevArgs,
     data_dir: Option<&Path>,
+    tls: Option<&DevTls>,
     [inventory, payment, fulfillment]: [SocketAddr; 3],
     seeded: bool,
 ) {
     let o = args.listen;
+    // How grpcurl and sagactl reach the servers: plaintext, or the
+    // development CA and client certificate (the participants require it;
+    // the orchestrator only needs the CA).
+    let (grpcurl, sagactl, scheme) = match tls {
+        None => (
+            "grpcurl -plaintext".to_owned(),
+            "sagactl".to_owned(),
+            "http",
+        ),
+        Some(tls) => (
+            format!(
+                "grpcurl -cacert {} -cert {} -key {}",
+                shell_path(&tls.files.ca_cert),
+                shell_path(&tls.files.client_cert),
+                shell_path(&tls.files.client_key)
+            ),
+            format!("sagactl --ca-cert {}", shell_path(&tls.files.ca_cert)),
+            "https",
+        ),
+    };
     let storage = match data_dir {
         Some(dir) => format!("SQLite files in {} (they survive restarts)", dir.display()),
         None => "in memory (nothing survives this process)".to_owned(),
@@ -313,11 +401,11 @@ fn print_banner(
          \n  fault injection: {}\n\
          \nDemo data{}:\n  products:  {}\n  customers: {}\n\
          \nTry:\n\
-         \n  grpcurl -plaintext -d '{{\"customer_id\":\"alice\",\"items\":[{{\"product_id\":\"widget\",\"quantity\":2}}]}}' {o} saga.v1.OrderService/PlaceOrder\
-         \n  grpcurl -plaintext -d '{{\"order_id\":\"ORDER_ID\"}}' {o} saga.v1.OrderService/GetOrderStatus\
-         \n  grpcurl -plaintext -d '{{\"customer_id\":\"bob\",\"items\":[{{\"product_id\":\"gadget\",\"quantity\":1}}]}}' {o} saga.v1.OrderService/PlaceOrder   # bob cannot pay: released\
-         \n  sagactl --endpoint http://{o} list\
-         \n  sagactl --endpoint http://{o} show ORDER_ID\n",
+         \n  {grpcurl} -d '{{\"customer_id\":\"alice\",\"items\":[{{\"product_id\":\"widget\",\"quantity\":2}}]}}' {o} saga.v1.OrderService/PlaceOrder\
+         \n  {grpcurl} -d '{{\"order_id\":\"ORDER_ID\"}}' {o} saga.v1.OrderService/GetOrderStatus\
+         \n  {grpcurl} -d '{{\"customer_id\":\"bob\",\"items\":[{{\"product_id\":\"gadget\",\"quantity\":1}}]}}' {o} saga.v1.OrderService/PlaceOrder   # bob cannot pay: released\
+         \n  {sagactl} --endpoint {scheme}://{o} list\
+         \n  {sagactl} --endpoint {scheme}://{o} show ORDER_ID\n",
         if args.fault_injection {
             "on"
         } else {
@@ -334,11 +422,41 @@ fn print_banner(
     if args.fault_injection {
         text.push_str(&format!(
             "\nMake payment fail after charging (every reply lost) and watch the refund and the release:\
-             \n  grpcurl -plaintext -d '{{\"rpc\":\"Charge\",\"mode\":\"FAIL_AFTER_COMMIT\",\"code\":\"UNAVAILABLE\"}}' {payment} fault.v1.FaultInjection/SetFault\
-             \n  grpcurl -plaintext -d '{{\"customer_id\":\"alice\",\"items\":[{{\"product_id\":\"widget\",\"quantity\":1}}]}}' {o} saga.v1.OrderService/PlaceOrder\
-             \n  grpcurl -plaintext -d '{{\"order_id\":\"ORDER_ID\"}}' {o} saga.v1.OrderService/WatchOrder\
-             \n  grpcurl -plaintext {payment} fault.v1.FaultInjection/ClearFaults\n"
+             \n  {grpcurl} -d '{{\"rpc\":\"Charge\",\"mode\":\"FAIL_AFTER_COMMIT\",\"code\":\"UNAVAILABLE\"}}' {payment} fault.v1.FaultInjection/SetFault\
+             \n  {grpcurl} -d '{{\"customer_id\":\"alice\",\"items\":[{{\"product_id\":\"widget\",\"quantity\":1}}]}}' {o} saga.v1.OrderService/PlaceOrder\
+             \n  {grpcurl} -d '{{\"order_id\":\"ORDER_ID\"}}' {o} saga.v1.OrderService/WatchOrder\
+             \n  {grpcurl} {payment} fault.v1.FaultInjection/ClearFaults\n"
+        ));
+    }
+    if let Some(tls) = tls {
+        text.push_str(&format!(
+            "\nTLS: every port; the participants require a client certificate (mTLS).\
+             \n  CA {} and certificates {} ({}); re-read on SIGHUP.\
+             \n  Load generator: {sagactl} --cert {} --key {} --endpoint https://{o} bench \\\
+             \n      --inventory-url https://{inventory} --payment-url https://{payment}\n",
+            shell_path(&tls.files.ca_cert),
+            tls.files
+                .ca_cert
+                .parent()
+                .map_or_else(String::new, shell_path),
+            if tls.made { "made now" } else { "reused" },
+            shell_path(&tls.files.client_cert),
+            shell_path(&tls.files.client_key),
         ));
     }
     println!("{text}");
+}
+
+/// A path as a shell word: quoted when it holds anything but plain
+/// characters.
+fn shell_path(path: &Path) -> String {
+    let text = path.display().to_string();
+    if text
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+:,@".contains(c))
+    {
+        text
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
 }

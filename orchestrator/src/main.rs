@@ -119,6 +119,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         address = %listener.local_addr().map_err(|e| e.to_string())?,
         http = ?args.http_listen,
         replica = %settings.executor.replica_id,
+        tls = settings.tls.is_some(),
+        mtls = settings.tls.as_ref().is_some_and(|tls| tls.requires_client_certificate()),
         inventory = %settings.participants.inventory,
         payment = %settings.participants.payment,
         fulfillment = %settings.participants.fulfillment,

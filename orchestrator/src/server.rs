@@ -76,6 +76,7 @@ pub async fn serve(
             http,
             crate::telemetry::probes(executor.clone(), readiness),
             settings.connection_idle_timeout,
+            settings.tls.clone(),
         ));
     }
     let reflection_v1 = common::grpc::reflection_v1(SERVICES)?;
@@ -94,7 +95,7 @@ pub async fn serve(
         }
     };
     let (ping_every, ping_timeout) = common::listen::keepalive(settings.connection_idle_timeout);
-    let server = Server::builder()
+    let router = Server::builder()
         .http2_keepalive_interval(Some(ping_every))
         .http2_keepalive_timeout(Some(ping_timeout))
         .layer(common::telemetry::ServerTraceLayer)
@@ -105,11 +106,31 @@ pub async fn serve(
         .add_service(AdminServiceServer::with_interceptor(
             AdminApi::new(executor.clone(), settings.stuck_after),
             AdminAuth::new(settings.admin_token.clone()),
-        ))
-        .serve_with_incoming_shutdown(
-            common::listen::incoming(listener, settings.connection_idle_timeout),
-            signal,
-        );
+        ));
+    let idle = settings.connection_idle_timeout;
+    let tls = settings.tls.clone();
+    if let Some(tls) = &tls {
+        common::tls::reload_on_sighup(tls.clone(), "orchestrator", executor.stopping());
+    }
+    // Two arms rather than one boxed stream: plaintext connections are
+    // served exactly as without TLS.
+    let server = async move {
+        match tls {
+            None => {
+                router
+                    .serve_with_incoming_shutdown(common::listen::incoming(listener, idle), signal)
+                    .await
+            }
+            Some(tls) => {
+                router
+                    .serve_with_incoming_shutdown(
+                        common::tls::incoming(listener, idle, tls),
+                        signal,
+                    )
+                    .await
+            }
+        }
+    };
     // Draining is bounded: clients that keep connections busy past the
     // grace period are cut off rather than holding the shutdown hostage.
     let served = tokio::select! {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::probe::{Check, Probes, Readiness};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic_health::server::HealthReporter;
 
 use crate::clients::ParticipantUrls;
@@ -62,9 +62,12 @@ pub async fn watch_readiness(
     ]
     .into_iter()
     .map(|(name, url)| {
-        let channel = Endpoint::from_shared(url.clone())
+        // The step calls' TLS: the check reaches the participant as the
+        // calls do.
+        let channel = participants
+            .endpoint(name, url)
             .map(|endpoint| endpoint.connect_timeout(HEALTH_TIMEOUT).connect_lazy())
-            .map_err(|e| format!("bad URL: {e}"));
+            .map_err(|e| e.to_string());
         (format!("participant:{name}"), channel)
     })
     .collect();

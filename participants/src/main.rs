@@ -76,6 +76,10 @@ struct Args {
     /// Logs and traces (--log-format, --otlp-endpoint).
     #[command(flatten)]
     telemetry: common::telemetry::TelemetryArgs,
+
+    /// TLS on both ports (--tls-cert, --tls-key, --tls-client-ca).
+    #[command(flatten)]
+    tls: common::tls::ServerArgs,
 }
 
 fn main() -> ExitCode {
@@ -120,6 +124,8 @@ fn main() -> ExitCode {
 
 async fn run(participant: Participant, args: Args) -> Result<(), String> {
     let listen = args.listen.unwrap_or(participant.default_listen());
+    // Before anything starts: a bad TLS flag or file is a one-line error.
+    let tls = args.tls.load().map_err(|e| e.to_string())?;
     let backend = participants::connect(
         participant,
         &args.database_url,
@@ -145,10 +151,13 @@ async fn run(participant: Participant, args: Args) -> Result<(), String> {
         %address,
         http = ?args.http_listen,
         fault_injection = args.fault_injection,
+        tls = tls.is_some(),
+        mtls = tls.as_ref().is_some_and(|tls| tls.requires_client_certificate()),
         "listening"
     );
     let options = ServeOptions {
         fault_injection: args.fault_injection,
+        tls,
     };
     participants::serve_with_http(
         participant,

@@ -259,10 +259,13 @@ pub async fn connect(
 }
 
 /// How to serve.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ServeOptions {
     /// Register `fault.v1.FaultInjection` and apply the faults it arms.
     pub fault_injection: bool,
+    /// TLS on both ports (mTLS when it has a client CA), reloaded on
+    /// SIGHUP; None: plaintext.
+    pub tls: Option<Arc<common::tls::Server>>,
 }
 
 /// Serves `participant` on `listener` until `shutdown` completes, then stops
@@ -338,6 +341,7 @@ pub async fn serve_with_http(
             http,
             probes,
             DEFAULT_IDLE_TIMEOUT,
+            options.tls.clone(),
         ));
     }
     let registry = options
@@ -382,8 +386,21 @@ pub async fn serve_with_http(
             .set_service_status("", ServingStatus::NotServing)
             .await;
     };
-    router
-        .serve_with_incoming_shutdown(incoming(listener, DEFAULT_IDLE_TIMEOUT), shutdown)
-        .await?;
+    match options.tls {
+        None => {
+            router
+                .serve_with_incoming_shutdown(incoming(listener, DEFAULT_IDLE_TIMEOUT), shutdown)
+                .await?
+        }
+        Some(tls) => {
+            common::tls::reload_on_sighup(tls.clone(), participant.name(), stopping);
+            router
+                .serve_with_incoming_shutdown(
+                    common::tls::incoming(listener, DEFAULT_IDLE_TIMEOUT, tls),
+                    shutdown,
+                )
+                .await?
+        }
+    }
     Ok(())
 }

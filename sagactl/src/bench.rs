@@ -25,7 +25,7 @@ use proto::payment::v1::payment_service_client::PaymentServiceClient;
 use proto::saga::v1 as pb;
 use proto::saga::v1::order_service_client::OrderServiceClient;
 use serde_json::json;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::{Done, Failure, failed, render::table};
 
@@ -127,14 +127,13 @@ fn record(histogram: &Mutex<Histogram<u64>>, elapsed: Duration) {
         .record(micros);
 }
 
-async fn connect(url: &str, what: &str) -> Result<Channel, Failure> {
-    Endpoint::from_shared(url.to_owned())
-        .map_err(|e| failed(format!("{what} URL {url:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| failed(format!("cannot reach the {what} at {url}: {e}")))
+async fn connect(
+    url: &str,
+    flag: &str,
+    what: &str,
+    tls: Option<&common::tls::Client>,
+) -> Result<Channel, Failure> {
+    crate::connect_channel(url, flag, what, tls, |endpoint| endpoint.tcp_nodelay(true)).await
 }
 
 impl Shared {
@@ -235,11 +234,25 @@ impl Shared {
 }
 
 /// Seeds products and accounts for this run.
-async fn seed(args: &BenchArgs, run: &str) -> Result<(), Failure> {
-    let mut inventory =
-        InventoryServiceClient::new(connect(&args.inventory_url, "inventory").await?);
-    let mut payment = PaymentServiceClient::new(connect(&args.payment_url, "payment").await?);
-    let seeding = |e: tonic::Status| failed(format!("seeding failed: {e}"));
+async fn seed(
+    args: &BenchArgs,
+    run: &str,
+    tls: Option<&common::tls::Client>,
+) -> Result<(), Failure> {
+    let mut inventory = InventoryServiceClient::new(
+        connect(&args.inventory_url, "--inventory-url", "inventory", tls).await?,
+    );
+    let mut payment = PaymentServiceClient::new(
+        connect(&args.payment_url, "--payment-url", "payment", tls).await?,
+    );
+    let seeding = |e: tonic::Status| {
+        failed(format!(
+            "seeding the participants failed: {}: {}{}",
+            orchestrator::clients::code_name(e.code()),
+            e.message(),
+            crate::connection_dropped_hint(&args.inventory_url, tls).unwrap_or_default()
+        ))
+    };
     for p in 0..args.products {
         inventory
             .upsert_product(UpsertProductRequest {
@@ -270,8 +283,15 @@ async fn seed(args: &BenchArgs, run: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Runs the benchmark against the orchestrator at `endpoint`.
-pub async fn run(endpoint: &str, args: BenchArgs, json_only: bool) -> Result<Done, Failure> {
+/// Runs the benchmark against the orchestrator at `endpoint` (and the
+/// participants at `--inventory-url` and `--payment-url`), over TLS with
+/// `tls` for https:// URLs.
+pub async fn run(
+    endpoint: &str,
+    tls: Option<&common::tls::Client>,
+    args: BenchArgs,
+    json_only: bool,
+) -> Result<Done, Failure> {
     if let Some(rate) = args.rate
         && !(rate > 0.0 && rate.is_finite())
     {
@@ -288,11 +308,11 @@ pub async fn run(endpoint: &str, args: BenchArgs, json_only: bool) -> Result<Don
         });
     }
     let run = format!("bench{:x}", random_u64() & 0xff_ffff);
-    seed(&args, &run).await?;
+    seed(&args, &run, tls).await?;
     let mut clients = Vec::new();
     for _ in 0..args.connections {
         clients.push(OrderServiceClient::new(
-            connect(endpoint, "orchestrator").await?,
+            connect(endpoint, "--endpoint", "orchestrator", tls).await?,
         ));
     }
     let expected = match args.rate {

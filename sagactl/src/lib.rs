@@ -17,6 +17,7 @@ pub mod bench;
 pub mod reconcile;
 pub mod render;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -24,7 +25,7 @@ use common::cli::parse_duration;
 use proto::saga::v1 as pb;
 use proto::saga::v1::admin_service_client::AdminServiceClient;
 use serde_json::{Value, json};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use orchestrator::admin::human_duration;
 use orchestrator::clients::code_name;
@@ -94,6 +95,20 @@ pub struct Cli {
     /// Output format: a table for people, JSON for scripts.
     #[arg(long, global = true, value_enum, default_value = "table")]
     pub output: Output,
+
+    /// PEM CA certificate the servers' certificates must chain to; needed
+    /// for an https:// --endpoint (and https:// bench participant URLs).
+    #[arg(long, global = true, env = "SAGACTL_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// PEM client certificate to present to servers that require one
+    /// (mTLS); needs --key.
+    #[arg(long, global = true, env = "SAGACTL_CERT")]
+    pub cert: Option<PathBuf>,
+
+    /// PEM private key of --cert.
+    #[arg(long, global = true, env = "SAGACTL_KEY")]
+    pub key: Option<PathBuf>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -223,8 +238,24 @@ fn failed(message: impl Into<String>) -> Failure {
     }
 }
 
-fn request_failed(endpoint: &str, status: tonic::Status) -> Failure {
+fn request_failed(
+    endpoint: &str,
+    tls: Option<&common::tls::Client>,
+    status: tonic::Status,
+) -> Failure {
     let hint = match status.code() {
+        // The connection was dropped under the request: what a TLS server
+        // does to a plaintext client, and an mTLS server (in TLS 1.3, after
+        // the handshake) to a client without a certificate.
+        tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Unavailable
+            if connection_dropped_hint(endpoint, tls).is_some() =>
+        {
+            connection_dropped_hint(endpoint, tls).unwrap_or_default()
+        }
+        // HTTP/2 spoken to a port that answers TLS.
+        tonic::Code::Internal if status.message().contains("h2 protocol error") => {
+            connection_dropped_hint(endpoint, tls).unwrap_or_default()
+        }
         tonic::Code::Unavailable => {
             " (is the orchestrator running? set --endpoint or SAGACTL_ENDPOINT)"
         }
@@ -238,37 +269,111 @@ fn request_failed(endpoint: &str, status: tonic::Status) -> Failure {
     ))
 }
 
+/// Why a server may have dropped the connection under a request, given
+/// how it was reached.
+fn connection_dropped_hint(url: &str, tls: Option<&common::tls::Client>) -> Option<&'static str> {
+    match (url.starts_with("https://"), tls) {
+        (false, _) => Some(
+            " (if the server speaks TLS, use an https:// URL with --ca-cert or SAGACTL_CA_CERT)",
+        ),
+        (true, Some(tls)) if !tls.has_identity() => Some(
+            " (if the server requires client certificates, set --cert and --key, or SAGACTL_CERT and SAGACTL_KEY)",
+        ),
+        _ => None,
+    }
+}
+
+/// The names of sagactl's TLS flags.
+const TLS_FLAGS: common::tls::ClientFlags = common::tls::ClientFlags {
+    ca: "--ca-cert",
+    cert: "--cert",
+    key: "--key",
+};
+
+impl Cli {
+    /// The TLS of `--ca-cert`, `--cert` and `--key`; None when none is given.
+    pub fn tls(&self) -> Result<Option<common::tls::Client>, Failure> {
+        common::tls::Client::from_flags(
+            self.ca_cert.as_deref(),
+            self.cert.as_deref(),
+            self.key.as_deref(),
+            TLS_FLAGS,
+        )
+        .map_err(|e| Failure {
+            message: e.to_string(),
+            code: 2,
+        })
+    }
+}
+
+/// A connected channel to `url` (`what`, and the `flag` naming the URL, in
+/// the messages): plaintext for http://, TLS for https://, which needs
+/// --ca-cert.
+async fn connect_channel(
+    url: &str,
+    flag: &str,
+    what: &str,
+    tls: Option<&common::tls::Client>,
+    configure: impl FnOnce(tonic::transport::Endpoint) -> tonic::transport::Endpoint,
+) -> Result<Channel, Failure> {
+    let endpoint = common::tls::endpoint(url, tls, "--ca-cert (or SAGACTL_CA_CERT)")
+        .map_err(|e| Failure {
+            message: format!("{flag}: {e}"),
+            code: 2,
+        })?
+        .connect_timeout(Duration::from_secs(3));
+    configure(endpoint).connect().await.map_err(|e| {
+        let mut message = format!(
+            "cannot reach the {what} at {url}: {}",
+            common::tls::error_chain(&e)
+        );
+        if message.contains("certificate") || message.contains("handshake") {
+            message.push_str(&format!(
+                " (check {} and, for servers requiring client certificates, {} and {})",
+                TLS_FLAGS.ca, TLS_FLAGS.cert, TLS_FLAGS.key
+            ));
+        } else {
+            message.push_str(&format!(" (is it running? set {flag})"));
+        }
+        failed(message)
+    })
+}
+
 struct Client {
     endpoint: String,
     token: Option<String>,
+    tls: Option<common::tls::Client>,
     admin: AdminServiceClient<Channel>,
 }
 
 impl Client {
-    async fn connect(endpoint: &str, token: Option<String>) -> Result<Self, Failure> {
-        Self::connect_with_timeout(endpoint, token, Duration::from_secs(30)).await
+    async fn connect(
+        endpoint: &str,
+        token: Option<String>,
+        tls: Option<&common::tls::Client>,
+    ) -> Result<Self, Failure> {
+        Self::connect_with_timeout(endpoint, token, tls, Duration::from_secs(30)).await
     }
 
     /// Like `connect`, with `timeout` for each request.
     async fn connect_with_timeout(
         endpoint: &str,
         token: Option<String>,
+        tls: Option<&common::tls::Client>,
         timeout: Duration,
     ) -> Result<Self, Failure> {
-        let channel = Endpoint::from_shared(endpoint.to_owned())
-            .map_err(|e| failed(format!("--endpoint {endpoint:?} is not a URL: {e}")))?
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(timeout)
-            .connect()
-            .await
-            .map_err(|e| {
-                failed(format!(
-                    "cannot reach the orchestrator at {endpoint}: {e} (is it running? set --endpoint or SAGACTL_ENDPOINT)"
-                ))
-            })?;
+        let channel = connect_channel(
+            endpoint,
+            "--endpoint or SAGACTL_ENDPOINT",
+            "orchestrator",
+            tls,
+            |endpoint| endpoint.timeout(timeout),
+        )
+        .await?;
         Ok(Self {
             endpoint: endpoint.to_owned(),
             token,
+            tls: tls.cloned(),
             admin: AdminServiceClient::new(channel),
         })
     }
@@ -285,7 +390,7 @@ impl Client {
     }
 
     fn fail(&self, status: tonic::Status) -> Failure {
-        request_failed(&self.endpoint, status)
+        request_failed(&self.endpoint, self.tls.as_ref(), status)
     }
 }
 
@@ -369,13 +474,27 @@ fn pretty(value: &Value) -> String {
 
 /// Runs the command; the caller prints and exits.
 pub async fn run(cli: Cli) -> Result<Done, Failure> {
+    let tls = cli.tls()?;
     if let Command::Bench(args) = cli.command {
-        return bench::run(&cli.endpoint, *args, cli.output == Output::Json).await;
+        return bench::run(
+            &cli.endpoint,
+            tls.as_ref(),
+            *args,
+            cli.output == Output::Json,
+        )
+        .await;
     }
     if let Command::Reconcile(args) = cli.command {
-        return reconcile::run(&cli.endpoint, cli.token, args, cli.output == Output::Json).await;
+        return reconcile::run(
+            &cli.endpoint,
+            cli.token,
+            tls.as_ref(),
+            args,
+            cli.output == Output::Json,
+        )
+        .await;
     }
-    let client = Client::connect(&cli.endpoint, cli.token.clone()).await?;
+    let client = Client::connect(&cli.endpoint, cli.token.clone(), tls.as_ref()).await?;
     let json_out = cli.output == Output::Json;
     let now = now_epoch();
     let done = |stdout: String| Done { stdout, code: 0 };

@@ -166,10 +166,11 @@ fn reconcile_text(reply: &pb::ReconcileResponse, repair: bool) -> String {
 pub(super) async fn run(
     endpoint: &str,
     token: Option<String>,
+    tls: Option<&common::tls::Client>,
     args: ReconcileArgs,
     json_out: bool,
 ) -> Result<Done, Failure> {
-    let client = Client::connect_with_timeout(endpoint, token, args.timeout).await?;
+    let client = Client::connect_with_timeout(endpoint, token, tls, args.timeout).await?;
     let reply = client
         .admin
         .clone()

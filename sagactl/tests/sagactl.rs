@@ -591,6 +591,7 @@ async fn reconcile_works_on_the_embedded_mode() {
             step_timeout: Duration::from_secs(5),
             http_listen: None,
             telemetry: Default::default(),
+            tls: false,
         },
         async move {
             let _ = stopped.await;

@@ -11,12 +11,13 @@ pub mod chaos;
 mod lossy;
 pub mod process;
 mod system;
+pub mod tls;
 
 pub use lossy::LossyStore;
 pub use system::{
     Audit, SpawnedOrchestrator, System, compensations, delay, fault, place_request, settled,
-    spawn_orchestrator, spawn_orchestrator_with_adapters, spawn_orchestrator_wrapped, spawn_system,
-    spawn_system_with, test_settings,
+    spawn_orchestrator, spawn_orchestrator_tls, spawn_orchestrator_with_adapters,
+    spawn_orchestrator_wrapped, spawn_system, spawn_system_with, spawn_tls_system, test_settings,
 };
 
 use std::sync::Once;
@@ -33,7 +34,7 @@ use sqlx::{Connection, PgConnection};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// The server every test database is created on.
 pub fn server_url() -> String {
@@ -227,6 +228,30 @@ pub async fn spawn_participant(
     participant: Participant,
     options: ServeOptions,
 ) -> Result<SpawnedParticipant> {
+    spawn_participant_with(participant, options, None).await
+}
+
+/// Like [`spawn_participant`], serving with `options.tls`: its endpoint is
+/// `https://`, and the test's own channel to it trusts and presents what
+/// `client` holds.
+pub async fn spawn_participant_tls(
+    participant: Participant,
+    options: ServeOptions,
+    client: common::tls::Client,
+) -> Result<SpawnedParticipant> {
+    spawn_participant_with(participant, options, Some(client)).await
+}
+
+async fn spawn_participant_with(
+    participant: Participant,
+    options: ServeOptions,
+    client: Option<common::tls::Client>,
+) -> Result<SpawnedParticipant> {
+    let scheme = if options.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let db = TestDb::create(participant.name()).await?;
     let backend = participants::connect(
         participant,
@@ -240,7 +265,7 @@ pub async fn spawn_participant(
         .cloned()
         .context("a PostgreSQL test database gave a non-PostgreSQL backend")?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let endpoint = format!("http://{}", listener.local_addr()?);
+    let endpoint = format!("{scheme}://{}", listener.local_addr()?);
     let (shutdown, stop) = oneshot::channel::<()>();
     let task = tokio::spawn(participants::serve(
         participant,
@@ -252,7 +277,8 @@ pub async fn spawn_participant(
         },
     ));
     // The listener is bound, so connecting succeeds at once.
-    let channel = Endpoint::from_shared(endpoint.clone())?
+    let channel = common::tls::endpoint(&endpoint, client.as_ref(), "a test CA")
+        .map_err(anyhow::Error::msg)?
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await?;
@@ -339,10 +365,26 @@ impl Drop for SpawnedParticipant {
 
 /// Starts the three participants, each on its own database.
 pub async fn spawn_participants(options: ServeOptions) -> Result<Participants> {
+    spawn_participants_with(options, None).await
+}
+
+/// Like [`spawn_participants`], serving with `options.tls`; the test's own
+/// channels use `client`.
+pub async fn spawn_participants_tls(
+    options: ServeOptions,
+    client: common::tls::Client,
+) -> Result<Participants> {
+    spawn_participants_with(options, Some(client)).await
+}
+
+async fn spawn_participants_with(
+    options: ServeOptions,
+    client: Option<common::tls::Client>,
+) -> Result<Participants> {
     let (inventory, payment, fulfillment) = tokio::try_join!(
-        spawn_participant(Participant::Inventory, options),
-        spawn_participant(Participant::Payment, options),
-        spawn_participant(Participant::Fulfillment, options),
+        spawn_participant_with(Participant::Inventory, options.clone(), client.clone()),
+        spawn_participant_with(Participant::Payment, options.clone(), client.clone()),
+        spawn_participant_with(Participant::Fulfillment, options, client),
     )?;
     Ok(Participants {
         inventory,
@@ -380,9 +422,20 @@ where
 /// `GET path` on an HTTP port such as `--http-listen`'s: the status code
 /// and the body (code 0 when nothing answered).
 pub async fn http_get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
+    match tokio::net::TcpStream::connect(address).await {
+        Ok(stream) => http_exchange(stream, path).await,
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// `GET path` on a connected stream (plaintext or TLS): the status code
+/// and the body (code 0 when nothing answered within 10 s).
+async fn http_exchange<S>(mut stream: S, path: &str) -> (u16, String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(address).await?;
         stream
             .write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").as_bytes())
             .await?;

@@ -27,7 +27,7 @@ use proto::saga::v1::{
 };
 use sqlx::PgPool;
 use tokio::sync::oneshot;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::{Participants, SpawnedParticipant, TestDb, spawn_participants};
 
@@ -54,6 +54,7 @@ pub fn test_settings(participants: &Participants) -> Settings {
             inventory: participants.inventory.endpoint().to_owned(),
             payment: participants.payment.endpoint().to_owned(),
             fulfillment: participants.fulfillment.endpoint().to_owned(),
+            tls: None,
         },
         step_timeout: Duration::from_secs(2),
         max_participant_calls: orchestrator::clients::DEFAULT_MAX_CALLS,
@@ -61,6 +62,7 @@ pub fn test_settings(participants: &Participants) -> Settings {
         stuck_after: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(5),
         connection_idle_timeout: common::listen::DEFAULT_IDLE_TIMEOUT,
+        tls: None,
     }
 }
 
@@ -85,6 +87,24 @@ pub async fn spawn_orchestrator(
     spawn_orchestrator_wrapped(database_url, settings, |store| store).await
 }
 
+/// Like [`spawn_orchestrator`], serving with `settings.tls`: its endpoint
+/// is `https://` and the test's own channel to it trusts what `client`
+/// trusts.
+pub async fn spawn_orchestrator_tls(
+    database_url: &str,
+    settings: Settings,
+    client: common::tls::Client,
+) -> Result<SpawnedOrchestrator> {
+    spawn_orchestrator_full(
+        database_url,
+        settings,
+        |store| store,
+        Vec::new(),
+        Some(client),
+    )
+    .await
+}
+
 /// Like [`spawn_orchestrator`], with its store wrapped by `wrap` (e.g. a
 /// [`crate::LossyStore`]).
 pub async fn spawn_orchestrator_wrapped(
@@ -92,7 +112,7 @@ pub async fn spawn_orchestrator_wrapped(
     settings: Settings,
     wrap: impl FnOnce(Arc<dyn SagaStore>) -> Arc<dyn SagaStore> + Send + 'static,
 ) -> Result<SpawnedOrchestrator> {
-    spawn_orchestrator_full(database_url, settings, wrap, Vec::new()).await
+    spawn_orchestrator_full(database_url, settings, wrap, Vec::new(), None).await
 }
 
 /// Like [`spawn_orchestrator`], with more participants: each adapter
@@ -103,7 +123,7 @@ pub async fn spawn_orchestrator_with_adapters(
     settings: Settings,
     adapters: Vec<(&'static str, Arc<dyn StepAdapter>)>,
 ) -> Result<SpawnedOrchestrator> {
-    spawn_orchestrator_full(database_url, settings, |store| store, adapters).await
+    spawn_orchestrator_full(database_url, settings, |store| store, adapters, None).await
 }
 
 async fn spawn_orchestrator_full(
@@ -111,10 +131,16 @@ async fn spawn_orchestrator_full(
     settings: Settings,
     wrap: impl FnOnce(Arc<dyn SagaStore>) -> Arc<dyn SagaStore> + Send + 'static,
     adapters: Vec<(&'static str, Arc<dyn StepAdapter>)>,
+    client: Option<common::tls::Client>,
 ) -> Result<SpawnedOrchestrator> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     listener.set_nonblocking(true)?;
-    let endpoint = format!("http://{}", listener.local_addr()?);
+    let scheme = if settings.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let endpoint = format!("{scheme}://{}", listener.local_addr()?);
     // The probes and metrics port, as `--http-listen` gives one.
     let http = std::net::TcpListener::bind("127.0.0.1:0")?;
     http.set_nonblocking(true)?;
@@ -169,7 +195,10 @@ async fn spawn_orchestrator_full(
         runtime.shutdown_background();
         bail!("orchestrator failed to start: {error:?}");
     }
-    let channel = Endpoint::from_shared(endpoint.clone())?.connect().await?;
+    let channel = common::tls::endpoint(&endpoint, client.as_ref(), "a test CA")
+        .map_err(anyhow::Error::msg)?
+        .connect()
+        .await?;
     Ok(SpawnedOrchestrator {
         endpoint,
         http_address,
@@ -266,12 +295,62 @@ pub async fn spawn_system() -> Result<System> {
 pub async fn spawn_system_with(adjust: impl FnOnce(&mut Settings)) -> Result<System> {
     let participants = spawn_participants(ServeOptions {
         fault_injection: true,
+        tls: None,
     })
     .await?;
+    assemble(participants, adjust, None).await
+}
+
+/// Like [`spawn_system`], every hop over TLS with the first CA of
+/// `certs`: the participants (requiring client certificates when `mtls`),
+/// the orchestrator's ports, and its calls to the participants (presenting
+/// the client certificate when `client_certificate`). The test's own
+/// channels present the client certificate to the participants and trust
+/// the CA.
+pub async fn spawn_tls_system(
+    certs: &crate::tls::TestCerts,
+    mtls: bool,
+    client_certificate: bool,
+) -> Result<System> {
+    let participants = crate::spawn_participants_tls(
+        ServeOptions {
+            fault_injection: true,
+            tls: Some(certs.server(mtls)?),
+        },
+        certs.client(true)?,
+    )
+    .await?;
+    let orchestrator_tls = certs.server(false)?;
+    let participant_tls = certs.client(client_certificate)?;
+    assemble(
+        participants,
+        |settings| {
+            settings.tls = Some(orchestrator_tls);
+            settings.participants.tls = Some(participant_tls);
+        },
+        Some(certs.client(false)?),
+    )
+    .await
+}
+
+/// A system of `participants` and one orchestrator with [`test_settings`]
+/// adjusted, reached with `client` when it serves TLS.
+async fn assemble(
+    participants: Participants,
+    adjust: impl FnOnce(&mut Settings),
+    client: Option<common::tls::Client>,
+) -> Result<System> {
     let db = TestDb::create("orchestrator").await?;
     let mut settings = test_settings(&participants);
     adjust(&mut settings);
-    let orchestrator = spawn_orchestrator(db.url(), settings.clone()).await?;
+    let orchestrator = spawn_orchestrator_full(
+        db.url(),
+        settings.clone(),
+        |store| store,
+        Vec::new(),
+        client,
+    )
+    .await?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
         .connect(db.url())

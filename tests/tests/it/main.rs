@@ -15,6 +15,7 @@ mod payment;
 mod reconcile;
 mod recovery;
 mod snapshot;
+mod tls;
 mod tracing;
 mod wake;
 mod watch;
