@@ -46,11 +46,33 @@ enum Command {
     },
 }
 
+/// Whether `--admin-token` of `subcommand` came on the command line (not
+/// from ADMIN_TOKEN), where every user of the machine can read it.
+fn admin_token_on_command_line(matches: &clap::ArgMatches, subcommand: &str) -> bool {
+    matches
+        .subcommand_matches(subcommand)
+        .and_then(|m| m.value_source("admin_token"))
+        == Some(clap::parser::ValueSource::CommandLine)
+}
+
 fn main() -> ExitCode {
-    let cli: Cli = match common::cli::parse_args("orchestrator") {
-        Ok(cli) => cli,
+    let (mut cli, matches): (Cli, _) = match common::cli::parse_args_with_matches("orchestrator")
+    {
+        Ok(parsed) => parsed,
         Err(code) => return code,
     };
+    match &mut cli.command {
+        Command::Serve(args) => {
+            args.tokens.admin_token_on_command_line =
+                admin_token_on_command_line(&matches, "serve");
+        }
+        #[cfg(feature = "dev")]
+        Command::Dev(args) => {
+            args.tokens.admin_token_on_command_line = admin_token_on_command_line(&matches, "dev");
+        }
+        #[cfg(not(feature = "dev"))]
+        Command::Dev { .. } => {}
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -19,7 +19,11 @@ fn orchestrator(args: &[&str]) -> Command {
             "ORCHESTRATOR_BACKOFF_BASE",
             "ORCHESTRATOR_BACKOFF_CAP",
             "ORCHESTRATOR_REPLICA_ID",
-            "ORCHESTRATOR_ADMIN_TOKEN",
+            "ADMIN_TOKEN",
+            "ADMIN_TOKEN_FILE",
+            "READ_ONLY_TOKEN_FILE",
+            "REQUEST_TIMEOUT",
+            "MAX_MESSAGE_BYTES",
         ],
     )
 }
@@ -68,6 +72,22 @@ fn bad_flags_and_values_are_one_line_and_a_non_zero_exit() {
     ]);
     assert!(line.contains("inventory"), "{line}");
     assert_one_line_failure(&["launch"]);
+    let line = assert_one_line_failure(&[
+        "serve",
+        "--database-url",
+        "postgres://x/y",
+        "--admin-token-file",
+        "/nonexistent/token",
+    ]);
+    assert!(line.contains("cannot read --admin-token-file"), "{line}");
+    let line = assert_one_line_failure(&[
+        "serve",
+        "--database-url",
+        "postgres://x/y",
+        "--request-timeout",
+        "0s",
+    ]);
+    assert!(line.contains("--request-timeout"), "{line}");
 }
 
 #[test]
@@ -96,6 +116,13 @@ fn help_documents_every_flag_of_the_design() {
         "--fulfillment-url",
         "--http-listen",
         "--admin-token",
+        "--admin-token-file",
+        "--read-only-token-file",
+        "--max-message-bytes",
+        "--max-concurrent-streams",
+        "--request-timeout",
+        "--http-header-timeout",
+        "--max-watches",
         "--step-timeout",
         "--step-attempts",
         "--compensation-attempts",

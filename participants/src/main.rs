@@ -73,6 +73,11 @@ struct Args {
     #[arg(long, env = "PARTICIPANT_CONNECT_TIMEOUT", default_value = "10s", value_parser = common::cli::parse_duration)]
     connect_timeout: Duration,
 
+    /// Limits on what clients send (--max-message-bytes,
+    /// --max-concurrent-streams, --request-timeout, --http-header-timeout).
+    #[command(flatten)]
+    limits: common::limits::Limits,
+
     /// Logs and traces (--log-format, --otlp-endpoint).
     #[command(flatten)]
     telemetry: common::telemetry::TelemetryArgs,
@@ -119,6 +124,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(participant: Participant, args: Args) -> Result<(), String> {
+    args.limits.validate()?;
     let listen = args.listen.unwrap_or(participant.default_listen());
     let backend = participants::connect(
         participant,
@@ -149,6 +155,7 @@ async fn run(participant: Participant, args: Args) -> Result<(), String> {
     );
     let options = ServeOptions {
         fault_injection: args.fault_injection,
+        limits: args.limits,
     };
     participants::serve_with_http(
         participant,

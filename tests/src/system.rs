@@ -48,6 +48,7 @@ pub fn test_settings(participants: &Participants) -> Settings {
             lease_ttl: Duration::from_secs(2),
             poll_interval: Duration::from_millis(100),
             max_in_flight: 10_000,
+            max_watches: orchestrator::config::DEFAULT_MAX_WATCHES,
             registry: Arc::default(),
         },
         participants: ParticipantUrls {
@@ -57,7 +58,9 @@ pub fn test_settings(participants: &Participants) -> Settings {
         },
         step_timeout: Duration::from_secs(2),
         max_participant_calls: orchestrator::clients::DEFAULT_MAX_CALLS,
-        admin_token: None,
+        admin: orchestrator::auth::AdminTokens::open(),
+        limits: common::limits::Limits::default(),
+        reconcile_timeout: orchestrator::config::DEFAULT_RECONCILE_TIMEOUT,
         stuck_after: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(5),
         connection_idle_timeout: common::listen::DEFAULT_IDLE_TIMEOUT,
@@ -266,6 +269,7 @@ pub async fn spawn_system() -> Result<System> {
 pub async fn spawn_system_with(adjust: impl FnOnce(&mut Settings)) -> Result<System> {
     let participants = spawn_participants(ServeOptions {
         fault_injection: true,
+        ..ServeOptions::default()
     })
     .await?;
     let db = TestDb::create("orchestrator").await?;

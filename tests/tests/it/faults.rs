@@ -21,6 +21,7 @@ async fn with_faults(participant: Participant) -> SpawnedParticipant {
         participant,
         ServeOptions {
             fault_injection: true,
+            ..ServeOptions::default()
         },
     )
     .await

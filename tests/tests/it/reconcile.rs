@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use harness::{System, delay, expect_code, fault, spawn_system, spawn_system_with};
+use orchestrator::auth::AdminTokens;
 use proto::fulfillment::v1 as fulfillment;
 use proto::inventory::v1 as inventory;
 use proto::payment::v1 as payment;
@@ -641,7 +642,7 @@ async fn listings_page_by_saga_id_and_refuse_bad_pages() {
 
 #[tokio::test]
 async fn reconcile_needs_the_admin_token_and_a_reachable_participant() {
-    let system = spawn_system_with(|s| s.admin_token = Some("s3cret".into()))
+    let system = spawn_system_with(|s| s.admin = AdminTokens::new(Some("s3cret"), None))
         .await
         .unwrap();
     expect_code(
