@@ -6,14 +6,15 @@
 //!   (`--max-message-bytes`, 1 MiB): a larger one is answered
 //!   RESOURCE_EXHAUSTED before its handler runs ([`limit_messages!`] sets it
 //!   on each generated server, with the largest reply it encodes,
-//!   [`MAX_REPLY_BYTES`]);
+//!   [`MAX_REPLY_BYTES`]; [`CallLimitsLayer`] gives tonic's refusal gRPC's
+//!   code);
 //! - concurrent streams per HTTP/2 connection (`--max-concurrent-streams`,
-//!   256), advertised in the connection's SETTINGS: a client opens no more,
-//!   and queues the rest until one ends (tonic and every other HTTP/2
-//!   client do; one that does not gets its extra streams refused with
+//!   256), advertised in the connection's SETTINGS: a client opens no more
+//!   (tonic's queues the calls beyond it until a stream ends; a client that
+//!   ignored the setting would get its extra streams refused with
 //!   REFUSED_STREAM);
 //! - a server-side deadline on every call (`--request-timeout`, 30 s,
-//!   [`RequestTimeoutLayer`]): a call whose answer has not started by then
+//!   [`CallLimitsLayer`]): a call whose answer has not started by then
 //!   is dropped and answered DEADLINE_EXCEEDED. It bounds the time until
 //!   the response headers, so a server stream (WatchOrder) runs for as long
 //!   as it has updates. A client's shorter `grpc-timeout` is honoured by
@@ -117,9 +118,10 @@ impl Limits {
         usize::try_from(self.max_message_bytes).unwrap_or(usize::MAX)
     }
 
-    /// The server-side deadline of every call.
-    pub fn request_timeout_layer(&self) -> RequestTimeoutLayer {
-        RequestTimeoutLayer::new(self.request_timeout)
+    /// The layer of every call: its server-side deadline, and the status of
+    /// a message over the limit.
+    pub fn call_layer(&self) -> CallLimitsLayer {
+        CallLimitsLayer::new(self.request_timeout)
     }
 }
 
@@ -135,13 +137,18 @@ macro_rules! limit_messages {
     };
 }
 
-/// A tower layer for gRPC servers: a call whose response has not started
-/// within its limit is dropped and answered DEADLINE_EXCEEDED, saying which
-/// flag sets the limit. One method may have a longer limit of its own (the
-/// orchestrator's Reconcile, which reads every saga). Costs a timer per
-/// call and no allocation.
+/// A tower layer for gRPC servers, around every call:
+/// - a call whose response has not started within its limit is dropped and
+///   answered DEADLINE_EXCEEDED, saying which flag sets the limit. One
+///   method may have a longer limit of its own (the orchestrator's
+///   Reconcile, which reads every saga);
+/// - a request tonic refused for its size (it answers OUT_OF_RANGE
+///   "decoded message length too large") is answered RESOURCE_EXHAUSTED
+///   instead, gRPC's code for a message over a limit, which clients know.
+///
+/// Costs a timer and a header lookup per call, and no allocation.
 #[derive(Debug, Clone, Copy)]
-pub struct RequestTimeoutLayer {
+pub struct CallLimitsLayer {
     limit: Duration,
     longer: Option<LongerLimit>,
 }
@@ -153,7 +160,7 @@ struct LongerLimit {
     flag: &'static str,
 }
 
-impl RequestTimeoutLayer {
+impl CallLimitsLayer {
     /// Every call within `limit` (`--request-timeout`).
     pub fn new(limit: Duration) -> Self {
         Self {
@@ -170,32 +177,32 @@ impl RequestTimeoutLayer {
     }
 }
 
-impl<S> tower::Layer<S> for RequestTimeoutLayer {
-    type Service = RequestTimeout<S>;
+impl<S> tower::Layer<S> for CallLimitsLayer {
+    type Service = CallLimits<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RequestTimeout {
+        CallLimits {
             inner,
             layer: *self,
         }
     }
 }
 
-/// See [`RequestTimeoutLayer`].
+/// See [`CallLimitsLayer`].
 #[derive(Debug, Clone)]
-pub struct RequestTimeout<S> {
+pub struct CallLimits<S> {
     inner: S,
-    layer: RequestTimeoutLayer,
+    layer: CallLimitsLayer,
 }
 
-impl<S, B, R> tower::Service<http::Request<B>> for RequestTimeout<S>
+impl<S, B, R> tower::Service<http::Request<B>> for CallLimits<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<R>>,
     R: Default,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = RequestTimeoutFuture<S::Future>;
+    type Future = CallLimitsFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -206,7 +213,7 @@ where
             Some(longer) if request.uri().path() == longer.path => (longer.limit, longer.flag),
             _ => (self.layer.limit, "--request-timeout"),
         };
-        RequestTimeoutFuture {
+        CallLimitsFuture {
             inner: self.inner.call(request),
             sleep: tokio::time::sleep(limit),
             limit,
@@ -216,9 +223,9 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// The response of a [`RequestTimeout`] call.
+    /// The response of a [`CallLimits`] call.
     #[derive(Debug)]
-    pub struct RequestTimeoutFuture<F> {
+    pub struct CallLimitsFuture<F> {
         #[pin]
         inner: F,
         #[pin]
@@ -228,7 +235,7 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<F, R, E> Future for RequestTimeoutFuture<F>
+impl<F, R, E> Future for CallLimitsFuture<F>
 where
     F: Future<Output = Result<http::Response<R>, E>>,
     R: Default,
@@ -237,7 +244,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        if let Poll::Ready(response) = this.inner.poll(cx) {
+        if let Poll::Ready(mut response) = this.inner.poll(cx) {
+            if let Ok(response) = &mut response {
+                too_large_is_resource_exhausted(response.headers_mut());
+            }
             return Poll::Ready(response);
         }
         ready!(this.sleep.poll(cx));
@@ -246,6 +256,27 @@ where
             this.limit, this.flag
         ))
         .into_http()))
+    }
+}
+
+/// OUT_OF_RANGE "decoded message length too large" (tonic's answer to a
+/// request over the decoding limit, trailers-only: in the headers) becomes
+/// RESOURCE_EXHAUSTED; every other answer is left as it is.
+fn too_large_is_resource_exhausted(headers: &mut http::HeaderMap) {
+    let out_of_range = headers
+        .get("grpc-status")
+        .is_some_and(|code| code.as_bytes() == b"11");
+    // As it travels: percent-encoded, spaces too.
+    const TOO_LARGE: &[u8] = b"decoded%20message%20length%20too%20large";
+    if out_of_range
+        && headers.get("grpc-message").is_some_and(|message| {
+            message
+                .as_bytes()
+                .windows(TOO_LARGE.len())
+                .any(|w| w == TOO_LARGE)
+        })
+    {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
     }
 }
 
@@ -318,7 +349,7 @@ mod tests {
         }
     }
 
-    async fn call(layer: RequestTimeoutLayer, delay: Duration, path: &str) -> http::Response<String> {
+    async fn call(layer: CallLimitsLayer, delay: Duration, path: &str) -> http::Response<String> {
         use tower::{Layer, ServiceExt};
         let request = http::Request::builder().uri(path).body(()).unwrap();
         layer.layer(Slow(delay)).oneshot(request).await.unwrap()
@@ -327,7 +358,7 @@ mod tests {
     #[tokio::test]
     async fn a_late_answer_is_deadline_exceeded_and_a_timely_one_passes() {
         let ms = Duration::from_millis;
-        let layer = RequestTimeoutLayer::new(ms(300)).with_longer("/a.B/Long", ms(900), "--long-timeout");
+        let layer = CallLimitsLayer::new(ms(300)).with_longer("/a.B/Long", ms(900), "--long-timeout");
         let on_time = call(layer, ms(50), "/a.B/Short").await;
         assert_eq!(on_time.body(), "answered");
         assert!(on_time.headers().get("grpc-status").is_none());
@@ -346,5 +377,21 @@ mod tests {
         let too_long = call(layer, ms(5_000), "/a.B/Long").await;
         let message = too_long.headers()["grpc-message"].to_str().unwrap();
         assert!(message.contains("long-timeout"), "{message}");
+    }
+
+    #[test]
+    fn only_the_size_refusal_becomes_resource_exhausted() {
+        let headers = |status: Status| Status::into_http::<()>(status).headers().clone();
+        let mut too_large = headers(Status::out_of_range(
+            "Error, decoded message length too large: found 2097169 bytes, the limit is: 1048576 bytes",
+        ));
+        too_large_is_resource_exhausted(&mut too_large);
+        assert_eq!(too_large["grpc-status"], "8");
+        let mut other = headers(Status::out_of_range("page 7 of 3"));
+        too_large_is_resource_exhausted(&mut other);
+        assert_eq!(other["grpc-status"], "11");
+        let mut ok = http::HeaderMap::new();
+        too_large_is_resource_exhausted(&mut ok);
+        assert!(ok.is_empty());
     }
 }

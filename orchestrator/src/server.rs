@@ -103,7 +103,7 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(ping_timeout))
         .max_concurrent_streams(limits.max_concurrent_streams)
         .layer(common::telemetry::ServerTraceLayer)
-        .layer(limits.request_timeout_layer().with_longer(
+        .layer(limits.call_layer().with_longer(
             "/saga.v1.AdminService/Reconcile",
             settings.reconcile_timeout,
             "--reconcile-timeout",

@@ -366,7 +366,7 @@ pub async fn serve_with_http(
         .max_concurrent_streams(limits.max_concurrent_streams)
         .layer(crate::rpc_metrics::RpcMetricsLayer)
         .layer(common::telemetry::ServerTraceLayer)
-        .layer(limits.request_timeout_layer())
+        .layer(limits.call_layer())
         .layer(FaultLayer::new(registry.clone()))
         .add_service(limit_messages!(health_service, limits))
         .add_service(limit_messages!(reflection_v1, limits))
