@@ -191,7 +191,10 @@ mod tests {
         };
         let read = |path: &Path| read_token_file("--token-file", path);
         assert_eq!(read(&file("lf", "s3cret\n")).unwrap().expose(), "s3cret");
-        assert_eq!(read(&file("crlf", "s3cret\r\n")).unwrap().expose(), "s3cret");
+        assert_eq!(
+            read(&file("crlf", "s3cret\r\n")).unwrap().expose(),
+            "s3cret"
+        );
         assert_eq!(read(&file("bare", "s3cret")).unwrap().expose(), "s3cret");
         for (name, content, says) in [
             ("empty", "", "is empty"),

@@ -358,14 +358,18 @@ mod tests {
     #[tokio::test]
     async fn a_late_answer_is_deadline_exceeded_and_a_timely_one_passes() {
         let ms = Duration::from_millis;
-        let layer = CallLimitsLayer::new(ms(300)).with_longer("/a.B/Long", ms(900), "--long-timeout");
+        let layer =
+            CallLimitsLayer::new(ms(300)).with_longer("/a.B/Long", ms(900), "--long-timeout");
         let on_time = call(layer, ms(50), "/a.B/Short").await;
         assert_eq!(on_time.body(), "answered");
         assert!(on_time.headers().get("grpc-status").is_none());
 
         let started = std::time::Instant::now();
         let late = call(layer, ms(5_000), "/a.B/Short").await;
-        assert!(started.elapsed() < ms(2_000), "answered at the limit, not after the delay");
+        assert!(
+            started.elapsed() < ms(2_000),
+            "answered at the limit, not after the delay"
+        );
         assert_eq!(late.headers()["grpc-status"], "4", "DEADLINE_EXCEEDED");
         let message = late.headers()["grpc-message"].to_str().unwrap().to_owned();
         assert!(message.contains("request-timeout"), "{message}");

@@ -210,7 +210,10 @@ async fn read_head<S: AsyncRead + Unpin>(
             // The end may straddle two reads: look from 3 bytes back.
             let from = filled.saturating_sub(3);
             filled += read;
-            if let Some(at) = buffer[from..filled].windows(4).position(|w| w == b"\r\n\r\n") {
+            if let Some(at) = buffer[from..filled]
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+            {
                 return Ok(from + at + 4);
             }
         }
@@ -417,7 +420,10 @@ mod tests {
         assert_eq!(&head[..length], b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n");
 
         // Exactly the limit is read; one byte more is too large.
-        for (size, fits) in [(MAX_HTTP_HEADER_BYTES, true), (MAX_HTTP_HEADER_BYTES + 1, false)] {
+        for (size, fits) in [
+            (MAX_HTTP_HEADER_BYTES, true),
+            (MAX_HTTP_HEADER_BYTES + 1, false),
+        ] {
             let (mut client, mut server) = tokio::io::duplex(64 * 1024);
             let filler = "a".repeat(size - "GET / HTTP/1.1\r\nx: \r\n\r\n".len());
             let request = format!("GET / HTTP/1.1\r\nx: {filler}\r\n\r\n");

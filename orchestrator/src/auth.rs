@@ -213,7 +213,9 @@ impl AdminTokenArgs {
                         .to_owned(),
                 ));
             }
-            (Some(path), None) => Some(read_token_file("--admin-token-file", path).map_err(invalid)?),
+            (Some(path), None) => {
+                Some(read_token_file("--admin-token-file", path).map_err(invalid)?)
+            }
             (None, Some(token)) => {
                 check_token("--admin-token", token.expose()).map_err(invalid)?;
                 if self.admin_token_on_command_line {
@@ -376,19 +378,29 @@ mod tests {
         let mut table: Vec<&str> = AdminRpc::ALL.iter().map(|rpc| rpc.method()).collect();
         table.sort_unstable();
         table.dedup();
-        assert_eq!(table, methods, "a new AdminService RPC needs a row in the role table");
+        assert_eq!(
+            table, methods,
+            "a new AdminService RPC needs a row in the role table"
+        );
     }
 
     #[test]
     fn each_token_gets_its_role_and_a_wrong_one_none() {
         let mut auth = AdminAuth::new(AdminTokens::new(Some("op3rator"), Some("r3ader")));
         for rpc in AdminRpc::ALL {
-            assert_eq!(outcome(&mut auth, Some("Bearer op3rator"), rpc), tonic::Code::Ok);
+            assert_eq!(
+                outcome(&mut auth, Some("Bearer op3rator"), rpc),
+                tonic::Code::Ok
+            );
             let expected = match rpc.needs() {
                 Role::ReadOnly => tonic::Code::Ok,
                 Role::Operator => tonic::Code::PermissionDenied,
             };
-            assert_eq!(outcome(&mut auth, Some("Bearer r3ader"), rpc), expected, "{rpc:?}");
+            assert_eq!(
+                outcome(&mut auth, Some("Bearer r3ader"), rpc),
+                expected,
+                "{rpc:?}"
+            );
             for wrong in [
                 None,
                 Some("Bearer op3rato"),
@@ -515,7 +527,10 @@ mod tests {
             format!("{:?}", AdminAuth::new(tokens.clone())),
             format!("{args:?}"),
         ] {
-            assert!(!shown.contains("op3rator") && !shown.contains("r3ader"), "{shown}");
+            assert!(
+                !shown.contains("op3rator") && !shown.contains("r3ader"),
+                "{shown}"
+            );
         }
         assert_eq!(
             format!("{tokens:?}"),

@@ -13,7 +13,7 @@
 //!   name), the gRPC step calls, the per-participant call bound, and the
 //!   record clients Reconcile uses.
 //! - [`api`]: `saga.v1.OrderService` (PlaceOrder starts an `order` saga).
-//! - [`admin`]: `saga.v1.AdminService`.
+//! - [`admin`]: the handlers of `saga.v1.AdminService`.
 //! - [`auth`]: who may call AdminService: the operator and read-only
 //!   tokens, and the table of the role each RPC needs.
 //! - [`reconcile`]: sagas against the participants' records (merge join).

@@ -36,7 +36,7 @@ enum Command {
     /// this process, each on its own port, on SQLite, with demo data. No
     /// database server needed.
     #[cfg(feature = "dev")]
-    Dev(DevArgs),
+    Dev(Box<DevArgs>),
     /// Not in this build (built without the `dev` feature): says so.
     #[cfg(not(feature = "dev"))]
     #[command(hide = true, disable_help_flag = true)]
@@ -56,8 +56,7 @@ fn admin_token_on_command_line(matches: &clap::ArgMatches, subcommand: &str) -> 
 }
 
 fn main() -> ExitCode {
-    let (mut cli, matches): (Cli, _) = match common::cli::parse_args_with_matches("orchestrator")
-    {
+    let (mut cli, matches): (Cli, _) = match common::cli::parse_args_with_matches("orchestrator") {
         Ok(parsed) => parsed,
         Err(code) => return code,
     };
@@ -92,7 +91,7 @@ fn main() -> ExitCode {
         Command::Dev(args) => runtime.block_on(async {
             let telemetry = common::telemetry::init(&args.telemetry, "orchestrator")
                 .map_err(|e| e.to_string())?;
-            let result = orchestrator::dev::run(args, common::cli::shutdown_signal())
+            let result = orchestrator::dev::run(*args, common::cli::shutdown_signal())
                 .await
                 .map_err(|e| e.to_string());
             telemetry.shutdown().await;

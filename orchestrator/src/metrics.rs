@@ -52,7 +52,10 @@ pub fn describe() {
     );
     metrics::describe_gauge(IN_FLIGHT, "Sagas driven by this replica now.");
     metrics::describe_gauge(MAX_IN_FLIGHT, "The in-flight bound (--max-in-flight).");
-    metrics::describe_gauge(WATCH_STREAMS, "WatchOrder streams open on this replica now.");
+    metrics::describe_gauge(
+        WATCH_STREAMS,
+        "WatchOrder streams open on this replica now.",
+    );
     metrics::describe_gauge(MAX_WATCHES, "The WatchOrder bound (--max-watches).");
     metrics::describe_histogram(
         STEP_SECONDS,

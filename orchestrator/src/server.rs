@@ -6,10 +6,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::limit_messages;
 use proto::saga::v1::admin_service_server::AdminServiceServer;
 use proto::saga::v1::order_service_server::OrderServiceServer;
 use tokio::net::TcpListener;
-use common::limit_messages;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;

@@ -372,7 +372,8 @@ pub async fn serve_with_http(
         .add_service(limit_messages!(reflection_v1, limits))
         .add_service(limit_messages!(reflection_v1alpha, limits))
         .add_optional_service(
-            registry.map(|r| limit_messages!(FaultInjectionServer::new(FaultControl::new(r)), limits)),
+            registry
+                .map(|r| limit_messages!(FaultInjectionServer::new(FaultControl::new(r)), limits)),
         );
     let router = match participant {
         Participant::Inventory => router.add_service(limit_messages!(

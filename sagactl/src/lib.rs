@@ -212,7 +212,9 @@ impl Cli {
                     .to_owned(),
             )),
             (Some(token), None) => Ok(Some(token.clone())),
-            (None, Some(path)) => read_token_file("--token-file", path).map(Some).map_err(usage),
+            (None, Some(path)) => read_token_file("--token-file", path)
+                .map(Some)
+                .map_err(usage),
             (None, None) => Ok(None),
         }
     }

@@ -358,8 +358,11 @@ async fn a_token_file_authenticates_and_a_read_only_token_only_reads() {
     let id = system.place("alice", &[("widget", 1)]).await.unwrap();
     system.wait_settled(&id, SETTLE).await.unwrap();
 
-    let (code, stdout, stderr) =
-        sagactl(&endpoint, &["--token-file", operator, "stats", "--output", "json"]).await;
+    let (code, stdout, stderr) = sagactl(
+        &endpoint,
+        &["--token-file", operator, "stats", "--output", "json"],
+    )
+    .await;
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(json(&stdout)["counts"]["COMPLETED"], 1);
 
@@ -369,15 +372,21 @@ async fn a_token_file_authenticates_and_a_read_only_token_only_reads() {
     assert!(stdout.contains(&id), "{stdout}");
     let (code, _, stderr) = sagactl(&endpoint, &["--token-file", reader, "show", &id]).await;
     assert_eq!(code, 0, "{stderr}");
-    let (code, _, stderr) =
-        sagactl(&endpoint, &["--token-file", reader, "retry", &id, "--reason", "x"]).await;
+    let (code, _, stderr) = sagactl(
+        &endpoint,
+        &["--token-file", reader, "retry", &id, "--reason", "x"],
+    )
+    .await;
     assert_eq!(code, 3);
     assert!(
         stderr.contains("PERMISSION_DENIED") && stderr.contains("RetrySaga"),
         "{stderr}"
     );
-    let (code, _, stderr) =
-        sagactl(&endpoint, &["--token-file", reader, "reconcile", "--repair"]).await;
+    let (code, _, stderr) = sagactl(
+        &endpoint,
+        &["--token-file", reader, "reconcile", "--repair"],
+    )
+    .await;
     assert_eq!(code, 3);
     assert!(stderr.contains("PERMISSION_DENIED"), "{stderr}");
 
@@ -390,8 +399,11 @@ async fn a_token_file_authenticates_and_a_read_only_token_only_reads() {
     assert_eq!(code, 2);
     assert!(stderr.contains("not both"), "{stderr}");
     let missing = dir.join("missing");
-    let (code, _, stderr) =
-        sagactl(&endpoint, &["--token-file", missing.to_str().unwrap(), "stats"]).await;
+    let (code, _, stderr) = sagactl(
+        &endpoint,
+        &["--token-file", missing.to_str().unwrap(), "stats"],
+    )
+    .await;
     assert_eq!(code, 2);
     assert!(stderr.contains("cannot read --token-file"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);

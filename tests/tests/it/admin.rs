@@ -89,11 +89,17 @@ async fn the_read_only_token_reads_and_only_the_operator_token_changes_sagas() {
     // A saga an operator must look at: payment refuses, and the release
     // keeps failing past its budget.
     system
-        .fault("payment", fault("Charge", "FAIL_BEFORE", Code::FailedPrecondition, 0))
+        .fault(
+            "payment",
+            fault("Charge", "FAIL_BEFORE", Code::FailedPrecondition, 0),
+        )
         .await
         .unwrap();
     system
-        .fault("inventory", fault("Release", "FAIL_BEFORE", Code::Unavailable, 0))
+        .fault(
+            "inventory",
+            fault("Release", "FAIL_BEFORE", Code::Unavailable, 0),
+        )
         .await
         .unwrap();
     let stuck = system.place("alice", &[("widget", 1)]).await.unwrap();
@@ -108,7 +114,9 @@ async fn the_read_only_token_reads_and_only_the_operator_token_changes_sagas() {
         .unwrap();
     let running = system.place("alice", &[("widget", 1)]).await.unwrap();
     system
-        .wait_for(&running, SETTLE, |s| s.status() == OrderStatus::ChargingPayment)
+        .wait_for(&running, SETTLE, |s| {
+            s.status() == OrderStatus::ChargingPayment
+        })
         .await
         .unwrap();
 
@@ -119,7 +127,10 @@ async fn the_read_only_token_reads_and_only_the_operator_token_changes_sagas() {
         .unwrap()
         .into_inner();
     let ids: Vec<&str> = listed.sagas.iter().map(|s| s.saga_id.as_str()).collect();
-    assert!(ids.contains(&stuck.as_str()) && ids.contains(&running.as_str()), "{ids:?}");
+    assert!(
+        ids.contains(&stuck.as_str()) && ids.contains(&running.as_str()),
+        "{ids:?}"
+    );
     let before = get(&system, READER, &stuck).await;
     admin(&system)
         .stats(with_token(READER, StatsRequest {}))
@@ -132,12 +143,19 @@ async fn the_read_only_token_reads_and_only_the_operator_token_changes_sagas() {
 
     // And is refused whatever changes a saga, naming the RPC.
     let message = expect_code(
-        admin(&system).retry_saga(with_token(READER, retry(&stuck))).await,
+        admin(&system)
+            .retry_saga(with_token(READER, retry(&stuck)))
+            .await,
         Code::PermissionDenied,
     );
-    assert!(message.contains("RetrySaga") && message.contains("operator token"), "{message}");
+    assert!(
+        message.contains("RetrySaga") && message.contains("operator token"),
+        "{message}"
+    );
     let message = expect_code(
-        admin(&system).abort_saga(with_token(READER, abort(&running))).await,
+        admin(&system)
+            .abort_saga(with_token(READER, abort(&running)))
+            .await,
         Code::PermissionDenied,
     );
     assert!(message.contains("AbortSaga"), "{message}");
@@ -147,8 +165,14 @@ async fn the_read_only_token_reads_and_only_the_operator_token_changes_sagas() {
     );
     assert!(message.contains("Reconcile with repair"), "{message}");
     // A wrong token or none is not a role at all.
-    for request in [with_token("guess", retry(&stuck)), Request::new(retry(&stuck))] {
-        expect_code(admin(&system).retry_saga(request).await, Code::Unauthenticated);
+    for request in [
+        with_token("guess", retry(&stuck)),
+        Request::new(retry(&stuck)),
+    ] {
+        expect_code(
+            admin(&system).retry_saga(request).await,
+            Code::Unauthenticated,
+        );
     }
     expect_code(
         admin(&system)
@@ -163,7 +187,10 @@ async fn the_read_only_token_reads_and_only_the_operator_token_changes_sagas() {
     assert_eq!(after.saga, before.saga);
     assert_eq!(after.journal, before.journal);
     let running_now = get(&system, READER, &running).await;
-    assert!(!running_now.cancel_requested, "the refused abort was not recorded");
+    assert!(
+        !running_now.cancel_requested,
+        "the refused abort was not recorded"
+    );
     assert!(
         running_now.journal.iter().all(|e| e.step != "abort"),
         "{:?}",
@@ -217,13 +244,17 @@ async fn with_only_a_read_only_token_nobody_may_change_a_saga() {
         .into_inner();
     assert_eq!(listed.sagas.len(), 1);
     let message = expect_code(
-        admin(&system).retry_saga(with_token(READER, retry(&id))).await,
+        admin(&system)
+            .retry_saga(with_token(READER, retry(&id)))
+            .await,
         Code::PermissionDenied,
     );
     assert!(message.contains("none configured"), "{message}");
     // No other token opens it: there is no operator token to present.
     expect_code(
-        admin(&system).retry_saga(with_token(OPERATOR, retry(&id))).await,
+        admin(&system)
+            .retry_saga(with_token(OPERATOR, retry(&id)))
+            .await,
         Code::Unauthenticated,
     );
     expect_code(

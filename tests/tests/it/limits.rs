@@ -5,9 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use harness::{
-    delay, expect_code, http_get, spawn_participant, spawn_system, spawn_system_with,
-};
+use harness::{delay, expect_code, http_get, spawn_participant, spawn_system, spawn_system_with};
 use participants::{Participant, ServeOptions};
 use proto::fault::v1::SetFaultRequest;
 use proto::inventory::v1::{GetStockRequest, UpsertProductRequest};
@@ -41,13 +39,19 @@ async fn a_message_over_the_limit_is_resource_exhausted_and_writes_nothing() {
 
     // 2 MiB: refused before anything reads it.
     let message = expect_code(
-        system.orders().place_order(order("a".repeat(2 << 20))).await,
+        system
+            .orders()
+            .place_order(order("a".repeat(2 << 20)))
+            .await,
         Code::ResourceExhausted,
     );
     assert!(message.contains("message length too large"), "{message}");
     // Under the 1 MiB limit it is decoded, and refused by the handler.
     expect_code(
-        system.orders().place_order(order("a".repeat(512 << 10))).await,
+        system
+            .orders()
+            .place_order(order("a".repeat(512 << 10)))
+            .await,
         Code::InvalidArgument,
     );
     assert_eq!(sagas(&system).await, 0, "no saga was written");
@@ -104,9 +108,13 @@ fn hold_watch(
 
 /// The value of an unlabelled gauge in a `/metrics` body.
 fn gauge(metrics: &str, name: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    metrics.lines().find_map(|line| {
+        line.strip_prefix(name)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 #[tokio::test]
@@ -178,7 +186,10 @@ async fn streams_beyond_the_per_connection_limit_wait_for_one_to_end() {
     // ...and the server sees no more than LIMIT.
     let (code, metrics) = http_get(orchestrator.http_address(), "/metrics").await;
     assert_eq!(code, 200);
-    assert_eq!(gauge(&metrics, "saga_watch_streams"), Some(f64::from(LIMIT)));
+    assert_eq!(
+        gauge(&metrics, "saga_watch_streams"),
+        Some(f64::from(LIMIT))
+    );
     // Even a unary call on that connection waits for a free stream.
     let mut orders = OrderServiceClient::new(channel.clone());
     let waiting = tokio::spawn(async move {
@@ -253,7 +264,10 @@ async fn watch_streams_beyond_max_watches_are_refused_until_one_ends() {
         "{message}"
     );
     // A refused watch changes nothing: the saga goes on.
-    assert_ne!(system.status(&ids[2]).await.unwrap().status(), OrderStatus::Failed);
+    assert_ne!(
+        system.status(&ids[2]).await.unwrap().status(),
+        OrderStatus::Failed
+    );
 
     // A stream that ends frees its slot (the server notices the cancel).
     drop(first);
@@ -421,7 +435,11 @@ async fn the_http_port_closes_slow_request_heads_and_refuses_long_ones() {
     let (response, _) = until_closed(&mut stream, Duration::from_secs(5))
         .await
         .expect("answered and closed");
-    assert!(response.starts_with(b"HTTP/1.1 200 OK"), "{:?}", String::from_utf8_lossy(&response));
+    assert!(
+        response.starts_with(b"HTTP/1.1 200 OK"),
+        "{:?}",
+        String::from_utf8_lossy(&response)
+    );
 
     // Silent, or a request line that stalls: closed at the header timeout,
     // unanswered.
@@ -442,20 +460,30 @@ async fn the_http_port_closes_slow_request_heads_and_refuses_long_ones() {
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     let started = Instant::now();
     let mut cut_off = false;
-    for byte in b"GET /healthz HTTP/1.1\r\nx-slow: ".iter().cycle().take(200) {
+    for byte in b"GET /healthz HTTP/1.1\r\nx-slow: "
+        .iter()
+        .cycle()
+        .take(200)
+    {
         if stream.write_all(&[*byte]).await.is_err() {
             cut_off = true;
             break;
         }
         let mut probe = [0u8; 1];
-        if let Ok(read) = tokio::time::timeout(Duration::from_millis(50), stream.read(&mut probe)).await {
+        if let Ok(read) =
+            tokio::time::timeout(Duration::from_millis(50), stream.read(&mut probe)).await
+        {
             assert!(matches!(read, Ok(0) | Err(_)), "answered a partial head");
             cut_off = true;
             break;
         }
     }
     assert!(cut_off, "a trickling head was never cut off");
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 
     // A head over 8 KiB: 431, then closed.
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
