@@ -21,6 +21,7 @@ use participants::ServeOptions;
 use proto::fault::v1::{ClearFaultsRequest, SetFaultRequest};
 use proto::inventory::v1::{GetStockRequest, UpsertProductRequest};
 use proto::payment::v1::{GetAccountRequest, UpsertAccountRequest};
+use proto::saga::v1::admin_service_client::AdminServiceClient;
 use proto::saga::v1::order_service_client::OrderServiceClient;
 use proto::saga::v1::{
     GetOrderStatusRequest, GetOrderStatusResponse, OrderItem, OrderStatus, PlaceOrderRequest,
@@ -305,6 +306,23 @@ impl System {
             .orders()
     }
 
+    /// An AdminService client on the first orchestrator.
+    pub fn admin(&self) -> AdminServiceClient<Channel> {
+        AdminServiceClient::new(
+            self.orchestrator
+                .as_ref()
+                .expect("orchestrator running")
+                .channel(),
+        )
+    }
+
+    /// How many sagas the orchestrator's database holds.
+    pub async fn saga_count(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM sagas")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     /// Starts another orchestrator on the same database, with its own
     /// replica id and the same settings otherwise.
     pub async fn spawn_replica(&self) -> Result<SpawnedOrchestrator> {
@@ -453,6 +471,22 @@ impl System {
             .set_fault(fault)
             .await?;
         Ok(())
+    }
+
+    /// Makes the next sagas need an operator: payment refuses every Charge
+    /// (so the saga compensates) and inventory's Release keeps failing
+    /// (so the compensation runs out of budget: NEEDS_ATTENTION).
+    pub async fn fail_compensations(&self) -> Result<()> {
+        self.fault(
+            "payment",
+            fault("Charge", "FAIL_BEFORE", tonic::Code::FailedPrecondition, 0),
+        )
+        .await?;
+        self.fault(
+            "inventory",
+            fault("Release", "FAIL_BEFORE", tonic::Code::Unavailable, 0),
+        )
+        .await
     }
 
     /// Clears every fault on every participant.

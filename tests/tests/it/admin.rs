@@ -5,29 +5,17 @@
 
 use std::time::Duration;
 
-use harness::{System, delay, expect_code, fault, spawn_system_with};
+use harness::{System, delay, expect_code, spawn_system_with};
 use orchestrator::auth::AdminTokens;
-use proto::saga::v1::admin_service_client::AdminServiceClient;
 use proto::saga::v1::{
     AbortSagaRequest, GetSagaRequest, GetSagaResponse, ListSagasRequest, OrderStatus,
     ReconcileRequest, RetrySagaRequest, StatsRequest,
 };
-use tonic::transport::Channel;
 use tonic::{Code, Request};
 
 const SETTLE: Duration = Duration::from_secs(30);
 const OPERATOR: &str = "op3rator-token";
 const READER: &str = "r3ader-token";
-
-fn admin(system: &System) -> AdminServiceClient<Channel> {
-    AdminServiceClient::new(
-        system
-            .orchestrator
-            .as_ref()
-            .expect("orchestrator running")
-            .channel(),
-    )
-}
 
 /// `message` with `authorization: Bearer <token>`.
 fn with_token<T>(token: &str, message: T) -> Request<T> {
@@ -40,7 +28,8 @@ fn with_token<T>(token: &str, message: T) -> Request<T> {
 }
 
 async fn get(system: &System, token: &str, saga_id: &str) -> GetSagaResponse {
-    admin(system)
+    system
+        .admin()
         .get_saga(with_token(
             token,
             GetSagaRequest {
@@ -88,20 +77,7 @@ async fn the_read_only_token_reads_and_only_the_operator_token_changes_sagas() {
 
     // A saga an operator must look at: payment refuses, and the release
     // keeps failing past its budget.
-    system
-        .fault(
-            "payment",
-            fault("Charge", "FAIL_BEFORE", Code::FailedPrecondition, 0),
-        )
-        .await
-        .unwrap();
-    system
-        .fault(
-            "inventory",
-            fault("Release", "FAIL_BEFORE", Code::Unavailable, 0),
-        )
-        .await
-        .unwrap();
+    system.fail_compensations().await.unwrap();
     let stuck = system.place("alice", &[("widget", 1)]).await.unwrap();
     let settled = system.wait_settled(&stuck, SETTLE).await.unwrap();
     assert_eq!(settled.status(), OrderStatus::NeedsAttention);
@@ -121,7 +97,8 @@ async fn the_read_only_token_reads_and_only_the_operator_token_changes_sagas() {
         .unwrap();
 
     // The read-only token reads.
-    let listed = admin(&system)
+    let listed = system
+        .admin()
         .list_sagas(with_token(READER, ListSagasRequest::default()))
         .await
         .unwrap()
@@ -132,18 +109,21 @@ async fn the_read_only_token_reads_and_only_the_operator_token_changes_sagas() {
         "{ids:?}"
     );
     let before = get(&system, READER, &stuck).await;
-    admin(&system)
+    system
+        .admin()
         .stats(with_token(READER, StatsRequest {}))
         .await
         .unwrap();
-    admin(&system)
+    system
+        .admin()
         .reconcile(with_token(READER, ReconcileRequest::default()))
         .await
         .unwrap();
 
     // And is refused whatever changes a saga, naming the RPC.
     let message = expect_code(
-        admin(&system)
+        system
+            .admin()
             .retry_saga(with_token(READER, retry(&stuck)))
             .await,
         Code::PermissionDenied,
@@ -153,14 +133,15 @@ async fn the_read_only_token_reads_and_only_the_operator_token_changes_sagas() {
         "{message}"
     );
     let message = expect_code(
-        admin(&system)
+        system
+            .admin()
             .abort_saga(with_token(READER, abort(&running)))
             .await,
         Code::PermissionDenied,
     );
     assert!(message.contains("AbortSaga"), "{message}");
     let message = expect_code(
-        admin(&system).reconcile(with_token(READER, repair())).await,
+        system.admin().reconcile(with_token(READER, repair())).await,
         Code::PermissionDenied,
     );
     assert!(message.contains("Reconcile with repair"), "{message}");
@@ -170,12 +151,13 @@ async fn the_read_only_token_reads_and_only_the_operator_token_changes_sagas() {
         Request::new(retry(&stuck)),
     ] {
         expect_code(
-            admin(&system).retry_saga(request).await,
+            system.admin().retry_saga(request).await,
             Code::Unauthenticated,
         );
     }
     expect_code(
-        admin(&system)
+        system
+            .admin()
             .list_sagas(with_token("r3ader-toke", ListSagasRequest::default()))
             .await,
         Code::Unauthenticated,
@@ -198,13 +180,15 @@ async fn the_read_only_token_reads_and_only_the_operator_token_changes_sagas() {
     );
 
     // The operator token does all of it.
-    let retried = admin(&system)
+    let retried = system
+        .admin()
         .retry_saga(with_token(OPERATOR, retry(&stuck)))
         .await
         .unwrap()
         .into_inner();
     assert!(!retried.message.is_empty());
-    admin(&system)
+    system
+        .admin()
         .abort_saga(with_token(OPERATOR, abort(&running)))
         .await
         .unwrap();
@@ -217,7 +201,8 @@ async fn the_read_only_token_reads_and_only_the_operator_token_changes_sagas() {
         "ended by the abort: {}",
         running_end.failure_reason
     );
-    let report = admin(&system)
+    let report = system
+        .admin()
         .reconcile(with_token(OPERATOR, repair()))
         .await
         .unwrap()
@@ -237,14 +222,16 @@ async fn with_only_a_read_only_token_nobody_may_change_a_saga() {
     let id = system.place("alice", &[("widget", 1)]).await.unwrap();
     system.wait_settled(&id, SETTLE).await.unwrap();
 
-    let listed = admin(&system)
+    let listed = system
+        .admin()
         .list_sagas(with_token(READER, ListSagasRequest::default()))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(listed.sagas.len(), 1);
     let message = expect_code(
-        admin(&system)
+        system
+            .admin()
             .retry_saga(with_token(READER, retry(&id)))
             .await,
         Code::PermissionDenied,
@@ -252,13 +239,14 @@ async fn with_only_a_read_only_token_nobody_may_change_a_saga() {
     assert!(message.contains("none configured"), "{message}");
     // No other token opens it: there is no operator token to present.
     expect_code(
-        admin(&system)
+        system
+            .admin()
             .retry_saga(with_token(OPERATOR, retry(&id)))
             .await,
         Code::Unauthenticated,
     );
     expect_code(
-        admin(&system).stats(Request::new(StatsRequest {})).await,
+        system.admin().stats(Request::new(StatsRequest {})).await,
         Code::Unauthenticated,
     );
 }

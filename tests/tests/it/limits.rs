@@ -5,7 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use harness::{delay, expect_code, http_get, spawn_participant, spawn_system, spawn_system_with};
+use harness::{
+    System, delay, expect_code, http_get, spawn_participant, spawn_system, spawn_system_with,
+};
+use orchestrator::config::Settings;
 use participants::{Participant, ServeOptions};
 use proto::fault::v1::SetFaultRequest;
 use proto::inventory::v1::{GetStockRequest, UpsertProductRequest};
@@ -20,11 +23,22 @@ use tonic::{Code, Streaming};
 
 const SETTLE: Duration = Duration::from_secs(30);
 
-async fn sagas(system: &harness::System) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM sagas")
-        .fetch_one(&system.pool)
+/// A system with `adjust`ed settings, a product and a customer, in which
+/// every saga's Ship is held for `ship_ms` (so sagas stay in flight).
+async fn held_system(adjust: impl FnOnce(&mut Settings), ship_ms: u32) -> System {
+    let system = spawn_system_with(|s| {
+        s.step_timeout = Duration::from_secs(20);
+        adjust(s);
+    })
+    .await
+    .unwrap();
+    system.seed_product("widget", 10, 100).await.unwrap();
+    system.seed_account("alice", 100_000).await.unwrap();
+    system
+        .fault("fulfillment", delay("Ship", ship_ms))
         .await
-        .unwrap()
+        .unwrap();
+    system
 }
 
 #[tokio::test]
@@ -54,7 +68,7 @@ async fn a_message_over_the_limit_is_resource_exhausted_and_writes_nothing() {
             .await,
         Code::InvalidArgument,
     );
-    assert_eq!(sagas(&system).await, 0, "no saga was written");
+    assert_eq!(system.saga_count().await.unwrap(), 0, "no saga was written");
     // The connection is still good for the next order.
     let id = system.place("alice", &[("widget", 1)]).await.unwrap();
     system.wait_settled(&id, SETTLE).await.unwrap();
@@ -121,19 +135,8 @@ fn gauge(metrics: &str, name: &str) -> Option<f64> {
 async fn streams_beyond_the_per_connection_limit_wait_for_one_to_end() {
     const LIMIT: u32 = 4;
     const STREAMS: usize = 6;
-    let system = spawn_system_with(|s| {
-        s.limits.max_concurrent_streams = LIMIT;
-        s.step_timeout = Duration::from_secs(20);
-    })
-    .await
-    .unwrap();
-    system.seed_product("widget", 10, 100).await.unwrap();
-    system.seed_account("alice", 100_000).await.unwrap();
-    // Every saga stays in flight (Ship is held) while the streams are open.
-    system
-        .fault("fulfillment", delay("Ship", 15_000))
-        .await
-        .unwrap();
+    // Every saga stays in flight while the streams are open.
+    let system = held_system(|s| s.limits.max_concurrent_streams = LIMIT, 15_000).await;
     let mut ids = Vec::new();
     for _ in 0..STREAMS {
         ids.push(system.place("alice", &[("widget", 1)]).await.unwrap());
@@ -233,18 +236,7 @@ async fn streams_beyond_the_per_connection_limit_wait_for_one_to_end() {
 
 #[tokio::test]
 async fn watch_streams_beyond_max_watches_are_refused_until_one_ends() {
-    let system = spawn_system_with(|s| {
-        s.executor.max_watches = 2;
-        s.step_timeout = Duration::from_secs(20);
-    })
-    .await
-    .unwrap();
-    system.seed_product("widget", 10, 100).await.unwrap();
-    system.seed_account("alice", 100_000).await.unwrap();
-    system
-        .fault("fulfillment", delay("Ship", 15_000))
-        .await
-        .unwrap();
+    let system = held_system(|s| s.executor.max_watches = 2, 15_000).await;
     let mut ids = Vec::new();
     for _ in 0..3 {
         ids.push(system.place("alice", &[("widget", 1)]).await.unwrap());
@@ -297,18 +289,7 @@ async fn watch_streams_beyond_max_watches_are_refused_until_one_ends() {
 #[tokio::test]
 async fn a_watch_outlives_the_request_timeout() {
     let timeout = Duration::from_secs(1);
-    let system = spawn_system_with(|s| {
-        s.limits.request_timeout = timeout;
-        s.step_timeout = Duration::from_secs(10);
-    })
-    .await
-    .unwrap();
-    system.seed_product("widget", 10, 100).await.unwrap();
-    system.seed_account("alice", 100_000).await.unwrap();
-    system
-        .fault("fulfillment", delay("Ship", 3_000))
-        .await
-        .unwrap();
+    let system = held_system(|s| s.limits.request_timeout = timeout, 3_000).await;
     let started = Instant::now();
     let id = system.place("alice", &[("widget", 1)]).await.unwrap();
     let mut stream = system
