@@ -1,7 +1,9 @@
 //! Helpers shared by the command-line entry points of the system: one-line
-//! flag errors, durations on the command line, logging setup, and the
-//! shutdown signal.
+//! flag errors, durations on the command line, secrets (tokens) that never
+//! show in a log, logging setup, and the shutdown signal.
 
+use std::fmt;
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -9,7 +11,19 @@ use std::time::Duration;
 /// block) and returns the exit code to end with. `--help` and `--version`
 /// print and exit as usual.
 pub fn parse_args<T: clap::Parser>(program: &str) -> Result<T, ExitCode> {
-    match T::try_parse() {
+    parse_args_with_matches(program).map(|(parsed, _)| parsed)
+}
+
+/// Like [`parse_args`], with clap's matches too: where each value came
+/// from (`ArgMatches::value_source`: the command line, the environment or
+/// a default).
+pub fn parse_args_with_matches<T: clap::Parser>(
+    program: &str,
+) -> Result<(T, clap::ArgMatches), ExitCode> {
+    let parsed = T::command()
+        .try_get_matches()
+        .and_then(|matches| T::from_arg_matches(&matches).map(|parsed| (parsed, matches)));
+    match parsed {
         Ok(parsed) => Ok(parsed),
         Err(error) if !error.use_stderr() => error.exit(),
         Err(error) => {
@@ -24,6 +38,66 @@ pub fn parse_args<T: clap::Parser>(program: &str) -> Result<T, ExitCode> {
             Err(ExitCode::from(2))
         }
     }
+}
+
+/// A secret from a flag, an environment variable or a file (a bearer
+/// token): its `Debug` never shows it, so a settings struct that holds one
+/// can be logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that sends or checks it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Self(value)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Self(value.to_owned())
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Checks a bearer token given as `what`: not empty, and printable ASCII
+/// without spaces, as it must be to travel in an `authorization` header.
+pub fn check_token(what: &str, token: &str) -> Result<(), String> {
+    if token.is_empty() {
+        return Err(format!("{what} is empty"));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "{what} must be printable ASCII without spaces (it travels in a header)"
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a bearer token from the file at `path` (given with `flag`): its
+/// content with one trailing newline trimmed, checked by [`check_token`].
+/// An unreadable or empty file is an error naming the flag and the path,
+/// never the content.
+pub fn read_token_file(flag: &str, path: &Path) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {flag} {}: {e}", path.display()))?;
+    let token = text
+        .strip_suffix("\r\n")
+        .or_else(|| text.strip_suffix('\n'))
+        .unwrap_or(&text);
+    check_token(&format!("the token in {flag} {}", path.display()), token)?;
+    Ok(Secret(token.to_owned()))
 }
 
 /// Logs to stderr, filtered by RUST_LOG (default `info`, sqlx at `warn`).
@@ -96,5 +170,45 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert!(parse_duration("5y").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn a_secret_never_shows_in_debug() {
+        let secret = Secret::from("hunter2");
+        assert_eq!(secret.expose(), "hunter2");
+        assert!(!format!("{secret:?}").contains("hunter2"));
+        assert!(!format!("{:?}", Some(secret)).contains("hunter2"));
+    }
+
+    #[test]
+    fn a_token_file_loses_one_trailing_newline_and_must_hold_a_token() {
+        let dir = std::env::temp_dir().join(format!("cli-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, content: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, content).unwrap();
+            path
+        };
+        let read = |path: &Path| read_token_file("--token-file", path);
+        assert_eq!(read(&file("lf", "s3cret\n")).unwrap().expose(), "s3cret");
+        assert_eq!(
+            read(&file("crlf", "s3cret\r\n")).unwrap().expose(),
+            "s3cret"
+        );
+        assert_eq!(read(&file("bare", "s3cret")).unwrap().expose(), "s3cret");
+        for (name, content, says) in [
+            ("empty", "", "is empty"),
+            ("newline", "\n", "is empty"),
+            ("two", "s3cret\n\n", "printable ASCII"),
+            ("space", "s3 cret", "printable ASCII"),
+        ] {
+            let error = read(&file(name, content)).unwrap_err();
+            assert!(error.contains(says), "{name}: {error}");
+            assert!(error.contains("--token-file"), "{name}: {error}");
+            assert!(!error.contains("s3"), "the content is not echoed: {error}");
+        }
+        let error = read(&dir.join("missing")).unwrap_err();
+        assert!(error.starts_with("cannot read --token-file"), "{error}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

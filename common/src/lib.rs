@@ -4,11 +4,14 @@
 //!
 //! Layout:
 //! - [`batch`]: group commit, many concurrent writes in one transaction.
-//! - [`cli`]: one-line flag errors, durations, logging, the shutdown signal.
+//! - [`cli`]: one-line flag errors, durations, secrets, logging, the shutdown
+//!   signal.
 //! - [`db`]: PostgreSQL pools (fail fast, bounded waits) and the SQLite pool.
 //! - [`domain`]: validated input types and the system's input limits.
 //! - [`error`]: the shared error type, database error classes, `tonic::Status`.
 //! - [`grpc`]: health and reflection (v1 and v1alpha) for every server.
+//! - [`limits`]: the limits every server takes: message size, streams per
+//!   connection, request deadline, HTTP request heads.
 //! - [`listen`]: accepting connections: back-off, rate-limited logs, idle close.
 //! - [`metrics`]: in-process counters, gauges and histograms, Prometheus text.
 //! - [`probe`]: the HTTP port: /healthz, /readyz (background checks), /metrics.
@@ -22,6 +25,7 @@ pub mod db;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod limits;
 pub mod listen;
 pub mod metrics;
 pub mod probe;

@@ -3,10 +3,15 @@
 //! with the status of each dependency; 503 while not ready) and
 //! `GET /metrics` (Prometheus text). HTTP/1.0-style, one request per
 //! connection: a few lines instead of an HTTP framework. Accept errors are
-//! backed off and logged at most once a second ([`crate::listen`]), and a
-//! connection whose request has not arrived within the idle timeout is
-//! closed. With the server's TLS ([`crate::tls`]) the port speaks HTTPS
-//! only.
+//! backed off and logged at most once a second ([`crate::listen`]). The
+//! request head (request line and headers, up to the blank line) is read
+//! within the header timeout (`--http-header-timeout`) or the connection
+//! is closed unanswered, so a client that connects and sends nothing, or
+//! trickles a partial request line, holds its socket for no longer; a head
+//! longer than [`MAX_HTTP_HEADER_BYTES`] is answered 431 and closed. The
+//! answer must be taken within the same timeout. With the server's TLS
+//! ([`crate::tls`]) the port speaks HTTPS only, and the handshake has its
+//! own bound ([`crate::tls::HANDSHAKE_TIMEOUT`]).
 //!
 //! Readiness is checked in the background ([`watch_readiness`]) every
 //! second or so, not per request: a probe or a scrape never waits on a
@@ -23,6 +28,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+
+use crate::limits::MAX_HTTP_HEADER_BYTES;
 
 /// One dependency's status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,14 +157,14 @@ impl std::fmt::Debug for Probes {
 }
 
 /// Serves the probes and metrics until `probes.stopping` turns true; a
-/// connection whose request has not arrived within `idle` is closed
-/// unanswered. With `tls`, over TLS only (HTTPS; ALPN `http/1.1`, client
-/// certificates as the server's TLS requires them), each handshake in the
-/// connection's own task.
+/// connection whose request head has not arrived within `header_timeout`
+/// is closed unanswered. With `tls`, over TLS only (HTTPS; ALPN
+/// `http/1.1`, client certificates as the server's TLS requires them),
+/// each handshake in the connection's own task.
 pub async fn serve_http(
     listener: TcpListener,
     probes: Probes,
-    idle: Duration,
+    header_timeout: Duration,
     tls: Option<Arc<crate::tls::Server>>,
 ) {
     let mut stopping = probes.stopping.clone();
@@ -171,9 +178,9 @@ pub async fn serve_http(
         let tls = tls.as_ref().map(|tls| tls.acceptor(crate::tls::Port::Http));
         tokio::spawn(async move {
             let answered = match tls {
-                None => answer(stream, &probes, idle).await,
+                None => answer(stream, &probes, header_timeout).await,
                 Some(acceptor) => match crate::tls::handshake(&acceptor, stream).await {
-                    Ok(stream) => answer(stream, &probes, idle).await,
+                    Ok(stream) => answer(stream, &probes, header_timeout).await,
                     Err(error) => Err(error),
                 },
             };
@@ -184,20 +191,98 @@ pub async fn serve_http(
     }
 }
 
-async fn answer<S>(mut stream: S, probes: &Probes, idle: Duration) -> std::io::Result<()>
+/// Why no request head was read.
+#[derive(Debug)]
+enum HeadError {
+    /// Longer than [`MAX_HTTP_HEADER_BYTES`] without the blank line.
+    TooLarge,
+    /// Not complete within the header timeout.
+    TimedOut,
+    /// The peer closed before the blank line, or the read failed.
+    Io(std::io::Error),
+}
+
+/// Reads a request head up to and including the blank line that ends it,
+/// all within `timeout` (one deadline for the whole head, however it
+/// trickles in) and in at most [`MAX_HTTP_HEADER_BYTES`]. Returns the
+/// buffer and the head's length in it.
+async fn read_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    timeout: Duration,
+) -> Result<([u8; MAX_HTTP_HEADER_BYTES], usize), HeadError> {
+    let mut buffer = [0u8; MAX_HTTP_HEADER_BYTES];
+    let read = async {
+        let mut filled = 0;
+        loop {
+            if filled == buffer.len() {
+                return Err(HeadError::TooLarge);
+            }
+            let read = stream
+                .read(&mut buffer[filled..])
+                .await
+                .map_err(HeadError::Io)?;
+            if read == 0 {
+                return Err(HeadError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            // The end may straddle two reads: look from 3 bytes back.
+            let from = filled.saturating_sub(3);
+            filled += read;
+            if let Some(at) = buffer[from..filled]
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+            {
+                return Ok(from + at + 4);
+            }
+        }
+    };
+    let length = tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| HeadError::TimedOut)??;
+    Ok((buffer, length))
+}
+
+/// Reads and drops what the peer still sends, for at most `timeout` and
+/// 64 KiB: closing a socket with unread input resets the connection, and
+/// the reset can destroy the answer before the peer reads it.
+async fn drain<S: AsyncRead + Unpin>(stream: &mut S, timeout: Duration) {
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(timeout, async {
+        let mut left = 64 * 1024usize;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => left = left.saturating_sub(read),
+            }
+        }
+    })
+    .await;
+}
+
+async fn answer<S>(mut stream: S, probes: &Probes, header_timeout: Duration) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut buffer = [0u8; 1024];
-    let read = tokio::time::timeout(idle, stream.read(&mut buffer))
-        .await
-        .map_err(|_| {
-            std::io::Error::new(
+    let (head, length) = match read_head(&mut stream, header_timeout).await {
+        Ok(head) => head,
+        Err(HeadError::TooLarge) => {
+            let body = format!("the request head is longer than {MAX_HTTP_HEADER_BYTES} bytes\n");
+            let response = format!(
+                "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            send(&mut stream, &response, header_timeout).await?;
+            drain(&mut stream, header_timeout).await;
+            return Ok(());
+        }
+        Err(HeadError::TimedOut) => {
+            return Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                "no request within the idle timeout",
-            )
-        })??;
-    let request = String::from_utf8_lossy(&buffer[..read]);
+                "no complete request head within the header timeout",
+            ));
+        }
+        Err(HeadError::Io(error)) => return Err(error),
+    };
+    let request = String::from_utf8_lossy(&head[..length]);
     let path = request.split_whitespace().nth(1).unwrap_or("/");
     let stopping = *probes.stopping.borrow();
     const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -224,8 +309,22 @@ where
         "HTTP/1.1 {code}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    send(&mut stream, &response, header_timeout).await
+}
+
+/// Writes `response` and closes the sending side, within `timeout`: a peer
+/// that does not take the answer does not hold the socket.
+async fn send<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    response: &str,
+    timeout: Duration,
+) -> std::io::Result<()> {
+    tokio::time::timeout(timeout, async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "the answer was not taken"))?
 }
 
 /// Runs `check` now and then every `every` until `stopping` turns true,
@@ -333,6 +432,56 @@ pub const MIGRATED_SQL: &str = "SELECT max(version) FROM _sqlx_migrations WHERE 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_request_head_is_read_to_its_blank_line_within_bounds() {
+        let timeout = Duration::from_millis(300);
+        // In pieces, the blank line split across two writes.
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let reader = tokio::spawn(async move { read_head(&mut server, timeout).await });
+        for piece in ["GET /healthz HT", "TP/1.1\r\nhost: x\r", "\n\r", "\nbody"] {
+            client.write_all(piece.as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (head, length) = reader.await.unwrap().unwrap();
+        assert_eq!(&head[..length], b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n");
+
+        // Exactly the limit is read; one byte more is too large.
+        for (size, fits) in [
+            (MAX_HTTP_HEADER_BYTES, true),
+            (MAX_HTTP_HEADER_BYTES + 1, false),
+        ] {
+            let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+            let filler = "a".repeat(size - "GET / HTTP/1.1\r\nx: \r\n\r\n".len());
+            let request = format!("GET / HTTP/1.1\r\nx: {filler}\r\n\r\n");
+            assert_eq!(request.len(), size);
+            client.write_all(request.as_bytes()).await.unwrap();
+            let read = read_head(&mut server, timeout).await;
+            match (fits, read) {
+                (true, Ok((_, length))) => assert_eq!(length, size),
+                (false, Err(HeadError::TooLarge)) => {}
+                (_, other) => panic!("{size} bytes: {other:?}"),
+            }
+        }
+
+        // A partial request line, then silence: timed out, at the timeout.
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        client.write_all(b"GET /hea").await.unwrap();
+        let started = std::time::Instant::now();
+        assert!(matches!(
+            read_head(&mut server, timeout).await,
+            Err(HeadError::TimedOut)
+        ));
+        assert!(started.elapsed() >= timeout);
+        // A peer that closes early.
+        drop(client);
+        let (client, mut server) = tokio::io::duplex(1024);
+        drop(client);
+        assert!(matches!(
+            read_head(&mut server, timeout).await,
+            Err(HeadError::Io(_))
+        ));
+    }
 
     #[test]
     fn readiness_json_names_each_check_and_escapes() {

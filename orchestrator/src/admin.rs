@@ -1,20 +1,20 @@
 //! `saga.v1.AdminService`, for operators and `sagactl`: find stuck sagas,
 //! explain them, resume or abort them; reconcile the sagas with the
 //! participants' records (the join itself is in [`crate::reconcile`]).
-//! Every mutating call is journalled with who asked and why. With
-//! `--admin-token`, each call must carry `authorization: Bearer <token>`.
+//! Every mutating call is journalled with who asked and why. Who may call
+//! what is decided in [`crate::auth`]: each handler's first line asks it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::domain::{Id, bounded_text};
 use proto::saga::v1 as pb;
-use tonic::service::Interceptor;
 use tonic::{Request, Response, Status};
 
 use crate::api::{
     history_pb, items_pb, page_size, page_token, status_filter, status_pb, timestamp,
 };
+use crate::auth::{AdminRpc, authorize};
 use crate::error::Error;
 use crate::executor::{Executor, RequestEffect, now_epoch};
 use crate::reconcile;
@@ -237,6 +237,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::ListSagasRequest>,
     ) -> Result<Response<pb::ListSagasResponse>, Status> {
+        authorize(&request, AdminRpc::ListSagas)?;
         let request = request.into_inner();
         let limit = page_size(request.limit)?;
         let stuck_after = duration(request.stuck_after, "stuck_after")?.unwrap_or(self.stuck_after);
@@ -277,6 +278,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::GetSagaRequest>,
     ) -> Result<Response<pb::GetSagaResponse>, Status> {
+        authorize(&request, AdminRpc::GetSaga)?;
         let saga = self.load(request.into_inner().saga_id).await?;
         let journal = self.executor.store().journal(&saga.saga_id).await?;
         Ok(Response::new(pb::GetSagaResponse {
@@ -302,6 +304,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::RetrySagaRequest>,
     ) -> Result<Response<pb::RetrySagaResponse>, Status> {
+        authorize(&request, AdminRpc::RetrySaga)?;
         let request = request.into_inner();
         let reason = bounded_text("reason", request.reason, MAX_REASON_BYTES)?;
         let detail = if reason.is_empty() {
@@ -330,6 +333,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::AbortSagaRequest>,
     ) -> Result<Response<pb::AbortSagaResponse>, Status> {
+        authorize(&request, AdminRpc::AbortSaga)?;
         let request = request.into_inner();
         let reason = bounded_text("reason", request.reason, MAX_REASON_BYTES)?;
         if reason.trim().is_empty() {
@@ -356,8 +360,9 @@ impl pb::admin_service_server::AdminService for AdminApi {
 
     async fn stats(
         &self,
-        _request: Request<pb::StatsRequest>,
+        request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
+        authorize(&request, AdminRpc::Stats)?;
         let mut stats = self.executor.store().stats().await?;
         // Terminal statuses: what this replica settled since it started
         // (counted in process), so that the call reads no history.
@@ -389,6 +394,12 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::ReconcileRequest>,
     ) -> Result<Response<pb::ReconcileResponse>, Status> {
+        let rpc = if request.get_ref().repair {
+            AdminRpc::ReconcileRepair
+        } else {
+            AdminRpc::Reconcile
+        };
+        authorize(&request, rpc)?;
         let request = request.into_inner();
         let operator = match bounded_text("operator", request.operator, MAX_OPERATOR_BYTES)? {
             operator if operator.trim().is_empty() => "unknown operator".to_owned(),
@@ -492,48 +503,6 @@ fn reconcile_pb(report: reconcile::Report) -> pb::ReconcileResponse {
     }
 }
 
-/// Checks `authorization: Bearer <token>` on every AdminService call when a
-/// token is configured.
-#[derive(Debug, Clone)]
-pub struct AdminAuth {
-    token: Option<Arc<str>>,
-}
-
-impl AdminAuth {
-    /// Requires `token`, or nothing when None.
-    pub fn new(token: Option<String>) -> Self {
-        Self {
-            token: token.map(Arc::from),
-        }
-    }
-}
-
-/// Compares without stopping at the first difference, so the time taken
-/// does not tell how much of a guess was right.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-impl Interceptor for AdminAuth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let Some(token) = &self.token else {
-            return Ok(request);
-        };
-        let presented = request
-            .metadata()
-            .get("authorization")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "));
-        match presented {
-            Some(presented) if same_secret(presented.as_bytes(), token.as_bytes()) => Ok(request),
-            Some(_) => Err(Status::unauthenticated("wrong admin token")),
-            None => Err(Status::unauthenticated(
-                "AdminService needs the metadata \"authorization: Bearer <token>\" (sagactl --token)",
-            )),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -546,31 +515,5 @@ mod tests {
         assert_eq!(human_duration(3720.0), "1h02m");
         assert_eq!(human_duration(90_000.0), "1d01h");
         assert_eq!(human_duration(-3.0), "0ms");
-    }
-
-    #[test]
-    fn the_token_check_needs_the_exact_bearer_token() {
-        let mut auth = AdminAuth::new(Some("s3cret".into()));
-        let with = |value: Option<&str>| {
-            let mut request = Request::new(());
-            if let Some(value) = value {
-                request
-                    .metadata_mut()
-                    .insert("authorization", value.parse().unwrap());
-            }
-            request
-        };
-        assert!(auth.call(with(Some("Bearer s3cret"))).is_ok());
-        for wrong in [
-            None,
-            Some("Bearer s3cre"),
-            Some("Bearer s3cret2"),
-            Some("s3cret"),
-            Some("Basic s3cret"),
-        ] {
-            let status = auth.call(with(wrong)).unwrap_err();
-            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{wrong:?}");
-        }
-        assert!(AdminAuth::new(None).call(with(None)).is_ok());
     }
 }

@@ -399,6 +399,8 @@ impl pb::order_service_server::OrderService for OrderApi {
     ) -> Result<Response<Self::WatchOrderStream>, Status> {
         let order_id = Id::parse("order_id", request.into_inner().order_id).map_err(Error::from)?;
         let executor = self.executor.clone();
+        // Held by the stream's task: its end, however it ends, frees it.
+        let slot = executor.watch_slot()?;
         // Watch before the first read, so no change can slip between. A
         // saga driven here has its latest status in the watch already (one
         // driven elsewhere may have an old one: it is read).
@@ -484,6 +486,7 @@ impl pb::order_service_server::OrderService for OrderApi {
             }
             drop(updates);
             executor.unwatch(&saga_id);
+            drop(slot);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::cli::parse_duration;
+use common::limits::Limits;
 
+use crate::auth::{AdminTokenArgs, AdminTokens};
 use crate::clients::ParticipantUrls;
 use crate::error::Error;
 use crate::executor::ExecutorConfig;
@@ -32,6 +34,13 @@ pub const RIDE_OUT: Duration = Duration::from_secs(30);
 /// `common::db::PARTICIPANT_MAX_CONNECTIONS`, the sum in a test
 /// below).
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 24;
+
+/// Default `--max-watches`.
+pub const DEFAULT_MAX_WATCHES: usize = 10_000;
+
+/// Default `--reconcile-timeout`, as long as `sagactl reconcile` waits by
+/// default.
+pub const DEFAULT_RECONCILE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The default retry policy (`serve` and `dev`).
 pub fn default_policy() -> Policy {
@@ -74,9 +83,9 @@ pub struct ServeArgs {
     #[arg(long, env = "ORCHESTRATOR_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
 
-    /// Bearer token AdminService requires; AdminService is open without it.
-    #[arg(long, env = "ORCHESTRATOR_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
+    /// AdminService's tokens (--admin-token-file, --read-only-token-file).
+    #[command(flatten)]
+    pub tokens: AdminTokenArgs,
 
     /// Deadline of one call to a participant.
     #[arg(long, env = "ORCHESTRATOR_STEP_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
@@ -111,6 +120,17 @@ pub struct ServeArgs {
     /// RESOURCE_EXHAUSTED at once.
     #[arg(long, env = "ORCHESTRATOR_MAX_IN_FLIGHT", default_value_t = 10_000)]
     pub max_in_flight: usize,
+
+    /// Most WatchOrder streams open at once on this replica; beyond it
+    /// WatchOrder answers RESOURCE_EXHAUSTED at once. A stream that ends
+    /// frees its slot.
+    #[arg(long, env = "ORCHESTRATOR_MAX_WATCHES", default_value_t = DEFAULT_MAX_WATCHES)]
+    pub max_watches: usize,
+
+    /// Server-side limit of one Reconcile call, which reads every saga and
+    /// every participant record (every other call has --request-timeout).
+    #[arg(long, env = "ORCHESTRATOR_RECONCILE_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub reconcile_timeout: Duration,
 
     /// A non-terminal saga with no progress for this long counts as stuck.
     #[arg(long, env = "ORCHESTRATOR_STUCK_AFTER", default_value = "60s", value_parser = parse_duration)]
@@ -151,11 +171,11 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
-    /// A connection to either port (gRPC, HTTP) from which nothing arrives
-    /// for this long is closed, so sockets that never send a byte or whose
-    /// peer vanished do not use up the file descriptors. gRPC clients are
-    /// pinged every third of it and must answer within a third, so a live
-    /// connection always counts as talking.
+    /// A gRPC connection from which nothing arrives for this long is
+    /// closed, so sockets that never send a byte or whose peer vanished do
+    /// not use up the file descriptors. gRPC clients are pinged every third
+    /// of it and must answer within a third, so a live connection always
+    /// counts as talking. (The HTTP port has --http-header-timeout.)
     #[arg(long, env = "ORCHESTRATOR_CONNECTION_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub connection_idle_timeout: Duration,
 
@@ -165,6 +185,11 @@ pub struct ServeArgs {
     /// UNAVAILABLE ("database unavailable, try again").
     #[arg(long, env = "ORCHESTRATOR_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
+    /// Limits on what clients send (--max-message-bytes,
+    /// --max-concurrent-streams, --request-timeout, --http-header-timeout).
+    #[command(flatten)]
+    pub limits: Limits,
+
     /// Logs and traces (--log-format, --otlp-endpoint).
     #[command(flatten)]
     pub telemetry: common::telemetry::TelemetryArgs,
@@ -207,8 +232,12 @@ pub struct Settings {
     pub step_timeout: Duration,
     /// Most calls in progress to each participant.
     pub max_participant_calls: usize,
-    /// AdminService token, if any.
-    pub admin_token: Option<String>,
+    /// The tokens AdminService accepts (open when none).
+    pub admin: AdminTokens,
+    /// The limits of both ports.
+    pub limits: Limits,
+    /// Server-side limit of one Reconcile call.
+    pub reconcile_timeout: Duration,
     /// Stuck threshold.
     pub stuck_after: Duration,
     /// Shutdown grace period.
@@ -262,9 +291,12 @@ impl ServeArgs {
         if self.poll_interval.is_zero() {
             return Err(Error::invalid("--poll-interval must be positive"));
         }
-        if self.admin_token.as_deref() == Some("") {
-            return Err(Error::invalid("--admin-token must not be empty"));
+        at_least_one("max-watches", self.max_watches as u64)?;
+        if self.reconcile_timeout.is_zero() {
+            return Err(Error::invalid("--reconcile-timeout must be positive"));
         }
+        self.limits.validate().map_err(Error::invalid)?;
+        let admin = self.tokens.tokens()?;
         // Before anything starts: a bad TLS flag or file is a one-line error.
         let tls = self.tls.load()?;
         let participant_tls = common::tls::Client::from_flags(
@@ -290,6 +322,7 @@ impl ServeArgs {
                 lease_ttl: self.lease_ttl,
                 poll_interval: self.poll_interval,
                 max_in_flight: self.max_in_flight,
+                max_watches: self.max_watches,
                 registry: Arc::default(),
             },
             participants: ParticipantUrls {
@@ -300,7 +333,9 @@ impl ServeArgs {
             },
             step_timeout: self.step_timeout,
             max_participant_calls: self.max_participant_calls,
-            admin_token: self.admin_token.clone(),
+            admin,
+            limits: self.limits,
+            reconcile_timeout: self.reconcile_timeout,
             stuck_after: self.stuck_after,
             shutdown_grace: self.shutdown_grace,
             connection_idle_timeout: self.connection_idle_timeout,
@@ -358,6 +393,41 @@ mod tests {
         );
         // The old default, 5 attempts, gave up after 1.5 s at the most.
         assert!(waits(5, |_| 1.0) < Duration::from_secs(2));
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    #[test]
+    fn the_settings_never_show_a_token() {
+        use clap::Parser;
+        let file = std::env::temp_dir().join(format!("config-token-{}", std::process::id()));
+        std::fs::write(&file, "r3ader-t0ken\n").unwrap();
+        let parsed = Serve::try_parse_from([
+            "serve",
+            "--database-url",
+            "postgres://x/y",
+            "--admin-token",
+            "op3rator-t0ken",
+            "--read-only-token-file",
+            file.to_str().unwrap(),
+        ])
+        .unwrap();
+        let settings = parsed.args.settings().unwrap();
+        assert_eq!(
+            settings.admin,
+            AdminTokens::new(Some("op3rator-t0ken"), Some("r3ader-t0ken"))
+        );
+        for shown in [format!("{parsed:?}"), format!("{settings:?}")] {
+            assert!(
+                !shown.contains("t0ken"),
+                "a token shows in the debug output: {shown}"
+            );
+        }
+        let _ = std::fs::remove_file(&file);
     }
 
     #[test]

@@ -55,6 +55,16 @@ pub struct DevArgs {
     #[arg(long, env = "ORCHESTRATOR_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
 
+    /// AdminService's tokens (--admin-token-file, --read-only-token-file).
+    #[command(flatten)]
+    pub tokens: crate::auth::AdminTokenArgs,
+
+    /// Limits on what clients send, the same on all four servers
+    /// (--max-message-bytes, --max-concurrent-streams, --request-timeout,
+    /// --http-header-timeout).
+    #[command(flatten)]
+    pub limits: common::limits::Limits,
+
     /// Logs and traces (--log-format, --otlp-endpoint); every service of
     /// this process reports as one (`orchestrator` by default).
     #[command(flatten)]
@@ -159,6 +169,8 @@ pub async fn run(
     args: DevArgs,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
+    args.limits.validate().map_err(Error::invalid)?;
+    let admin = args.tokens.tokens()?;
     let data_dir = (!args.in_memory).then_some(args.data_dir.as_path());
     if let Some(dir) = data_dir {
         std::fs::create_dir_all(dir).map_err(|e| {
@@ -215,6 +227,7 @@ pub async fn run(
             ServeOptions {
                 fault_injection: args.fault_injection,
                 tls: tls.as_ref().map(|tls| tls.participants.clone()),
+                limits: args.limits,
             },
             async move {
                 let _ = stop.wait_for(|stopped| *stopped).await;
@@ -273,12 +286,15 @@ pub async fn run(
             lease_ttl: Duration::from_secs(10),
             poll_interval: Duration::from_millis(500),
             max_in_flight: 10_000,
+            max_watches: crate::config::DEFAULT_MAX_WATCHES,
             registry,
         },
         participants: urls,
         step_timeout: args.step_timeout,
         max_participant_calls: crate::clients::DEFAULT_MAX_CALLS,
-        admin_token: None,
+        admin,
+        limits: args.limits,
+        reconcile_timeout: crate::config::DEFAULT_RECONCILE_TIMEOUT,
         stuck_after: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(10),
         connection_idle_timeout: common::listen::DEFAULT_IDLE_TIMEOUT,

@@ -58,6 +58,8 @@ pub struct ExecutorConfig {
     pub poll_interval: Duration,
     /// Most sagas driven at once by this replica.
     pub max_in_flight: usize,
+    /// Most WatchOrder streams open at once on this replica.
+    pub max_watches: usize,
     /// The saga definitions this replica knows: each saga is driven by the
     /// (name, version) it started under; new sagas start under the current
     /// version of their name.
@@ -127,6 +129,8 @@ pub struct Executor {
     calls: Arc<dyn StepCalls>,
     config: ExecutorConfig,
     permits: Arc<Semaphore>,
+    /// One permit per open WatchOrder stream, held by the stream.
+    watch_permits: Arc<Semaphore>,
     /// Sagas driven here, with the handle that wakes their driver early.
     driving: Mutex<HashMap<String, Arc<Notify>>>,
     /// WatchOrder streams, per saga: a status change reaches only the
@@ -161,6 +165,7 @@ impl Executor {
             store,
             calls,
             permits: Arc::new(Semaphore::new(config.max_in_flight)),
+            watch_permits: Arc::new(Semaphore::new(config.max_watches)),
             config,
             driving: Mutex::new(HashMap::new()),
             watchers: Mutex::new(HashMap::new()),
@@ -268,6 +273,22 @@ impl Executor {
                 self.config.max_in_flight
             ))
         })
+    }
+
+    /// Takes one slot for a WatchOrder stream, held until the stream ends,
+    /// or refuses at once (`--max-watches`).
+    pub fn watch_slot(&self) -> Result<OwnedSemaphorePermit, Error> {
+        self.watch_permits.clone().try_acquire_owned().map_err(|_| {
+            Error::ResourceExhausted(format!(
+                "too many WatchOrder streams ({}, the --max-watches bound); try again when one ends",
+                self.config.max_watches
+            ))
+        })
+    }
+
+    /// WatchOrder streams open now.
+    pub fn watch_streams(&self) -> usize {
+        self.config.max_watches - self.watch_permits.available_permits()
     }
 
     /// Wakes the driver of `saga_id` if it runs here (after a cancel or an
@@ -1169,6 +1190,7 @@ mod tests {
                 lease_ttl: Duration::from_secs(3),
                 poll_interval: Duration::from_millis(100),
                 max_in_flight: 8,
+                max_watches: 8,
                 registry: Arc::default(),
             },
         );

@@ -13,7 +13,9 @@
 //!   name), the gRPC step calls, the per-participant call bound, and the
 //!   record clients Reconcile uses.
 //! - [`api`]: `saga.v1.OrderService` (PlaceOrder starts an `order` saga).
-//! - [`admin`]: `saga.v1.AdminService` and its bearer-token check.
+//! - [`admin`]: the handlers of `saga.v1.AdminService`.
+//! - [`auth`]: who may call AdminService: the operator and read-only
+//!   tokens, and the table of the role each RPC needs.
 //! - [`reconcile`]: sagas against the participants' records (merge join).
 //! - [`config`]: flags with env fallbacks, validated into settings.
 //! - [`server`]: connecting the store and serving until shutdown.
@@ -25,6 +27,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod auth;
 pub mod clients;
 pub mod config;
 #[cfg(feature = "dev")]

@@ -36,7 +36,7 @@ enum Command {
     /// this process, each on its own port, on SQLite, with demo data. No
     /// database server needed.
     #[cfg(feature = "dev")]
-    Dev(DevArgs),
+    Dev(Box<DevArgs>),
     /// Not in this build (built without the `dev` feature): says so.
     #[cfg(not(feature = "dev"))]
     #[command(hide = true, disable_help_flag = true)]
@@ -46,11 +46,32 @@ enum Command {
     },
 }
 
+/// Whether `--admin-token` of `subcommand` came on the command line (not
+/// from ADMIN_TOKEN), where every user of the machine can read it.
+fn admin_token_on_command_line(matches: &clap::ArgMatches, subcommand: &str) -> bool {
+    matches
+        .subcommand_matches(subcommand)
+        .and_then(|m| m.value_source("admin_token"))
+        == Some(clap::parser::ValueSource::CommandLine)
+}
+
 fn main() -> ExitCode {
-    let cli: Cli = match common::cli::parse_args("orchestrator") {
-        Ok(cli) => cli,
+    let (mut cli, matches): (Cli, _) = match common::cli::parse_args_with_matches("orchestrator") {
+        Ok(parsed) => parsed,
         Err(code) => return code,
     };
+    match &mut cli.command {
+        Command::Serve(args) => {
+            args.tokens.admin_token_on_command_line =
+                admin_token_on_command_line(&matches, "serve");
+        }
+        #[cfg(feature = "dev")]
+        Command::Dev(args) => {
+            args.tokens.admin_token_on_command_line = admin_token_on_command_line(&matches, "dev");
+        }
+        #[cfg(not(feature = "dev"))]
+        Command::Dev { .. } => {}
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -70,7 +91,7 @@ fn main() -> ExitCode {
         Command::Dev(args) => runtime.block_on(async {
             let telemetry = common::telemetry::init(&args.telemetry, "orchestrator")
                 .map_err(|e| e.to_string())?;
-            let result = orchestrator::dev::run(args, common::cli::shutdown_signal())
+            let result = orchestrator::dev::run(*args, common::cli::shutdown_signal())
                 .await
                 .map_err(|e| e.to_string());
             telemetry.shutdown().await;

@@ -13,6 +13,10 @@ pub const FINISHED: &str = "saga_finished_total";
 pub const IN_FLIGHT: &str = "saga_in_flight";
 /// The in-flight bound (--max-in-flight).
 pub const MAX_IN_FLIGHT: &str = "saga_max_in_flight";
+/// WatchOrder streams open on this replica now.
+pub const WATCH_STREAMS: &str = "saga_watch_streams";
+/// The WatchOrder bound (--max-watches).
+pub const MAX_WATCHES: &str = "saga_max_watches";
 /// Each participant call's duration, by step, kind and outcome.
 pub const STEP_SECONDS: &str = "saga_step_duration_seconds";
 /// Participant calls, by step, kind and gRPC code.
@@ -50,6 +54,11 @@ pub fn describe() {
     );
     metrics::describe_gauge(IN_FLIGHT, "Sagas driven by this replica now.");
     metrics::describe_gauge(MAX_IN_FLIGHT, "The in-flight bound (--max-in-flight).");
+    metrics::describe_gauge(
+        WATCH_STREAMS,
+        "WatchOrder streams open on this replica now.",
+    );
+    metrics::describe_gauge(MAX_WATCHES, "The WatchOrder bound (--max-watches).");
     metrics::describe_histogram(
         STEP_SECONDS,
         "Participant call durations, by step, kind (action, compensation) and outcome.",

@@ -6,14 +6,17 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::limit_messages;
 use proto::saga::v1::admin_service_server::AdminServiceServer;
 use proto::saga::v1::order_service_server::OrderServiceServer;
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
-use crate::admin::{AdminApi, AdminAuth};
+use crate::admin::AdminApi;
 use crate::api::OrderApi;
+use crate::auth::AdminAuth;
 use crate::clients::{Bounded, StepCalls};
 use crate::config::Settings;
 use crate::error::Error;
@@ -75,7 +78,7 @@ pub async fn serve(
         tokio::spawn(common::probe::serve_http(
             http,
             crate::telemetry::probes(executor.clone(), readiness),
-            settings.connection_idle_timeout,
+            settings.limits.http_header_timeout,
             settings.tls.clone(),
         ));
     }
@@ -95,17 +98,30 @@ pub async fn serve(
         }
     };
     let (ping_every, ping_timeout) = common::listen::keepalive(settings.connection_idle_timeout);
+    let limits = settings.limits;
     let router = Server::builder()
         .http2_keepalive_interval(Some(ping_every))
         .http2_keepalive_timeout(Some(ping_timeout))
+        .max_concurrent_streams(limits.max_concurrent_streams)
         .layer(common::telemetry::ServerTraceLayer)
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(OrderServiceServer::new(OrderApi::new(executor.clone())))
-        .add_service(AdminServiceServer::with_interceptor(
-            AdminApi::new(executor.clone(), settings.stuck_after),
-            AdminAuth::new(settings.admin_token.clone()),
+        .layer(limits.call_layer().with_longer(
+            "/saga.v1.AdminService/Reconcile",
+            settings.reconcile_timeout,
+            "--reconcile-timeout",
+        ))
+        .add_service(limit_messages!(health_service, limits))
+        .add_service(limit_messages!(reflection_v1, limits))
+        .add_service(limit_messages!(reflection_v1alpha, limits))
+        .add_service(limit_messages!(
+            OrderServiceServer::new(OrderApi::new(executor.clone())),
+            limits
+        ))
+        .add_service(InterceptedService::new(
+            limit_messages!(
+                AdminServiceServer::new(AdminApi::new(executor.clone(), settings.stuck_after)),
+                limits
+            ),
+            AdminAuth::new(settings.admin.clone()),
         ));
     let idle = settings.connection_idle_timeout;
     let tls = settings.tls.clone();

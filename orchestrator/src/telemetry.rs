@@ -127,6 +127,16 @@ async fn render(executor: &Executor) -> String {
         &[],
         executor.config().max_in_flight as f64,
     );
+    set(
+        crate::metrics::WATCH_STREAMS,
+        &[],
+        executor.watch_streams() as f64,
+    );
+    set(
+        crate::metrics::MAX_WATCHES,
+        &[],
+        executor.config().max_watches as f64,
+    );
     if let Some((in_use, idle, max)) = executor.store().pool_state() {
         set(
             crate::metrics::POOL,

@@ -19,7 +19,11 @@ fn orchestrator(args: &[&str]) -> Command {
             "ORCHESTRATOR_BACKOFF_BASE",
             "ORCHESTRATOR_BACKOFF_CAP",
             "ORCHESTRATOR_REPLICA_ID",
-            "ORCHESTRATOR_ADMIN_TOKEN",
+            "ADMIN_TOKEN",
+            "ADMIN_TOKEN_FILE",
+            "READ_ONLY_TOKEN_FILE",
+            "REQUEST_TIMEOUT",
+            "MAX_MESSAGE_BYTES",
         ],
     )
 }
@@ -68,6 +72,22 @@ fn bad_flags_and_values_are_one_line_and_a_non_zero_exit() {
     ]);
     assert!(line.contains("inventory"), "{line}");
     assert_one_line_failure(&["launch"]);
+    let line = assert_one_line_failure(&[
+        "serve",
+        "--database-url",
+        "postgres://x/y",
+        "--admin-token-file",
+        "/nonexistent/token",
+    ]);
+    assert!(line.contains("cannot read --admin-token-file"), "{line}");
+    let line = assert_one_line_failure(&[
+        "serve",
+        "--database-url",
+        "postgres://x/y",
+        "--request-timeout",
+        "0s",
+    ]);
+    assert!(line.contains("--request-timeout"), "{line}");
 }
 
 #[test]
@@ -85,6 +105,44 @@ fn an_unreachable_database_is_one_line_and_a_non_zero_exit() {
 }
 
 #[test]
+fn an_admin_token_on_the_command_line_is_warned_about_and_never_shown() {
+    // Started against a database that is not there: the tokens are read
+    // first, then the start fails.
+    let start = |args: &[&str], env: Option<(&str, &str)>| {
+        let mut full = vec![
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            "postgres://postgres@127.0.0.1:1/x",
+            "--connect-timeout",
+            "1s",
+        ];
+        full.extend_from_slice(args);
+        let mut command = orchestrator(&full);
+        if let Some((name, value)) = env {
+            command.env(name, value);
+        }
+        let (status, _, stderr) = Running::start(command).finish();
+        assert!(!status.success(), "{stderr}");
+        assert!(
+            !stderr.contains("s3cret-t0ken"),
+            "the token shows: {stderr}"
+        );
+        stderr
+    };
+    let stderr = start(&["--admin-token", "s3cret-t0ken"], None);
+    assert!(stderr.contains("came on the command line"), "{stderr}");
+    let stderr = start(&[], Some(("ADMIN_TOKEN", "s3cret-t0ken")));
+    assert!(!stderr.contains("came on the command line"), "{stderr}");
+    let file = std::env::temp_dir().join(format!("cli-admin-token-{}", std::process::id()));
+    std::fs::write(&file, "s3cret-t0ken\n").unwrap();
+    let stderr = start(&["--admin-token-file", file.to_str().unwrap()], None);
+    assert!(!stderr.contains("came on the command line"), "{stderr}");
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
 fn help_documents_every_flag_of_the_design() {
     let (status, stdout, stderr) = Running::start(orchestrator(&["serve", "--help"])).finish();
     assert!(status.success(), "{stderr}");
@@ -96,6 +154,13 @@ fn help_documents_every_flag_of_the_design() {
         "--fulfillment-url",
         "--http-listen",
         "--admin-token",
+        "--admin-token-file",
+        "--read-only-token-file",
+        "--max-message-bytes",
+        "--max-concurrent-streams",
+        "--request-timeout",
+        "--http-header-timeout",
+        "--max-watches",
         "--step-timeout",
         "--step-attempts",
         "--compensation-attempts",

@@ -73,6 +73,11 @@ struct Args {
     #[arg(long, env = "PARTICIPANT_CONNECT_TIMEOUT", default_value = "10s", value_parser = common::cli::parse_duration)]
     connect_timeout: Duration,
 
+    /// Limits on what clients send (--max-message-bytes,
+    /// --max-concurrent-streams, --request-timeout, --http-header-timeout).
+    #[command(flatten)]
+    limits: common::limits::Limits,
+
     /// Logs and traces (--log-format, --otlp-endpoint).
     #[command(flatten)]
     telemetry: common::telemetry::TelemetryArgs,
@@ -123,6 +128,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(participant: Participant, args: Args) -> Result<(), String> {
+    args.limits.validate()?;
     let listen = args.listen.unwrap_or(participant.default_listen());
     // Before anything starts: a bad TLS flag or file is a one-line error.
     let tls = args.tls.load().map_err(|e| e.to_string())?;
@@ -158,6 +164,7 @@ async fn run(participant: Participant, args: Args) -> Result<(), String> {
     let options = ServeOptions {
         fault_injection: args.fault_injection,
         tls,
+        limits: args.limits,
     };
     participants::serve_with_http(
         participant,

@@ -11,6 +11,8 @@ use std::time::Duration;
 use common::db::{connect_pool, connect_sqlite};
 use common::error::Error;
 use common::grpc::{health, reflection_v1, reflection_v1alpha, set_health};
+use common::limit_messages;
+use common::limits::Limits;
 use common::listen::{DEFAULT_IDLE_TIMEOUT, incoming, keepalive};
 use proto::fault::v1::fault_injection_server::FaultInjectionServer;
 use proto::fulfillment::v1::fulfillment_service_server::FulfillmentServiceServer;
@@ -266,6 +268,8 @@ pub struct ServeOptions {
     /// TLS on both ports (mTLS when it has a client CA), reloaded on
     /// SIGHUP; None: plaintext.
     pub tls: Option<Arc<common::tls::Server>>,
+    /// Limits on what clients send (both ports).
+    pub limits: Limits,
 }
 
 /// Serves `participant` on `listener` until `shutdown` completes, then stops
@@ -340,7 +344,7 @@ pub async fn serve_with_http(
         tokio::spawn(common::probe::serve_http(
             http,
             probes,
-            DEFAULT_IDLE_TIMEOUT,
+            options.limits.http_header_timeout,
             options.tls.clone(),
         ));
     }
@@ -356,25 +360,37 @@ pub async fn serve_with_http(
     let reflection_v1alpha = reflection_v1alpha(&advertised)?;
 
     let (ping_every, ping_timeout) = keepalive(DEFAULT_IDLE_TIMEOUT);
+    let limits = options.limits;
+    // The deadline sits inside the metrics and the trace, which record the
+    // DEADLINE_EXCEEDED it answers, and outside fault injection, whose
+    // delays it bounds.
     let router = Server::builder()
         .http2_keepalive_interval(Some(ping_every))
         .http2_keepalive_timeout(Some(ping_timeout))
+        .max_concurrent_streams(limits.max_concurrent_streams)
         .layer(crate::rpc_metrics::RpcMetricsLayer)
         .layer(common::telemetry::ServerTraceLayer)
+        .layer(limits.call_layer())
         .layer(FaultLayer::new(registry.clone()))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_optional_service(registry.map(|r| FaultInjectionServer::new(FaultControl::new(r))));
+        .add_service(limit_messages!(health_service, limits))
+        .add_service(limit_messages!(reflection_v1, limits))
+        .add_service(limit_messages!(reflection_v1alpha, limits))
+        .add_optional_service(
+            registry
+                .map(|r| limit_messages!(FaultInjectionServer::new(FaultControl::new(r)), limits)),
+        );
     let router = match participant {
-        Participant::Inventory => router.add_service(InventoryServiceServer::new(
-            InventoryGrpc::new(backend.inventory()),
+        Participant::Inventory => router.add_service(limit_messages!(
+            InventoryServiceServer::new(InventoryGrpc::new(backend.inventory())),
+            limits
         )),
-        Participant::Payment => router.add_service(PaymentServiceServer::new(PaymentGrpc::new(
-            backend.payment(),
-        ))),
-        Participant::Fulfillment => router.add_service(FulfillmentServiceServer::new(
-            FulfillmentGrpc::new(backend.fulfillment()),
+        Participant::Payment => router.add_service(limit_messages!(
+            PaymentServiceServer::new(PaymentGrpc::new(backend.payment())),
+            limits
+        )),
+        Participant::Fulfillment => router.add_service(limit_messages!(
+            FulfillmentServiceServer::new(FulfillmentGrpc::new(backend.fulfillment())),
+            limits
         )),
     };
 

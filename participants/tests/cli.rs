@@ -82,7 +82,15 @@ fn help_exits_zero_and_documents_the_flags() {
         let (status, stdout, stderr) = run(args);
         assert!(status.success(), "{args:?}: {status:?} {stderr}");
         if args.len() == 2 {
-            for flag in ["--fault-injection", "--database-url", "--listen"] {
+            for flag in [
+                "--fault-injection",
+                "--database-url",
+                "--listen",
+                "--max-message-bytes",
+                "--max-concurrent-streams",
+                "--request-timeout",
+                "--http-header-timeout",
+            ] {
                 assert!(stdout.contains(flag), "{args:?} mentions {flag}: {stdout}");
             }
             assert!(stdout.contains("SQLite"), "{args:?}: {stdout}");

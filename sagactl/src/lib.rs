@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use common::cli::parse_duration;
+use common::cli::{Secret, parse_duration, read_token_file};
 use proto::saga::v1 as pb;
 use proto::saga::v1::admin_service_client::AdminServiceClient;
 use serde_json::{Value, json};
@@ -88,9 +88,16 @@ pub struct Cli {
     )]
     pub endpoint: String,
 
-    /// Admin token, sent as "authorization: Bearer <token>".
+    /// Admin token, sent as "authorization: Bearer <token>". A flag's value
+    /// is visible to every user of the machine (ps): prefer --token-file or
+    /// SAGACTL_TOKEN.
     #[arg(long, global = true, env = "SAGACTL_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    pub token: Option<Secret>,
+
+    /// File holding the admin token (one line; a trailing newline is
+    /// ignored), instead of --token.
+    #[arg(long, global = true, env = "SAGACTL_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
 
     /// Output format: a table for people, JSON for scripts.
     #[arg(long, global = true, value_enum, default_value = "table")]
@@ -206,6 +213,27 @@ pub enum Command {
     Reconcile(reconcile::ReconcileArgs),
 }
 
+impl Cli {
+    /// The admin token from --token (SAGACTL_TOKEN) or --token-file
+    /// (SAGACTL_TOKEN_FILE), if any; both, or an unreadable or empty file,
+    /// is bad usage.
+    pub fn token(&self) -> Result<Option<Secret>, Failure> {
+        let usage = |message: String| Failure { message, code: 2 };
+        match (&self.token, &self.token_file) {
+            (Some(_), Some(_)) => Err(usage(
+                "give the token once: --token (SAGACTL_TOKEN) or --token-file \
+                 (SAGACTL_TOKEN_FILE), not both"
+                    .to_owned(),
+            )),
+            (Some(token), None) => Ok(Some(token.clone())),
+            (None, Some(path)) => read_token_file("--token-file", path)
+                .map(Some)
+                .map_err(usage),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
 fn parse_status(text: &str) -> Result<Status, String> {
     Status::parse(text).ok_or_else(|| {
         let names: Vec<&str> = Status::ALL.iter().map(|s| s.as_str()).collect();
@@ -259,7 +287,10 @@ fn request_failed(
         tonic::Code::Unavailable => {
             " (is the orchestrator running? set --endpoint or SAGACTL_ENDPOINT)"
         }
-        tonic::Code::Unauthenticated => " (set --token or SAGACTL_TOKEN)",
+        tonic::Code::Unauthenticated => {
+            " (set --token-file or SAGACTL_TOKEN_FILE, or --token or SAGACTL_TOKEN)"
+        }
+        tonic::Code::PermissionDenied => " (use the operator token)",
         _ => "",
     };
     failed(format!(
@@ -341,7 +372,7 @@ async fn connect_channel(
 
 struct Client {
     endpoint: String,
-    token: Option<String>,
+    token: Option<Secret>,
     tls: Option<common::tls::Client>,
     admin: AdminServiceClient<Channel>,
 }
@@ -349,7 +380,7 @@ struct Client {
 impl Client {
     async fn connect(
         endpoint: &str,
-        token: Option<String>,
+        token: Option<Secret>,
         tls: Option<&common::tls::Client>,
     ) -> Result<Self, Failure> {
         Self::connect_with_timeout(endpoint, token, tls, Duration::from_secs(30)).await
@@ -358,7 +389,7 @@ impl Client {
     /// Like `connect`, with `timeout` for each request.
     async fn connect_with_timeout(
         endpoint: &str,
-        token: Option<String>,
+        token: Option<Secret>,
         tls: Option<&common::tls::Client>,
         timeout: Duration,
     ) -> Result<Self, Failure> {
@@ -381,9 +412,9 @@ impl Client {
     fn request<T>(&self, message: T) -> Result<tonic::Request<T>, Failure> {
         let mut request = tonic::Request::new(message);
         if let Some(token) = &self.token {
-            let value = format!("Bearer {token}")
+            let value = format!("Bearer {}", token.expose())
                 .parse()
-                .map_err(|_| failed("--token contains characters not allowed in a header"))?;
+                .map_err(|_| failed("the token contains characters not allowed in a header"))?;
             request.metadata_mut().insert("authorization", value);
         }
         Ok(request)
@@ -484,17 +515,18 @@ pub async fn run(cli: Cli) -> Result<Done, Failure> {
         )
         .await;
     }
+    let token = cli.token()?;
     if let Command::Reconcile(args) = cli.command {
         return reconcile::run(
             &cli.endpoint,
-            cli.token,
+            token,
             tls.as_ref(),
             args,
             cli.output == Output::Json,
         )
         .await;
     }
-    let client = Client::connect(&cli.endpoint, cli.token.clone(), tls.as_ref()).await?;
+    let client = Client::connect(&cli.endpoint, token, tls.as_ref()).await?;
     let json_out = cli.output == Output::Json;
     let now = now_epoch();
     let done = |stdout: String| Done { stdout, code: 0 };

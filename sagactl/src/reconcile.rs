@@ -165,7 +165,7 @@ fn reconcile_text(reply: &pb::ReconcileResponse, repair: bool) -> String {
 /// Runs `sagactl reconcile`.
 pub(super) async fn run(
     endpoint: &str,
-    token: Option<String>,
+    token: Option<common::cli::Secret>,
     tls: Option<&common::tls::Client>,
     args: ReconcileArgs,
     json_out: bool,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use harness::process::{Running, command, free_port};
 use harness::{System, fault, spawn_system_with};
+use orchestrator::auth::AdminTokens;
 use proto::fault::v1::SetFaultRequest;
 use proto::saga::v1::OrderStatus;
 use serde_json::Value;
@@ -24,7 +25,12 @@ async fn sagactl(endpoint: &str, args: &[&str]) -> (i32, String, String) {
         let process = Running::start(command(
             env!("CARGO_BIN_EXE_sagactl"),
             &args,
-            &["SAGACTL_ENDPOINT", "SAGACTL_TOKEN", "USER"],
+            &[
+                "SAGACTL_ENDPOINT",
+                "SAGACTL_TOKEN",
+                "SAGACTL_TOKEN_FILE",
+                "USER",
+            ],
         ));
         let (status, stdout, stderr) = process.finish();
         (status.code().unwrap_or(-1), stdout, stderr)
@@ -311,7 +317,7 @@ async fn requests_that_make_no_sense_are_refused_with_a_clear_message() {
 
 #[tokio::test]
 async fn the_admin_token_guards_admin_service_only() {
-    let system = seeded(|s| s.admin_token = Some("s3cret".into())).await;
+    let system = seeded(|s| s.admin = AdminTokens::new(Some("s3cret"), None)).await;
     let endpoint = endpoint(&system);
 
     let (code, _, stderr) = sagactl(&endpoint, &["stats"]).await;
@@ -336,6 +342,71 @@ async fn the_admin_token_guards_admin_service_only() {
     assert_eq!(stats["started_last_minute"], 1);
     assert_eq!(stats["finished_last_minute"], 1);
     assert!(stats["oldest_non_terminal_age_seconds"].is_null());
+}
+
+#[tokio::test]
+async fn a_token_file_authenticates_and_a_read_only_token_only_reads() {
+    let system = seeded(|s| s.admin = AdminTokens::new(Some("op3rator"), Some("r3ader"))).await;
+    let endpoint = endpoint(&system);
+    let dir = std::env::temp_dir().join(format!("sagactl-tokens-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let operator = dir.join("operator");
+    let reader = dir.join("reader");
+    std::fs::write(&operator, "op3rator\n").unwrap();
+    std::fs::write(&reader, "r3ader\n").unwrap();
+    let (operator, reader) = (operator.to_str().unwrap(), reader.to_str().unwrap());
+    let id = system.place("alice", &[("widget", 1)]).await.unwrap();
+    system.wait_settled(&id, SETTLE).await.unwrap();
+
+    let (code, stdout, stderr) = sagactl(
+        &endpoint,
+        &["--token-file", operator, "stats", "--output", "json"],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(json(&stdout)["counts"]["COMPLETED"], 1);
+
+    // The read-only token lists and shows, and may not retry.
+    let (code, stdout, stderr) = sagactl(&endpoint, &["--token-file", reader, "list"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains(&id), "{stdout}");
+    let (code, _, stderr) = sagactl(&endpoint, &["--token-file", reader, "show", &id]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let (code, _, stderr) = sagactl(
+        &endpoint,
+        &["--token-file", reader, "retry", &id, "--reason", "x"],
+    )
+    .await;
+    assert_eq!(code, 3);
+    assert!(
+        stderr.contains("PERMISSION_DENIED") && stderr.contains("RetrySaga"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = sagactl(
+        &endpoint,
+        &["--token-file", reader, "reconcile", "--repair"],
+    )
+    .await;
+    assert_eq!(code, 3);
+    assert!(stderr.contains("PERMISSION_DENIED"), "{stderr}");
+
+    // Bad usage: both ways at once, or a file that is not there.
+    let (code, _, stderr) = sagactl(
+        &endpoint,
+        &["--token-file", operator, "--token", "op3rator", "stats"],
+    )
+    .await;
+    assert_eq!(code, 2);
+    assert!(stderr.contains("not both"), "{stderr}");
+    let missing = dir.join("missing");
+    let (code, _, stderr) = sagactl(
+        &endpoint,
+        &["--token-file", missing.to_str().unwrap(), "stats"],
+    )
+    .await;
+    assert_eq!(code, 2);
+    assert!(stderr.contains("cannot read --token-file"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
@@ -590,6 +661,8 @@ async fn reconcile_works_on_the_embedded_mode() {
             fault_injection: false,
             step_timeout: Duration::from_secs(5),
             http_listen: None,
+            tokens: Default::default(),
+            limits: Default::default(),
             telemetry: Default::default(),
             tls: false,
         },

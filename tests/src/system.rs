@@ -21,6 +21,7 @@ use participants::ServeOptions;
 use proto::fault::v1::{ClearFaultsRequest, SetFaultRequest};
 use proto::inventory::v1::{GetStockRequest, UpsertProductRequest};
 use proto::payment::v1::{GetAccountRequest, UpsertAccountRequest};
+use proto::saga::v1::admin_service_client::AdminServiceClient;
 use proto::saga::v1::order_service_client::OrderServiceClient;
 use proto::saga::v1::{
     GetOrderStatusRequest, GetOrderStatusResponse, OrderItem, OrderStatus, PlaceOrderRequest,
@@ -48,6 +49,7 @@ pub fn test_settings(participants: &Participants) -> Settings {
             lease_ttl: Duration::from_secs(2),
             poll_interval: Duration::from_millis(100),
             max_in_flight: 10_000,
+            max_watches: orchestrator::config::DEFAULT_MAX_WATCHES,
             registry: Arc::default(),
         },
         participants: ParticipantUrls {
@@ -58,7 +60,9 @@ pub fn test_settings(participants: &Participants) -> Settings {
         },
         step_timeout: Duration::from_secs(2),
         max_participant_calls: orchestrator::clients::DEFAULT_MAX_CALLS,
-        admin_token: None,
+        admin: orchestrator::auth::AdminTokens::open(),
+        limits: common::limits::Limits::default(),
+        reconcile_timeout: orchestrator::config::DEFAULT_RECONCILE_TIMEOUT,
         stuck_after: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(5),
         connection_idle_timeout: common::listen::DEFAULT_IDLE_TIMEOUT,
@@ -295,7 +299,7 @@ pub async fn spawn_system() -> Result<System> {
 pub async fn spawn_system_with(adjust: impl FnOnce(&mut Settings)) -> Result<System> {
     let participants = spawn_participants(ServeOptions {
         fault_injection: true,
-        tls: None,
+        ..ServeOptions::default()
     })
     .await?;
     assemble(participants, adjust, None).await
@@ -316,6 +320,7 @@ pub async fn spawn_tls_system(
         ServeOptions {
             fault_injection: true,
             tls: Some(certs.server(mtls)?),
+            ..ServeOptions::default()
         },
         certs.client(true)?,
     )
@@ -378,6 +383,23 @@ impl System {
             .as_ref()
             .expect("orchestrator running")
             .orders()
+    }
+
+    /// An AdminService client on the first orchestrator.
+    pub fn admin(&self) -> AdminServiceClient<Channel> {
+        AdminServiceClient::new(
+            self.orchestrator
+                .as_ref()
+                .expect("orchestrator running")
+                .channel(),
+        )
+    }
+
+    /// How many sagas the orchestrator's database holds.
+    pub async fn saga_count(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM sagas")
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     /// Starts another orchestrator on the same database, with its own
@@ -528,6 +550,22 @@ impl System {
             .set_fault(fault)
             .await?;
         Ok(())
+    }
+
+    /// Makes the next sagas need an operator: payment refuses every Charge
+    /// (so the saga compensates) and inventory's Release keeps failing
+    /// (so the compensation runs out of budget: NEEDS_ATTENTION).
+    pub async fn fail_compensations(&self) -> Result<()> {
+        self.fault(
+            "payment",
+            fault("Charge", "FAIL_BEFORE", tonic::Code::FailedPrecondition, 0),
+        )
+        .await?;
+        self.fault(
+            "inventory",
+            fault("Release", "FAIL_BEFORE", tonic::Code::Unavailable, 0),
+        )
+        .await
     }
 
     /// Clears every fault on every participant.

@@ -21,7 +21,7 @@ async fn with_faults(participant: Participant) -> SpawnedParticipant {
         participant,
         ServeOptions {
             fault_injection: true,
-            tls: None,
+            ..ServeOptions::default()
         },
     )
     .await

@@ -2,21 +2,12 @@
 //! writes nothing, and the same request with the input fixed then applies.
 
 use harness::{delay, expect_code, place_request, spawn_system};
-use proto::saga::v1::admin_service_client::AdminServiceClient;
 use proto::saga::v1::{
     AbortSagaRequest, CancelOrderRequest, ListOrdersRequest, ListSagasRequest, OrderStatus,
 };
 use tonic::Code;
-use tonic::transport::Channel;
 
 const SETTLE: std::time::Duration = std::time::Duration::from_secs(20);
-
-async fn sagas(system: &harness::System) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM sagas")
-        .fetch_one(&system.pool)
-        .await
-        .unwrap()
-}
 
 #[tokio::test]
 async fn nul_bytes_and_bidi_controls_are_invalid_and_the_fixed_request_applies() {
@@ -24,7 +15,7 @@ async fn nul_bytes_and_bidi_controls_are_invalid_and_the_fixed_request_applies()
     system.seed_product("widget", 100, 10).await.unwrap();
     system.seed_account("alice", 5_000).await.unwrap();
     let mut orders = system.orders();
-    let mut admin = AdminServiceClient::new(system.orchestrator.as_ref().unwrap().channel());
+    let mut admin = system.admin();
 
     for (customer, key) in [
         ("alice", "key\u{0}1"),
@@ -40,7 +31,7 @@ async fn nul_bytes_and_bidi_controls_are_invalid_and_the_fixed_request_applies()
         );
         assert!(message.contains("character"), "{message}");
     }
-    assert_eq!(sagas(&system).await, 0, "nothing written");
+    assert_eq!(system.saga_count().await.unwrap(), 0, "nothing written");
 
     system
         .fault("inventory", delay("Reserve", 1_500))
@@ -90,8 +81,7 @@ async fn nul_bytes_and_bidi_controls_are_invalid_and_the_fixed_request_applies()
 async fn garbage_page_tokens_and_bad_durations_are_invalid() {
     let system = spawn_system().await.unwrap();
     let mut orders = system.orders();
-    let mut admin: AdminServiceClient<Channel> =
-        AdminServiceClient::new(system.orchestrator.as_ref().unwrap().channel());
+    let mut admin = system.admin();
     for token in ["zzz", "ord_xyz", "ord_01a2337a62bc0001f31c94253c45283"] {
         expect_code(
             orders

@@ -1,6 +1,7 @@
 //! Integration tests over real gRPC and real PostgreSQL, one binary. Each
 //! test gets fresh databases and in-process servers from the `harness`.
 
+mod admin;
 mod cancel;
 mod chaos;
 mod definitions;
@@ -9,6 +10,7 @@ mod fulfillment;
 mod health;
 mod inputs;
 mod inventory;
+mod limits;
 mod orders;
 mod outages;
 mod payment;

@@ -336,20 +336,7 @@ async fn a_compensation_out_of_budget_needs_attention_and_stays_so() {
     let system = spawn_system().await.unwrap();
     system.seed_product("widget", 100, 10).await.unwrap();
     system.seed_account("alice", 5_000).await.unwrap();
-    system
-        .fault(
-            "payment",
-            fault("Charge", "FAIL_BEFORE", Code::FailedPrecondition, 0),
-        )
-        .await
-        .unwrap();
-    system
-        .fault(
-            "inventory",
-            fault("Release", "FAIL_BEFORE", Code::Unavailable, 0),
-        )
-        .await
-        .unwrap();
+    system.fail_compensations().await.unwrap();
 
     let id = system.place("alice", &[("widget", 3)]).await.unwrap();
     let order = system.wait_settled(&id, SETTLE).await.unwrap();

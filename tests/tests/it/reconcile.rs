@@ -9,33 +9,23 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use harness::{System, delay, expect_code, fault, spawn_system, spawn_system_with};
+use orchestrator::auth::AdminTokens;
 use proto::fulfillment::v1 as fulfillment;
 use proto::inventory::v1 as inventory;
 use proto::payment::v1 as payment;
-use proto::saga::v1::admin_service_client::AdminServiceClient;
 use proto::saga::v1::{
     Discrepancy, DiscrepancyKind, GetSagaRequest, OrderStatus, Participant, ReconcileRequest,
     ReconcileResponse, StepKind, StepOutcome,
 };
 use tonic::Code;
-use tonic::transport::Channel;
 
 const SETTLE: Duration = Duration::from_secs(20);
-
-fn admin(system: &System) -> AdminServiceClient<Channel> {
-    AdminServiceClient::new(
-        system
-            .orchestrator
-            .as_ref()
-            .expect("orchestrator running")
-            .channel(),
-    )
-}
 
 /// Reconciles with pages of `page_size` (small, so that the join crosses
 /// page boundaries on every side).
 async fn reconcile(system: &System, repair: bool, page_size: i32) -> ReconcileResponse {
-    admin(system)
+    system
+        .admin()
         .reconcile(ReconcileRequest {
             repair,
             operator: "alice-ops".into(),
@@ -352,7 +342,8 @@ async fn every_kind_of_discrepancy_is_reported_and_only_orphans_are_repaired() {
 
     // The FAILED saga's journal says who repaired what; the ghost has no
     // saga to journal on, and the COMPLETED sagas got nothing.
-    let journal = admin(&system)
+    let journal = system
+        .admin()
         .get_saga(GetSagaRequest {
             saga_id: f1.clone(),
         })
@@ -380,7 +371,8 @@ async fn every_kind_of_discrepancy_is_reported_and_only_orphans_are_repaired() {
         assert!(entry.detail.contains("FAILED saga"), "{entry:?}");
     }
     for saga_id in [&c1, &c2, &c3] {
-        let journal = admin(&system)
+        let journal = system
+            .admin()
             .get_saga(GetSagaRequest {
                 saga_id: saga_id.clone(),
             })
@@ -402,7 +394,8 @@ async fn every_kind_of_discrepancy_is_reported_and_only_orphans_are_repaired() {
     assert_eq!((after.repaired, after.repair_failed), (0, 0));
 
     // The limit cuts the list, not the count.
-    let cut = admin(&system)
+    let cut = system
+        .admin()
         .reconcile(ReconcileRequest {
             limit: 2,
             ..Default::default()
@@ -629,7 +622,7 @@ async fn listings_page_by_saga_id_and_refuse_bad_pages() {
         },
     ] {
         expect_code(
-            admin(&system).reconcile(request).await,
+            system.admin().reconcile(request).await,
             Code::InvalidArgument,
         );
     }
@@ -641,18 +634,19 @@ async fn listings_page_by_saga_id_and_refuse_bad_pages() {
 
 #[tokio::test]
 async fn reconcile_needs_the_admin_token_and_a_reachable_participant() {
-    let system = spawn_system_with(|s| s.admin_token = Some("s3cret".into()))
+    let system = spawn_system_with(|s| s.admin = AdminTokens::new(Some("s3cret"), None))
         .await
         .unwrap();
     expect_code(
-        admin(&system).reconcile(ReconcileRequest::default()).await,
+        system.admin().reconcile(ReconcileRequest::default()).await,
         Code::Unauthenticated,
     );
     let mut request = tonic::Request::new(ReconcileRequest::default());
     request
         .metadata_mut()
         .insert("authorization", "Bearer s3cret".parse().unwrap());
-    let report = admin(&system)
+    let report = system
+        .admin()
         .reconcile(request)
         .await
         .unwrap()
@@ -671,6 +665,6 @@ async fn reconcile_needs_the_admin_token_and_a_reachable_participant() {
     request
         .metadata_mut()
         .insert("authorization", "Bearer s3cret".parse().unwrap());
-    let message = expect_code(admin(&system).reconcile(request).await, Code::Unavailable);
+    let message = expect_code(system.admin().reconcile(request).await, Code::Unavailable);
     assert!(message.contains("payment"), "{message}");
 }

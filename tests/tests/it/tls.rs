@@ -328,7 +328,7 @@ async fn sighup_reloads_the_certificate_and_open_streams_ride_through() {
     let certs = TestCerts::new().unwrap();
     let participants = spawn_participants(ServeOptions {
         fault_injection: true,
-        tls: None,
+        ..ServeOptions::default()
     })
     .await
     .unwrap();
