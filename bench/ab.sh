@@ -52,8 +52,8 @@ for arg in "$@"; do
   cp target/ab/build/release/{orchestrator,participant,sagactl} "$bins/"
 done
 
-if [ "$traced" = 1 ]; then
-  echo "== building otlp-sink"
+if [ "$traced" = 1 ] && [ ! -x target/ab/otlp-sink ]; then
+  echo "== building otlp-sink (kept in target/ab/otlp-sink)"
   cargo build --release --quiet -p saga-tests --bin otlp-sink
   cp target/release/otlp-sink target/ab/otlp-sink
 fi
