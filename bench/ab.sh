@@ -17,6 +17,14 @@
 #
 #   bash bench/ab.sh main main:0.01 main:1
 #
+# A revision written REV:tls runs with mTLS on every hop: each server gets
+# --tls-cert/--tls-key/--tls-client-ca, the orchestrator calls https://
+# participants with a client certificate, and sagactl does the same
+# (certificates made once with openssl, kept in target/ab/tls). The TLS
+# cost of one revision:
+#
+#   bash bench/ab.sh main main:tls
+#
 # Writes bench/runs/ab-<date>.jsonl (one line per run) and prints the
 # medians per revision. Binaries are kept in target/ab/<commit>.
 set -euo pipefail
@@ -36,7 +44,8 @@ traced=0
 for arg in "$@"; do
   rev=${arg%%:*}
   ratio=
-  [ "$rev" != "$arg" ] && ratio=${arg#*:} && traced=1
+  [ "$rev" != "$arg" ] && ratio=${arg#*:}
+  [ -n "$ratio" ] && [ "$ratio" != tls ] && traced=1
   commit=$(git rev-parse --short "$rev")
   commits+=("$commit")
   variants+=("$commit${ratio:+:$ratio}")
@@ -58,6 +67,21 @@ if [ "$traced" = 1 ] && [ ! -x target/ab/otlp-sink ]; then
   cp target/release/otlp-sink target/ab/otlp-sink
 fi
 
+if printf '%s\n' "$@" | grep -q ':tls$' && [ ! -f target/ab/tls/client.key ]; then
+  echo "== making a CA, a server and a client certificate (kept in target/ab/tls)"
+  mkdir -p target/ab/tls
+  (cd target/ab/tls
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+      -subj /CN=ab-ca -keyout ca.key -out ca.pem 2>/dev/null
+    for who in server client; do
+      openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=ab-$who" \
+        -keyout $who.key -out $who.csr 2>/dev/null
+      printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n' >$who.ext
+      openssl x509 -req -in $who.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 30 \
+        -extfile $who.ext -out $who.pem 2>/dev/null
+    done)
+fi
+
 pids=()
 stop() { kill -TERM "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true; pids=(); }
 trap stop EXIT
@@ -76,7 +100,15 @@ for round in $(seq 1 "$rounds"); do
     bins=target/ab/$commit
     fresh
     unset OTEL_EXPORTER_OTLP_ENDPOINT OTEL_TRACES_SAMPLER OTEL_TRACES_SAMPLER_ARG
-    if [ -n "$ratio" ]; then
+    scheme=http server_tls=() client_tls=() sagactl_tls=() grpcurl_tls=(-plaintext)
+    if [ "$ratio" = tls ]; then
+      t=target/ab/tls
+      scheme=https
+      server_tls=(--tls-cert $t/server.pem --tls-key $t/server.key --tls-client-ca $t/ca.pem)
+      client_tls=(--participant-ca $t/ca.pem --client-cert $t/client.pem --client-key $t/client.key)
+      sagactl_tls=(--ca-cert $t/ca.pem --cert $t/client.pem --key $t/client.key)
+      grpcurl_tls=(-cacert $t/ca.pem -cert $t/client.pem -key $t/client.key)
+    elif [ -n "$ratio" ]; then
       target/ab/otlp-sink --listen 127.0.0.1:50299 >>"$out.sink" 2>/dev/null &
       pids+=($!)
       export OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:50299
@@ -84,24 +116,27 @@ for round in $(seq 1 "$rounds"); do
     fi
     for p in inventory:50261 payment:50262 fulfillment:50263; do
       "$bins/participant" "${p%%:*}" --listen "127.0.0.1:${p##*:}" \
-        --database-url "$server/ab_${p%%:*}" >/dev/null 2>&1 &
+        --database-url "$server/ab_${p%%:*}" "${server_tls[@]}" >/dev/null 2>>target/ab/servers.log &
       pids+=($!)
     done
     "$bins/orchestrator" serve --listen 127.0.0.1:50251 --database-url "$server/ab_orchestrator" \
-      --inventory-url http://127.0.0.1:50261 --payment-url http://127.0.0.1:50262 \
-      --fulfillment-url http://127.0.0.1:50263 >/dev/null 2>&1 &
+      --inventory-url $scheme://127.0.0.1:50261 --payment-url $scheme://127.0.0.1:50262 \
+      --fulfillment-url $scheme://127.0.0.1:50263 "${server_tls[@]}" "${client_tls[@]}" >/dev/null 2>&1 &
     pids+=($!)
-    for _ in $(seq 1 300); do
-      grpcurl -plaintext -d '{"service":"saga.v1.OrderService"}' 127.0.0.1:50251 \
-        grpc.health.v1.Health/Check 2>/dev/null | grep -q SERVING && break
-      sleep 0.2
+    # Every server answers its health check before the run starts.
+    for port in 50261 50262 50263 50251; do
+      for _ in $(seq 1 300); do
+        grpcurl "${grpcurl_tls[@]}" 127.0.0.1:$port grpc.health.v1.Health/Check 2>/dev/null \
+          | grep -q SERVING && break
+        sleep 0.2
+      done
     done
     IFS=, read -r -a runs <<<"${RUNS:-64 8000,1 1000}"
     for run in "${runs[@]}"; do
       set -- $run
       before=$(steal)
-      line=$("$bins/sagactl" --endpoint http://127.0.0.1:50251 bench \
-        --inventory-url http://127.0.0.1:50261 --payment-url http://127.0.0.1:50262 \
+      line=$("$bins/sagactl" --endpoint $scheme://127.0.0.1:50251 "${sagactl_tls[@]}" bench \
+        --inventory-url $scheme://127.0.0.1:50261 --payment-url $scheme://127.0.0.1:50262 \
         --quiet --output json --concurrency "$1" --orders "$2" | tail -1)
       python3 -c '
 import json, sys
@@ -118,7 +153,7 @@ done
 python3 - "$out" "${variants[@]}" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-print("| commit[:sampling] | C=64 sagas/s (median) | C=64 runs | C=1 p50 ms (median) | C=1 runs |")
+print("| commit[:sampling or tls] | C=64 sagas/s (median) | C=64 runs | C=1 p50 ms (median) | C=1 runs |")
 print("|---|---|---|---|---|")
 for commit in sys.argv[2:]:
     c64 = [r["sagas_per_second"] for r in rows if r["commit"] == commit and r["concurrency"] == 64]

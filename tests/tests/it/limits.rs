@@ -485,3 +485,215 @@ async fn the_http_port_closes_slow_request_heads_and_refuses_long_ones() {
     // And the port still serves.
     assert_eq!(http_get(address, "/healthz").await.0, 200);
 }
+
+/// One HTTP/2 frame as the raw client below sends and reads it.
+struct Frame {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+const FRAME_DATA: u8 = 0x0;
+const FRAME_HEADERS: u8 = 0x1;
+const FRAME_RST_STREAM: u8 = 0x3;
+const FRAME_SETTINGS: u8 = 0x4;
+const FRAME_PING: u8 = 0x6;
+const FRAME_GOAWAY: u8 = 0x7;
+const FLAG_ACK: u8 = 0x1;
+const FLAG_END_STREAM: u8 = 0x1;
+const FLAG_END_HEADERS: u8 = 0x4;
+const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+const REFUSED_STREAM: u32 = 0x7;
+
+async fn write_frame(stream: &mut tokio::net::TcpStream, frame: &Frame) {
+    let length = u32::try_from(frame.payload.len()).unwrap();
+    let mut bytes = length.to_be_bytes()[1..].to_vec();
+    bytes.extend([frame.kind, frame.flags]);
+    bytes.extend(frame.stream.to_be_bytes());
+    bytes.extend(&frame.payload);
+    stream.write_all(&bytes).await.unwrap();
+}
+
+async fn read_frame(stream: &mut tokio::net::TcpStream) -> Frame {
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head).await.unwrap();
+    let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; length];
+    stream.read_exact(&mut payload).await.unwrap();
+    Frame {
+        kind: head[3],
+        flags: head[4],
+        stream: u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff,
+        payload,
+    }
+}
+
+/// A gRPC request's header block, every field a literal without indexing
+/// (HPACK's plainest form, no Huffman), so no encoder is needed.
+fn grpc_headers(path: &str) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "localhost"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ] {
+        block.push(0x00);
+        block.push(u8::try_from(name.len()).unwrap());
+        block.extend(name.as_bytes());
+        block.push(u8::try_from(value.len()).unwrap());
+        block.extend(value.as_bytes());
+    }
+    block
+}
+
+/// A client that does not honour the server's stream limit (tonic's does,
+/// by queueing, as the test above shows) gets the streams beyond it reset
+/// with REFUSED_STREAM, which tells it the request was not processed: the
+/// order it carried is not placed, and the connection and its other
+/// streams carry on.
+#[tokio::test]
+async fn a_client_ignoring_the_stream_limit_is_refused_and_nothing_is_written() {
+    use prost::Message as _;
+    const LIMIT: u32 = 4;
+    let system = spawn_system_with(|s| s.limits.max_concurrent_streams = LIMIT)
+        .await
+        .unwrap();
+    system.seed_product("widget", 10, 100).await.unwrap();
+    system.seed_account("alice", 100_000).await.unwrap();
+    let orchestrator = system.orchestrator.as_ref().unwrap();
+    let address = orchestrator
+        .endpoint()
+        .trim_start_matches("http://")
+        .to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(&address).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    write_frame(
+        &mut tcp,
+        &Frame {
+            kind: FRAME_SETTINGS,
+            flags: 0,
+            stream: 0,
+            payload: Vec::new(),
+        },
+    )
+    .await;
+    // The server's SETTINGS announce the limit; acknowledging them puts
+    // it in force.
+    let settings = loop {
+        let frame = read_frame(&mut tcp).await;
+        if frame.kind == FRAME_SETTINGS && frame.flags & FLAG_ACK == 0 {
+            break frame.payload;
+        }
+    };
+    let announced = settings.chunks_exact(6).find_map(|setting| {
+        (u16::from_be_bytes([setting[0], setting[1]]) == SETTINGS_MAX_CONCURRENT_STREAMS)
+            .then(|| u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]))
+    });
+    assert_eq!(announced, Some(LIMIT), "the server announces its limit");
+    write_frame(
+        &mut tcp,
+        &Frame {
+            kind: FRAME_SETTINGS,
+            flags: FLAG_ACK,
+            stream: 0,
+            payload: Vec::new(),
+        },
+    )
+    .await;
+
+    // LIMIT streams held open: their request bodies never come.
+    for index in 0..LIMIT {
+        write_frame(
+            &mut tcp,
+            &Frame {
+                kind: FRAME_HEADERS,
+                flags: FLAG_END_HEADERS,
+                stream: 1 + 2 * index,
+                payload: grpc_headers("/saga.v1.OrderService/GetOrderStatus"),
+            },
+        )
+        .await;
+    }
+    // One more, a whole PlaceOrder, without waiting for a stream to end.
+    let beyond = 1 + 2 * LIMIT;
+    write_frame(
+        &mut tcp,
+        &Frame {
+            kind: FRAME_HEADERS,
+            flags: FLAG_END_HEADERS,
+            stream: beyond,
+            payload: grpc_headers("/saga.v1.OrderService/PlaceOrder"),
+        },
+    )
+    .await;
+    let message = harness::place_request("alice", &[("widget", 1)], "").encode_to_vec();
+    let mut body = vec![0u8];
+    body.extend(u32::try_from(message.len()).unwrap().to_be_bytes());
+    body.extend(message);
+    write_frame(
+        &mut tcp,
+        &Frame {
+            kind: FRAME_DATA,
+            flags: FLAG_END_STREAM,
+            stream: beyond,
+            payload: body,
+        },
+    )
+    .await;
+    write_frame(
+        &mut tcp,
+        &Frame {
+            kind: FRAME_PING,
+            flags: 0,
+            stream: 0,
+            payload: b"stillup!".to_vec(),
+        },
+    )
+    .await;
+
+    // The stream beyond the limit is refused; the connection stays up
+    // (the ping is answered, no GOAWAY) and the held streams stay open.
+    let mut refused = None;
+    let mut ponged = false;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while refused.is_none() || !ponged {
+            let frame = read_frame(&mut tcp).await;
+            match frame.kind {
+                FRAME_RST_STREAM => {
+                    let code = u32::from_be_bytes(frame.payload[..4].try_into().unwrap());
+                    assert_eq!(
+                        frame.stream, beyond,
+                        "only the stream beyond the limit is reset (code {code})"
+                    );
+                    refused = Some(code);
+                }
+                FRAME_PING if frame.flags & FLAG_ACK != 0 => {
+                    assert_eq!(frame.payload, b"stillup!");
+                    ponged = true;
+                }
+                FRAME_GOAWAY => panic!("the server closed the connection"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the refusal and the ping's answer arrive");
+    assert_eq!(refused, Some(REFUSED_STREAM));
+
+    // Nothing was written: the refused PlaceOrder placed no order.
+    let listed = system
+        .admin()
+        .list_sagas(proto::saga::v1::ListSagasRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.sagas.is_empty(), "{:?}", listed.sagas);
+    assert_eq!(system.stock("widget").await.unwrap(), (100, 0));
+}
