@@ -26,7 +26,8 @@
 #   bash bench/ab.sh main main:tls
 #
 # Writes bench/runs/ab-<date>.jsonl (one line per run) and prints the
-# medians per revision. Binaries are kept in target/ab/<commit>.
+# medians per revision. Binaries are kept in target/ab/<commit>, the
+# servers' warnings in target/ab/servers.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 2 ] || { echo "usage: bash bench/ab.sh REV_BEFORE REV_AFTER [MORE_REVS...]"; exit 2; }
@@ -35,6 +36,8 @@ server=${DATABASE_SERVER:-postgres://postgres@127.0.0.1:5432}
 rounds=${ROUNDS:-4}
 root=$(pwd)
 out=bench/runs/ab-$(date -u +%Y%m%d-%H%M%S).jsonl
+# The servers' warnings and errors, every run's (RUST_LOG=warn).
+log=target/ab/servers.log
 mkdir -p bench/runs target/ab
 export RUST_LOG=warn
 
@@ -116,18 +119,20 @@ for round in $(seq 1 "$rounds"); do
     fi
     for p in inventory:50261 payment:50262 fulfillment:50263; do
       "$bins/participant" "${p%%:*}" --listen "127.0.0.1:${p##*:}" \
-        --database-url "$server/ab_${p%%:*}" "${server_tls[@]}" >/dev/null 2>>target/ab/servers.log &
+        --database-url "$server/ab_${p%%:*}" "${server_tls[@]}" >/dev/null 2>>"$log" &
       pids+=($!)
     done
     "$bins/orchestrator" serve --listen 127.0.0.1:50251 --database-url "$server/ab_orchestrator" \
       --inventory-url $scheme://127.0.0.1:50261 --payment-url $scheme://127.0.0.1:50262 \
-      --fulfillment-url $scheme://127.0.0.1:50263 "${server_tls[@]}" "${client_tls[@]}" >/dev/null 2>&1 &
+      --fulfillment-url $scheme://127.0.0.1:50263 "${server_tls[@]}" "${client_tls[@]}" >/dev/null 2>>"$log" &
     pids+=($!)
-    # Every server answers its health check before the run starts.
+    # Every server answers its health check before the run starts; one
+    # that does not within a minute stops the benchmark (its log says why).
     for port in 50261 50262 50263 50251; do
-      for _ in $(seq 1 300); do
+      for try in $(seq 1 300); do
         grpcurl "${grpcurl_tls[@]}" 127.0.0.1:$port grpc.health.v1.Health/Check 2>/dev/null \
           | grep -q SERVING && break
+        [ "$try" = 300 ] && { echo "the server on port $port never became healthy; see $log" >&2; exit 1; }
         sleep 0.2
       done
     done

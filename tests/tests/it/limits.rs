@@ -486,7 +486,7 @@ async fn the_http_port_closes_slow_request_heads_and_refuses_long_ones() {
     assert_eq!(http_get(address, "/healthz").await.0, 200);
 }
 
-/// One HTTP/2 frame as the raw client below sends and reads it.
+/// One HTTP/2 frame as the raw client below reads it.
 struct Frame {
     kind: u8,
     flags: u8,
@@ -506,13 +506,19 @@ const FLAG_END_HEADERS: u8 = 0x4;
 const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
 const REFUSED_STREAM: u32 = 0x7;
 
-async fn write_frame(stream: &mut tokio::net::TcpStream, frame: &Frame) {
-    let length = u32::try_from(frame.payload.len()).unwrap();
+async fn write_frame(
+    tcp: &mut tokio::net::TcpStream,
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: &[u8],
+) {
+    let length = u32::try_from(payload.len()).unwrap();
     let mut bytes = length.to_be_bytes()[1..].to_vec();
-    bytes.extend([frame.kind, frame.flags]);
-    bytes.extend(frame.stream.to_be_bytes());
-    bytes.extend(&frame.payload);
-    stream.write_all(&bytes).await.unwrap();
+    bytes.extend([kind, flags]);
+    bytes.extend(stream.to_be_bytes());
+    bytes.extend(payload);
+    tcp.write_all(&bytes).await.unwrap();
 }
 
 async fn read_frame(stream: &mut tokio::net::TcpStream) -> Frame {
@@ -574,16 +580,7 @@ async fn a_client_ignoring_the_stream_limit_is_refused_and_nothing_is_written() 
     tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
         .await
         .unwrap();
-    write_frame(
-        &mut tcp,
-        &Frame {
-            kind: FRAME_SETTINGS,
-            flags: 0,
-            stream: 0,
-            payload: Vec::new(),
-        },
-    )
-    .await;
+    write_frame(&mut tcp, FRAME_SETTINGS, 0, 0, &[]).await;
     // The server's SETTINGS announce the limit; acknowledging them puts
     // it in force.
     let settings = loop {
@@ -597,27 +594,16 @@ async fn a_client_ignoring_the_stream_limit_is_refused_and_nothing_is_written() 
             .then(|| u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]))
     });
     assert_eq!(announced, Some(LIMIT), "the server announces its limit");
-    write_frame(
-        &mut tcp,
-        &Frame {
-            kind: FRAME_SETTINGS,
-            flags: FLAG_ACK,
-            stream: 0,
-            payload: Vec::new(),
-        },
-    )
-    .await;
+    write_frame(&mut tcp, FRAME_SETTINGS, FLAG_ACK, 0, &[]).await;
 
     // LIMIT streams held open: their request bodies never come.
     for index in 0..LIMIT {
         write_frame(
             &mut tcp,
-            &Frame {
-                kind: FRAME_HEADERS,
-                flags: FLAG_END_HEADERS,
-                stream: 1 + 2 * index,
-                payload: grpc_headers("/saga.v1.OrderService/GetOrderStatus"),
-            },
+            FRAME_HEADERS,
+            FLAG_END_HEADERS,
+            1 + 2 * index,
+            &grpc_headers("/saga.v1.OrderService/GetOrderStatus"),
         )
         .await;
     }
@@ -625,38 +611,18 @@ async fn a_client_ignoring_the_stream_limit_is_refused_and_nothing_is_written() 
     let beyond = 1 + 2 * LIMIT;
     write_frame(
         &mut tcp,
-        &Frame {
-            kind: FRAME_HEADERS,
-            flags: FLAG_END_HEADERS,
-            stream: beyond,
-            payload: grpc_headers("/saga.v1.OrderService/PlaceOrder"),
-        },
+        FRAME_HEADERS,
+        FLAG_END_HEADERS,
+        beyond,
+        &grpc_headers("/saga.v1.OrderService/PlaceOrder"),
     )
     .await;
     let message = harness::place_request("alice", &[("widget", 1)], "").encode_to_vec();
     let mut body = vec![0u8];
     body.extend(u32::try_from(message.len()).unwrap().to_be_bytes());
     body.extend(message);
-    write_frame(
-        &mut tcp,
-        &Frame {
-            kind: FRAME_DATA,
-            flags: FLAG_END_STREAM,
-            stream: beyond,
-            payload: body,
-        },
-    )
-    .await;
-    write_frame(
-        &mut tcp,
-        &Frame {
-            kind: FRAME_PING,
-            flags: 0,
-            stream: 0,
-            payload: b"stillup!".to_vec(),
-        },
-    )
-    .await;
+    write_frame(&mut tcp, FRAME_DATA, FLAG_END_STREAM, beyond, &body).await;
+    write_frame(&mut tcp, FRAME_PING, 0, 0, b"stillup!").await;
 
     // The stream beyond the limit is refused; the connection stays up
     // (the ping is answered, no GOAWAY) and the held streams stay open.
