@@ -274,15 +274,20 @@ pub fn current_traceparent() -> Option<String> {
     carrier.remove("traceparent")
 }
 
-/// The trace id (32 hex digits) of a well-formed `traceparent`
-/// (`00-<trace id>-<span id>-<flags>`), else None.
+/// The trace id (32 hex digits) of a well-formed W3C `traceparent`
+/// (`00-<trace id>-<span id>-<flags>`, lower-case hex, neither id all
+/// zeros; a version after `00` may carry more fields, `ff` is invalid),
+/// else None.
 pub fn trace_id_of(traceparent: &str) -> Option<&str> {
     let mut parts = traceparent.trim().split('-');
     let (version, trace, span, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let hex = |s: &str, n: usize| {
+        s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
     let well_formed = hex(version, 2)
         && version != "ff"
+        && (version != "00" || parts.next().is_none())
         && hex(trace, 32)
         && trace.bytes().any(|b| b != b'0')
         && hex(span, 16)
@@ -527,6 +532,17 @@ mod tests {
         assert_eq!(trace_id_of("00-4bf92f-00f067aa0ba902b7-01"), None);
         assert_eq!(trace_id_of("garbage"), None);
         assert_eq!(trace_id_of(""), None);
+        // Upper-case hex, and extra fields on version 00, are not W3C.
+        assert_eq!(
+            trace_id_of("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"),
+            None
+        );
+        assert_eq!(trace_id_of(&format!("{good}-extra")), None);
+        // A later version may add fields.
+        assert_eq!(
+            trace_id_of("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
     }
 
     #[test]

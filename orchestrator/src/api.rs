@@ -202,25 +202,11 @@ impl OrderApi {
         request: pb::PlaceOrderRequest,
         trace_parent: Option<String>,
     ) -> Result<pb::PlaceOrderResponse, Error> {
-        let customer_id = Id::parse("customer_id", request.customer_id)?;
-        let items = Items::parse(
-            request
-                .items
-                .into_iter()
-                .map(|i| (i.product_id, i.quantity)),
-        )?;
-        let idempotency_key = match request.idempotency_key {
-            key if key.is_empty() => None,
-            key => Some(bounded_text("idempotency_key", key, MAX_ID_BYTES)?),
-        };
-        let items: Vec<OrderItem> = items
-            .as_slice()
-            .iter()
-            .map(|item| OrderItem {
-                product_id: item.product_id.as_str().to_owned(),
-                quantity: item.quantity.get(),
-            })
-            .collect();
+        let ValidOrder {
+            customer_id,
+            items,
+            idempotency_key,
+        } = validate_place_order(request)?;
         let permit = match (self.executor.admit(), &idempotency_key) {
             (Ok(permit), _) => permit,
             // At the in-flight limit a replay is still answered: it starts
@@ -259,7 +245,7 @@ impl OrderApi {
         let saga = NewSaga {
             saga_id: new_id("ord"),
             idempotency_key,
-            customer_id: customer_id.into_inner(),
+            customer_id,
             items,
             definition,
             state: SagaState::new(definition),
@@ -288,6 +274,46 @@ impl OrderApi {
         self.executor.spawn(record, permit);
         Ok(response)
     }
+}
+
+/// A PlaceOrder request that passed validation: what the saga records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidOrder {
+    /// The paying customer, a valid id.
+    pub customer_id: String,
+    /// 1..=100 items with distinct products, in the order given.
+    pub items: Vec<OrderItem>,
+    /// The idempotency key, if one was given.
+    pub idempotency_key: Option<String>,
+}
+
+/// Checks a PlaceOrder request against the input contract (`common::domain`):
+/// the first field out of it is refused with INVALID_ARGUMENT naming it.
+/// Pure: PlaceOrder calls it before anything is read or written.
+pub fn validate_place_order(request: pb::PlaceOrderRequest) -> Result<ValidOrder, Error> {
+    let customer_id = Id::parse("customer_id", request.customer_id)?;
+    let items = Items::parse(
+        request
+            .items
+            .into_iter()
+            .map(|i| (i.product_id, i.quantity)),
+    )?;
+    let idempotency_key = match request.idempotency_key {
+        key if key.is_empty() => None,
+        key => Some(bounded_text("idempotency_key", key, MAX_ID_BYTES)?),
+    };
+    Ok(ValidOrder {
+        customer_id: customer_id.into_inner(),
+        items: items
+            .as_slice()
+            .iter()
+            .map(|item| OrderItem {
+                product_id: item.product_id.as_str().to_owned(),
+                quantity: item.quantity.get(),
+            })
+            .collect(),
+        idempotency_key,
+    })
 }
 
 /// The saga type PlaceOrder starts.

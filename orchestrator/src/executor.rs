@@ -1110,19 +1110,7 @@ mod tests {
         let base = Duration::from_millis(50);
         let cap = Duration::from_secs(10);
         let fail = |state: &SagaState| {
-            let Some(
-                Command::Call {
-                    step,
-                    kind,
-                    attempt,
-                }
-                | Command::RetryLater {
-                    step,
-                    kind,
-                    attempt,
-                },
-            ) = state.next_command()
-            else {
+            let Some((step, kind, attempt)) = state.next_command().map(Command::call) else {
                 panic!("a call is due: {state:?}");
             };
             let event = Event::CallFinished {

@@ -8,6 +8,8 @@
 //! Set `TEST_LOG=1` to see the services' logs.
 
 pub mod chaos;
+pub mod contract;
+pub mod fuzz;
 mod lossy;
 pub mod process;
 mod system;

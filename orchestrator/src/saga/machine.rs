@@ -368,6 +368,24 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The call, now or later: its step, kind and attempt.
+    pub fn call(self) -> (usize, Kind, u32) {
+        match self {
+            Self::Call {
+                step,
+                kind,
+                attempt,
+            }
+            | Self::RetryLater {
+                step,
+                kind,
+                attempt,
+            } => (step, kind, attempt),
+        }
+    }
+}
+
 /// Why an event cannot be applied.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {

@@ -82,6 +82,7 @@
 //! their (tombstone-safe) compensations too. Only the driver that wrote
 //! every transition since the saga's durable start trusts its own copy.
 
+pub mod invariants;
 mod machine;
 mod registry;
 #[cfg(test)]

@@ -23,18 +23,7 @@ fn rejected() -> Outcome {
 
 /// The call the state asks for next, now or after a backoff.
 fn due(state: &SagaState) -> Option<(usize, Kind, u32)> {
-    match state.next_command()? {
-        Command::Call {
-            step,
-            kind,
-            attempt,
-        }
-        | Command::RetryLater {
-            step,
-            kind,
-            attempt,
-        } => Some((step, kind, attempt)),
-    }
+    state.next_command().map(Command::call)
 }
 
 /// Applies the outcome of the call the state asks for next.
@@ -479,6 +468,7 @@ fn drive(inputs: &[Input], policy: &Policy) -> (SagaState, Trace, bool) {
         if was_completed && next != state {
             ran_after_completed = true;
         }
+        invariants::check(DEF, &next).unwrap_or_else(|broken| panic!("{broken}: {next:?}"));
         state = next;
     }
     for _ in 0..100 {

@@ -163,20 +163,28 @@ impl FulfillmentGrpc {
     }
 }
 
+/// Checks a Ship request against the input contract (`common::domain`):
+/// its saga and its items, or INVALID_ARGUMENT naming the first field out
+/// of it. Pure: Ship calls it before the store.
+pub fn validate_ship(request: pb::ShipRequest) -> Result<(Id, Items), Error> {
+    Ok((
+        Id::parse("saga_id", request.saga_id)?,
+        Items::parse(
+            request
+                .items
+                .into_iter()
+                .map(|i| (i.product_id, i.quantity)),
+        )?,
+    ))
+}
+
 #[tonic::async_trait]
 impl pb::fulfillment_service_server::FulfillmentService for FulfillmentGrpc {
     async fn ship(
         &self,
         request: Request<pb::ShipRequest>,
     ) -> Result<Response<pb::ShipResponse>, Status> {
-        let request = request.into_inner();
-        let saga_id = Id::parse("saga_id", request.saga_id)?;
-        let items = Items::parse(
-            request
-                .items
-                .into_iter()
-                .map(|i| (i.product_id, i.quantity)),
-        )?;
+        let (saga_id, items) = validate_ship(request.into_inner())?;
         let shipment_id = self.store.ship(&saga_id, &items).await?;
         Ok(Response::new(pb::ShipResponse { shipment_id }))
     }

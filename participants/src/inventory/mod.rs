@@ -237,15 +237,23 @@ fn parse_items(items: Vec<pb::Item>) -> Result<Items, Error> {
     Items::parse(items.into_iter().map(|i| (i.product_id, i.quantity)))
 }
 
+/// Checks a Reserve request against the input contract
+/// (`common::domain`): its saga and its items, or INVALID_ARGUMENT naming
+/// the first field out of it. Pure: Reserve calls it before the store.
+pub fn validate_reserve(request: pb::ReserveRequest) -> Result<(Id, Items), Error> {
+    Ok((
+        Id::parse("saga_id", request.saga_id)?,
+        parse_items(request.items)?,
+    ))
+}
+
 #[tonic::async_trait]
 impl pb::inventory_service_server::InventoryService for InventoryGrpc {
     async fn reserve(
         &self,
         request: Request<pb::ReserveRequest>,
     ) -> Result<Response<pb::ReserveResponse>, Status> {
-        let request = request.into_inner();
-        let saga_id = Id::parse("saga_id", request.saga_id)?;
-        let items = parse_items(request.items)?;
+        let (saga_id, items) = validate_reserve(request.into_inner())?;
         let reserved = self.store.reserve(&saga_id, &items).await?;
         Ok(Response::new(pb::ReserveResponse {
             reservation_id: reserved.reservation_id,

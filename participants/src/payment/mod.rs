@@ -180,16 +180,24 @@ impl PaymentGrpc {
     }
 }
 
+/// Checks a Charge request against the input contract (`common::domain`):
+/// its saga, customer and amount, or INVALID_ARGUMENT naming the first
+/// field out of it. Pure: Charge calls it before the store.
+pub fn validate_charge(request: pb::ChargeRequest) -> Result<(Id, Id, Cents), Error> {
+    Ok((
+        Id::parse("saga_id", request.saga_id)?,
+        Id::parse("customer_id", request.customer_id)?,
+        Cents::parse("amount_cents", request.amount_cents, MAX_MONEY_CENTS)?,
+    ))
+}
+
 #[tonic::async_trait]
 impl pb::payment_service_server::PaymentService for PaymentGrpc {
     async fn charge(
         &self,
         request: Request<pb::ChargeRequest>,
     ) -> Result<Response<pb::ChargeResponse>, Status> {
-        let request = request.into_inner();
-        let saga_id = Id::parse("saga_id", request.saga_id)?;
-        let customer_id = Id::parse("customer_id", request.customer_id)?;
-        let amount = Cents::parse("amount_cents", request.amount_cents, MAX_MONEY_CENTS)?;
+        let (saga_id, customer_id, amount) = validate_charge(request.into_inner())?;
         let charge_id = self.store.charge(&saga_id, &customer_id, amount).await?;
         Ok(Response::new(pb::ChargeResponse { charge_id }))
     }

@@ -19,5 +19,6 @@ mod recovery;
 mod snapshot;
 mod tls;
 mod tracing;
+mod validation;
 mod wake;
 mod watch;
