@@ -195,6 +195,25 @@ impl AdminApi {
         }
     }
 
+    /// A saga with its journal, as GetSaga and ExportSagas answer it.
+    async fn saga_pb(&self, saga: SagaRecord) -> Result<pb::GetSagaResponse, Error> {
+        let journal = self.executor.store().journal(&saga.saga_id).await?;
+        let registry = &self.executor.config().registry;
+        Ok(pb::GetSagaResponse {
+            saga: Some(summary_pb(&saga, registry, now_epoch(), self.stuck_after)),
+            items: items_pb(&saga.items),
+            total_amount_cents: saga.total_amount_cents(),
+            failure_reason: saga.state.failure_reason.clone().unwrap_or_default(),
+            step_outputs: saga.state.outputs.clone().into_iter().collect(),
+            journal: history_pb(&saga, registry, journal),
+            cancel_requested: saga.state.cancel_requested(),
+            version: saga.version,
+            idempotency_key: saga.idempotency_key.clone().unwrap_or_default(),
+            trace_id: saga.trace_id(),
+            finished_at: saga.finished_at.map(timestamp),
+        })
+    }
+
     async fn load(&self, saga_id: String) -> Result<SagaRecord, Error> {
         let saga_id = Id::parse("saga_id", saga_id)?;
         self.executor
@@ -280,23 +299,42 @@ impl pb::admin_service_server::AdminService for AdminApi {
     ) -> Result<Response<pb::GetSagaResponse>, Status> {
         authorize(&request, AdminRpc::GetSaga)?;
         let saga = self.load(request.into_inner().saga_id).await?;
-        let journal = self.executor.store().journal(&saga.saga_id).await?;
-        Ok(Response::new(pb::GetSagaResponse {
-            saga: Some(summary_pb(
-                &saga,
-                &self.executor.config().registry,
-                now_epoch(),
-                self.stuck_after,
-            )),
-            items: items_pb(&saga.items),
-            total_amount_cents: saga.total_amount_cents(),
-            failure_reason: saga.state.failure_reason.clone().unwrap_or_default(),
-            step_outputs: saga.state.outputs.clone().into_iter().collect(),
-            journal: history_pb(&saga, &self.executor.config().registry, journal),
-            cancel_requested: saga.state.cancel_requested(),
-            version: saga.version,
-            idempotency_key: saga.idempotency_key.clone().unwrap_or_default(),
-            trace_id: saga.trace_id(),
+        Ok(Response::new(self.saga_pb(saga).await?))
+    }
+
+    async fn export_sagas(
+        &self,
+        request: Request<pb::ExportSagasRequest>,
+    ) -> Result<Response<pb::ExportSagasResponse>, Status> {
+        authorize(&request, AdminRpc::ExportSagas)?;
+        let request = request.into_inner();
+        let before = match request.finished_before {
+            Some(t) if (0..1_000_000_000).contains(&t.nanos) => {
+                t.seconds as f64 + f64::from(t.nanos) / 1e9
+            }
+            Some(_) => return Err(Error::invalid("finished_before has nanos out of range").into()),
+            None => return Err(Error::invalid("finished_before is required").into()),
+        };
+        let limit = page_size(request.page_size)?;
+        let after = page_token(request.page_token)?.unwrap_or_default();
+        let mut sagas = self
+            .executor
+            .store()
+            .finished_page(before, &after, limit + 1)
+            .await?;
+        let next_page_token = if sagas.len() as i64 > limit {
+            sagas.truncate(limit as usize);
+            sagas.last().map(|s| s.saga_id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let mut page = Vec::with_capacity(sagas.len());
+        for saga in sagas {
+            page.push(self.saga_pb(saga).await?);
+        }
+        Ok(Response::new(pb::ExportSagasResponse {
+            sagas: page,
+            next_page_token,
         }))
     }
 

@@ -56,11 +56,13 @@ pub enum AdminRpc {
     RetrySaga,
     /// `AbortSaga`.
     AbortSaga,
+    /// `ExportSagas`.
+    ExportSagas,
 }
 
 impl AdminRpc {
     /// Every RPC of the table.
-    pub const ALL: [AdminRpc; 7] = [
+    pub const ALL: [AdminRpc; 8] = [
         Self::ListSagas,
         Self::GetSaga,
         Self::Stats,
@@ -68,12 +70,15 @@ impl AdminRpc {
         Self::ReconcileRepair,
         Self::RetrySaga,
         Self::AbortSaga,
+        Self::ExportSagas,
     ];
 
     /// The role each RPC needs: the one place this is decided.
     pub fn needs(self) -> Role {
         match self {
-            Self::ListSagas | Self::GetSaga | Self::Stats | Self::Reconcile => Role::ReadOnly,
+            Self::ListSagas | Self::GetSaga | Self::Stats | Self::Reconcile | Self::ExportSagas => {
+                Role::ReadOnly
+            }
             Self::RetrySaga | Self::AbortSaga | Self::ReconcileRepair => Role::Operator,
         }
     }
@@ -87,6 +92,7 @@ impl AdminRpc {
             Self::Reconcile | Self::ReconcileRepair => "Reconcile",
             Self::RetrySaga => "RetrySaga",
             Self::AbortSaga => "AbortSaga",
+            Self::ExportSagas => "ExportSagas",
         }
     }
 
@@ -347,7 +353,7 @@ mod tests {
     #[test]
     fn the_role_table_lets_readers_read_and_only_operators_change() {
         use AdminRpc::*;
-        let reads = [ListSagas, GetSaga, Stats, Reconcile];
+        let reads = [ListSagas, GetSaga, Stats, Reconcile, ExportSagas];
         let changes = [RetrySaga, AbortSaga, ReconcileRepair];
         assert_eq!(reads.len() + changes.len(), AdminRpc::ALL.len());
         for rpc in reads {

@@ -132,6 +132,9 @@ pub struct ServeArgs {
     #[arg(long, env = "ORCHESTRATOR_RECONCILE_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
     pub reconcile_timeout: Duration,
 
+    #[command(flatten)]
+    pub retention: crate::prune::RetentionArgs,
+
     /// A non-terminal saga with no progress for this long counts as stuck.
     #[arg(long, env = "ORCHESTRATOR_STUCK_AFTER", default_value = "60s", value_parser = parse_duration)]
     pub stuck_after: Duration,
@@ -240,6 +243,8 @@ pub struct Settings {
     pub reconcile_timeout: Duration,
     /// Stuck threshold.
     pub stuck_after: Duration,
+    /// What the pruner keeps.
+    pub retention: crate::prune::Retention,
     /// Shutdown grace period.
     pub shutdown_grace: Duration,
     /// A connection silent for this long is closed (both ports).
@@ -296,6 +301,7 @@ impl ServeArgs {
             return Err(Error::invalid("--reconcile-timeout must be positive"));
         }
         self.limits.validate().map_err(Error::invalid)?;
+        let retention = self.retention.retention()?;
         let admin = self.tokens.tokens()?;
         // Before anything starts: a bad TLS flag or file is a one-line error.
         let tls = self.tls.load()?;
@@ -337,6 +343,7 @@ impl ServeArgs {
             limits: self.limits,
             reconcile_timeout: self.reconcile_timeout,
             stuck_after: self.stuck_after,
+            retention,
             shutdown_grace: self.shutdown_grace,
             connection_idle_timeout: self.connection_idle_timeout,
             tls,

@@ -59,6 +59,11 @@ pub struct DevArgs {
     #[command(flatten)]
     pub tokens: crate::auth::AdminTokenArgs,
 
+    /// Retention of finished sagas (--retention, --prune-batch,
+    /// --prune-interval), as on `orchestrator serve`.
+    #[command(flatten)]
+    pub retention: crate::prune::RetentionArgs,
+
     /// Limits on what clients send, the same on all four servers
     /// (--max-message-bytes, --max-concurrent-streams, --request-timeout,
     /// --http-header-timeout).
@@ -296,6 +301,7 @@ pub async fn run(
         limits: args.limits,
         reconcile_timeout: crate::config::DEFAULT_RECONCILE_TIMEOUT,
         stuck_after: Duration::from_secs(60),
+        retention: args.retention.retention()?,
         shutdown_grace: Duration::from_secs(10),
         connection_idle_timeout: common::listen::DEFAULT_IDLE_TIMEOUT,
         tls: tls.as_ref().map(|tls| tls.orchestrator.clone()),

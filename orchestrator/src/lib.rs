@@ -35,6 +35,7 @@ pub mod dev;
 pub mod error;
 pub mod executor;
 pub mod metrics;
+pub mod prune;
 pub mod reconcile;
 pub mod saga;
 pub mod server;

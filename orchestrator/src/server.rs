@@ -62,7 +62,7 @@ pub async fn serve(
         settings.max_participant_calls,
         &settings.executor.registry,
     ));
-    let executor = Executor::new(store, calls, settings.executor.clone());
+    let executor = Executor::new(store.clone(), calls, settings.executor.clone());
     executor.start().await?;
 
     let (health, health_service) = common::grpc::health(SERVICES).await;
@@ -147,6 +147,8 @@ pub async fn serve(
             }
         }
     };
+    crate::prune::describe();
+    let pruner = tokio::spawn(crate::prune::run(store, settings.retention));
     // Draining is bounded: clients that keep connections busy past the
     // grace period are cut off rather than holding the shutdown hostage.
     let served = tokio::select! {
@@ -159,6 +161,7 @@ pub async fn serve(
             Ok(())
         }
     };
+    pruner.abort();
     executor.shutdown(settings.shutdown_grace).await;
     served?;
     Ok(())

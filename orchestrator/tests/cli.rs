@@ -88,6 +88,19 @@ fn bad_flags_and_values_are_one_line_and_a_non_zero_exit() {
         "0s",
     ]);
     assert!(line.contains("--request-timeout"), "{line}");
+    for (flag, value) in [
+        ("--retention", "30s"),
+        ("--retention", "forever"),
+        ("--prune-batch", "0"),
+        ("--prune-interval", "0s"),
+    ] {
+        let line =
+            assert_one_line_failure(&["serve", "--database-url", "postgres://x/y", flag, value]);
+        assert!(
+            line.contains(flag) || line.contains(value),
+            "{flag} {value}: {line}"
+        );
+    }
 }
 
 #[test]
@@ -168,6 +181,9 @@ fn help_documents_every_flag_of_the_design() {
         "--backoff-cap",
         "--max-in-flight",
         "--stuck-after",
+        "--retention",
+        "--prune-batch",
+        "--prune-interval",
     ] {
         assert!(stdout.contains(flag), "--help mentions {flag}");
     }

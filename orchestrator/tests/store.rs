@@ -12,7 +12,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use harness::TestDb;
-use orchestrator::saga::{Event, ORDER_SAGA, Outcome, Policy, SagaState, Status};
+use orchestrator::saga::{Cause, Event, ORDER_SAGA, Outcome, Phase, Policy, SagaState, Status};
 use orchestrator::store::{
     Commit, JournalEntry, JournalKind, JournalOutcome, LeaseChange, ListFilter, NewSaga,
     NextAttempt, OrderItem, SagaBrief, SagaStore,
@@ -84,11 +84,34 @@ impl Backend {
     /// Sets a saga's version behind the store's back.
     async fn set_version(&self, saga_id: &str, version: i64) {
         let sql = "UPDATE sagas SET version = $1 WHERE saga_id = $2";
+        self.update(sql, sql, version, saga_id).await;
+    }
+
+    /// Moves a finished saga's finish `seconds` into the past.
+    async fn age_finish(&self, saga_id: &str, seconds: f64) {
+        self.update(
+            "UPDATE sagas SET finished_at = finished_at - make_interval(secs => $1)
+             WHERE saga_id = $2",
+            "UPDATE sagas SET finished_at = finished_at - ?1 WHERE saga_id = ?2",
+            seconds,
+            saga_id,
+        )
+        .await;
+    }
+
+    /// Runs one statement behind the store's back (`postgres` or `sqlite`,
+    /// as the backend is), binding `value` and `saga_id`.
+    async fn update<T>(&self, postgres: &str, sqlite: &str, value: T, saga_id: &str)
+    where
+        T: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+        T: for<'q> sqlx::Encode<'q, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+        T: Send + Copy + 'static,
+    {
         match (&self._db, &self.file) {
             (Some(db), _) => {
                 let pool = sqlx::PgPool::connect(db.url()).await.unwrap();
-                sqlx::query(sql)
-                    .bind(version)
+                sqlx::query(sqlx::AssertSqlSafe(postgres.to_owned()))
+                    .bind(value)
                     .bind(saga_id)
                     .execute(&pool)
                     .await
@@ -97,8 +120,8 @@ impl Backend {
             }
             (None, Some(file)) => {
                 let pool = sqlx::SqlitePool::connect(&file.url()).await.unwrap();
-                sqlx::query(sql)
-                    .bind(version)
+                sqlx::query(sqlx::AssertSqlSafe(sqlite.to_owned()))
+                    .bind(value)
                     .bind(saga_id)
                     .execute(&pool)
                     .await
@@ -176,6 +199,7 @@ conformance!(
     the_partial_indexes_leave_out_the_status_types_sets,
     a_saga_records_the_name_and_version_of_its_definition,
     a_saga_keeps_the_trace_it_was_created_in_through_commits_and_claims,
+    finished_sagas_past_the_cutoff_are_pruned_in_batches_with_their_journals,
 );
 
 /// The traceparent is written at creation and read with the row by every
@@ -1114,4 +1138,130 @@ async fn an_idempotency_key_is_scoped_to_its_customer(backend: Backend) {
     let (again, created) = store.create(&bobs, "r1", TTL).await.unwrap();
     assert!(!created);
     assert_eq!(again.saga_id, "s2");
+}
+
+/// Creates `id` and commits it into `phase` with one journal entry.
+async fn saga_in(store: &Arc<dyn SagaStore>, id: &str, key: Option<&str>, phase: Phase) {
+    let (saga, _) = store.create(&new_saga(id, key), "r1", TTL).await.unwrap();
+    let mut state = saga.state.clone();
+    state.phase = phase;
+    if matches!(phase, Phase::Failed | Phase::Cancelled) {
+        state.cause = Some(if phase == Phase::Cancelled {
+            Cause::Cancel
+        } else {
+            Cause::Failure
+        });
+        state.failure_reason = Some("rejected".into());
+    }
+    store
+        .commit(commit(
+            id,
+            saga.version,
+            &state,
+            &[entry("reserve")],
+            LeaseChange::Keep,
+        ))
+        .await
+        .unwrap()
+        .expect("commit");
+}
+
+/// The pruner's reads and deletes: only terminal sagas finished before the
+/// cutoff, oldest first, at most a batch at a time, with their journals;
+/// an export page reads the same set in id order; a pruned saga's
+/// idempotency key may be used again.
+async fn finished_sagas_past_the_cutoff_are_pruned_in_batches_with_their_journals(
+    backend: Backend,
+) {
+    let store = &backend.store;
+    assert_eq!(store.oldest_finished().await.unwrap(), None);
+    saga_in(store, "old-1", Some("k1"), Phase::Completed).await;
+    saga_in(store, "old-2", None, Phase::Failed).await;
+    saga_in(store, "old-3", None, Phase::Cancelled).await;
+    saga_in(store, "recent", Some("k2"), Phase::Completed).await;
+    saga_in(store, "attention", None, Phase::NeedsAttention { step: 0 }).await;
+    saga_in(store, "active", None, Phase::Forward { step: 1 }).await;
+    // The oldest finished first, so it is the first batch.
+    backend.age_finish("old-2", 300.0).await;
+    backend.age_finish("old-1", 200.0).await;
+    backend.age_finish("old-3", 100.0).await;
+    let now = orchestrator::executor::now_epoch();
+    let oldest = store
+        .oldest_finished()
+        .await
+        .unwrap()
+        .expect("finished sagas");
+    assert!((oldest - (now - 300.0)).abs() < 5.0, "{oldest} vs {now}");
+
+    let cutoff = now - 50.0;
+    let page = |after: &'static str, limit| async move {
+        let page = store.finished_page(cutoff, after, limit).await.unwrap();
+        page.into_iter().map(|s| s.saga_id).collect::<Vec<_>>()
+    };
+    assert_eq!(page("", 10).await, ["old-1", "old-2", "old-3"]);
+    assert_eq!(page("old-1", 1).await, ["old-2"]);
+    assert!(page("old-3", 10).await.is_empty());
+
+    assert_eq!(store.prune_finished(cutoff, 1).await.unwrap(), 1);
+    assert!(store.load("old-2").await.unwrap().is_none(), "oldest first");
+    assert!(store.journal("old-2").await.unwrap().is_empty());
+    assert_eq!(store.prune_finished(cutoff, 5).await.unwrap(), 2);
+    assert_eq!(store.prune_finished(cutoff, 5).await.unwrap(), 0);
+    for gone in ["old-1", "old-3"] {
+        assert!(store.load(gone).await.unwrap().is_none(), "{gone}");
+        assert!(store.journal(gone).await.unwrap().is_empty(), "{gone}");
+    }
+    for kept in ["recent", "attention", "active"] {
+        assert!(store.load(kept).await.unwrap().is_some(), "{kept}");
+        assert_eq!(store.journal(kept).await.unwrap().len(), 1, "{kept}");
+    }
+    // Even a cutoff in the future leaves what has no finish alone.
+    assert_eq!(store.prune_finished(now + 60.0, 10).await.unwrap(), 1);
+    let left: Vec<String> = store
+        .list(&ListFilter {
+            limit: 10,
+            ..ListFilter::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.saga_id)
+        .collect();
+    assert_eq!(left, ["attention", "active"]);
+    // The pruned saga's key is free again; a kept one's still replays.
+    let (again, created) = store
+        .create(&new_saga("new-1", Some("k1")), "r1", TTL)
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!(again.saga_id, "new-1");
+}
+
+/// PostgreSQL: a replica pruning skips the rows another is deleting
+/// instead of waiting for them.
+#[tokio::test]
+async fn on_postgres_pruning_skips_rows_another_replica_holds() {
+    let backend = postgres().await;
+    let store = &backend.store;
+    for id in ["a", "b", "c"] {
+        saga_in(store, id, None, Phase::Completed).await;
+        backend.age_finish(id, 100.0).await;
+    }
+    let db = backend._db.as_ref().unwrap();
+    let other = sqlx::PgPool::connect(db.url()).await.unwrap();
+    let mut holding = other.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM sagas WHERE saga_id = 'b' FOR UPDATE")
+        .execute(&mut *holding)
+        .await
+        .unwrap();
+    let cutoff = orchestrator::executor::now_epoch() - 10.0;
+    let pruned = tokio::time::timeout(Duration::from_secs(10), store.prune_finished(cutoff, 10))
+        .await
+        .expect("pruning waited for a row another transaction holds")
+        .unwrap();
+    assert_eq!(pruned, 2);
+    assert!(store.load("b").await.unwrap().is_some());
+    holding.rollback().await.unwrap();
+    assert_eq!(store.prune_finished(cutoff, 10).await.unwrap(), 1);
+    other.close().await;
 }

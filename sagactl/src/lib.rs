@@ -17,6 +17,7 @@ pub mod bench;
 pub mod reconcile;
 pub mod render;
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -28,6 +29,7 @@ use serde_json::{Value, json};
 use tonic::transport::Channel;
 
 use orchestrator::admin::human_duration;
+use orchestrator::api::timestamp;
 use orchestrator::clients::code_name;
 use orchestrator::executor::now_epoch;
 use orchestrator::saga::Status;
@@ -46,6 +48,7 @@ Examples:
   sagactl bench --rate 2000 --duration 10s       open loop: a spike beyond capacity
   sagactl reconcile                              sagas vs participants' records (exit 1 if any differ)
   sagactl reconcile --repair --operator alice    and compensate the orphans
+  sagactl export --finished-before 30d > archive.jsonl   finished sagas older than 30 days
 
 Exit status: 0 done (stuck: nothing stuck; reconcile: no discrepancy), 1 stuck
 sagas found, or discrepancies found by reconcile (even when repaired), 2 bad
@@ -56,7 +59,8 @@ JSON (--output json), one document on stdout; times are RFC 3339 UTC:
   show         {\"saga\": SAGA, \"items\": [{\"product_id\", \"quantity\"}], \"total_amount_cents\",
                 \"failure_reason\", \"step_outputs\": {}, \"idempotency_key\", \"version\", \"trace_id\",
                 \"journal\": [{\"step\", \"kind\", \"attempt\", \"outcome\", \"detail\", \"rpc\",
-                \"actor\", \"started_at\", \"finished_at\", \"duration_ms\"}]}
+                \"actor\", \"started_at\", \"finished_at\", \"duration_ms\"}], \"finished_at\"}
+  export       one show document per line (JSON lines), no other output on stdout
   retry, abort {\"saga_id\", \"status\", \"message\"} (message: what the request did)
   stats        {\"counts\": {STATUS: n}, \"oldest_non_terminal_age_seconds\",
                 \"started_last_minute\", \"finished_last_minute\", \"in_flight\"}
@@ -211,6 +215,39 @@ pub enum Command {
     /// the repair journalled on the saga; the rest is only reported. Exit
     /// 1 if anything was found (even when repaired), 0 if nothing.
     Reconcile(reconcile::ReconcileArgs),
+    /// Write the finished sagas (COMPLETED, FAILED, CANCELLED) that
+    /// finished before a time as JSON lines on stdout, one saga with its
+    /// journal per line (the document `show --output json` prints, on one
+    /// line, with "finished_at"): an archive to keep before the
+    /// orchestrator's --retention prunes them. Prints how many to stderr.
+    Export {
+        /// Only sagas finished before this: an RFC 3339 UTC time
+        /// (2026-11-01T00:00:00Z) or an age (30d: finished more than 30
+        /// days ago).
+        #[arg(long, value_parser = parse_before)]
+        finished_before: Before,
+        /// Sagas per request (1..1000).
+        #[arg(long, default_value_t = 500)]
+        page_size: i32,
+    },
+}
+
+/// `--finished-before`: a time, or an age before now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Before {
+    /// Seconds since the epoch.
+    At(f64),
+    /// This long before now.
+    Ago(Duration),
+}
+
+fn parse_before(text: &str) -> Result<Before, String> {
+    if let Some(at) = render::parse_rfc3339(text) {
+        return Ok(Before::At(at));
+    }
+    parse_duration(text).map(Before::Ago).map_err(|_| {
+        format!("{text:?} is neither an RFC 3339 UTC time (2026-11-01T00:00:00Z) nor an age (30d)")
+    })
 }
 
 impl Cli {
@@ -605,6 +642,52 @@ pub async fn run(cli: Cli) -> Result<Done, Failure> {
             };
             Ok(Done { stdout, code })
         }
+        Command::Export {
+            finished_before,
+            page_size,
+        } => {
+            let before = match finished_before {
+                Before::At(at) => at,
+                Before::Ago(age) => now - age.as_secs_f64(),
+            };
+            let mut stdout = std::io::stdout().lock();
+            let mut page_token = String::new();
+            let mut exported = 0u64;
+            loop {
+                let reply = client
+                    .admin
+                    .clone()
+                    .export_sagas(client.request(pb::ExportSagasRequest {
+                        finished_before: Some(timestamp(before)),
+                        page_size,
+                        page_token,
+                    })?)
+                    .await
+                    .map_err(|s| client.fail(s))?
+                    .into_inner();
+                for saga in &reply.sagas {
+                    let line = saga_document(saga, now).to_string();
+                    writeln!(stdout, "{line}").map_err(|error| Failure {
+                        message: format!("cannot write the export: {error}"),
+                        code: 3,
+                    })?;
+                }
+                exported += reply.sagas.len() as u64;
+                if reply.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = reply.next_page_token;
+            }
+            stdout.flush().map_err(|error| Failure {
+                message: format!("cannot write the export: {error}"),
+                code: 3,
+            })?;
+            eprintln!(
+                "exported {exported} saga(s) finished before {}",
+                rfc3339(before)
+            );
+            Ok(done(String::new()))
+        }
         Command::Show { id } => {
             let reply = client
                 .admin
@@ -753,8 +836,13 @@ fn duration_ms(entry: &pb::JournalEntry) -> Option<f64> {
 }
 
 fn show_json(reply: &pb::GetSagaResponse, now: f64) -> String {
+    pretty(&saga_document(reply, now))
+}
+
+/// A saga with its journal, as `show` and `export` print it.
+fn saga_document(reply: &pb::GetSagaResponse, now: f64) -> Value {
     let saga = reply.saga.clone().unwrap_or_default();
-    pretty(&json!({
+    json!({
         "saga": saga_json(&saga, now),
         "items": reply.items.iter().map(|i| json!({"product_id": i.product_id, "quantity": i.quantity})).collect::<Vec<_>>(),
         "total_amount_cents": reply.total_amount_cents,
@@ -763,6 +851,7 @@ fn show_json(reply: &pb::GetSagaResponse, now: f64) -> String {
         "idempotency_key": text_or_null(&reply.idempotency_key),
         "version": reply.version,
         "trace_id": text_or_null(&reply.trace_id),
+        "finished_at": time_json(&reply.finished_at),
         "journal": reply.journal.iter().map(|e| json!({
             "step": e.step,
             "kind": kind_name(e.kind),
@@ -775,7 +864,7 @@ fn show_json(reply: &pb::GetSagaResponse, now: f64) -> String {
             "finished_at": time_json(&e.finished_at),
             "duration_ms": duration_ms(e).map(|d| d.round()),
         })).collect::<Vec<_>>(),
-    }))
+    })
 }
 
 fn show_text(reply: &pb::GetSagaResponse, now: f64) -> String {

@@ -23,6 +23,53 @@ pub fn rfc3339(seconds: f64) -> String {
     format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{ms:03}Z")
 }
 
+/// Parses an RFC 3339 UTC time (`2026-11-01T00:00:00Z`, with optional
+/// fractional seconds; `Z` or `+00:00`) to seconds since the epoch.
+pub fn parse_rfc3339(text: &str) -> Option<f64> {
+    let text = text
+        .strip_suffix('Z')
+        .or_else(|| text.strip_suffix("+00:00"))?;
+    let (date, time) = text.split_once(['T', 't', ' '])?;
+    let number = |s: &str, digits: usize| {
+        (s.len() == digits && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<i64>().ok())
+            .flatten()
+    };
+    let mut date = date.split('-');
+    let (year, month, day) = (
+        number(date.next()?, 4)?,
+        number(date.next()?, 2)?,
+        number(date.next()?, 2)?,
+    );
+    let (clock, fraction) = time.split_once('.').unwrap_or((time, ""));
+    let mut clock = clock.split(':');
+    let (h, m, s) = (
+        number(clock.next()?, 2)?,
+        number(clock.next()?, 2)?,
+        number(clock.next()?, 2)?,
+    );
+    if date.next().is_some() || clock.next().is_some() {
+        return None;
+    }
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || h > 23 || m > 59 || s > 60 {
+        return None;
+    }
+    let fraction = match fraction {
+        "" => 0.0,
+        f if f.bytes().all(|b| b.is_ascii_digit()) => format!("0.{f}").parse().ok()?,
+        _ => return None,
+    };
+    // Days since 1970-01-01 from a civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + h * 3600 + m * 60 + s) as f64 + fraction)
+}
+
 /// Cuts `text` to `max` characters, marking the cut with an ellipsis.
 pub fn truncate(text: &str, max: usize) -> String {
     if text.chars().count() <= max {
@@ -93,6 +140,26 @@ mod tests {
         assert_eq!(rfc3339(0.0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(1_795_000_000.25), "2026-11-18T11:06:40.250Z");
         assert_eq!(rfc3339(951_782_400.0), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn rfc3339_times_parse_back() {
+        for seconds in [0.0, 1.5, 951_782_400.0, 1_764_633_600.25, 4_102_444_799.0] {
+            assert_eq!(parse_rfc3339(&rfc3339(seconds)), Some(seconds));
+        }
+        assert_eq!(parse_rfc3339("2026-11-01T00:00:00Z"), Some(1_793_491_200.0));
+        assert_eq!(
+            parse_rfc3339("2026-11-01T00:00:00+00:00"),
+            Some(1_793_491_200.0)
+        );
+        for bad in [
+            "2026-11-01",
+            "2026-13-01T00:00:00Z",
+            "2026-11-01T00:00:00",
+            "yesterday",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
     }
 
     #[test]

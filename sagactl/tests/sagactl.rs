@@ -662,6 +662,7 @@ async fn reconcile_works_on_the_embedded_mode() {
             step_timeout: Duration::from_secs(5),
             http_listen: None,
             tokens: Default::default(),
+            retention: Default::default(),
             limits: Default::default(),
             telemetry: Default::default(),
             tls: false,
@@ -727,4 +728,120 @@ async fn reconcile_works_on_the_embedded_mode() {
     dev.await
         .unwrap()
         .expect("the embedded system stops cleanly");
+}
+
+#[tokio::test]
+async fn finished_sagas_are_exported_as_json_lines_and_pruned_past_their_retention() {
+    // A minute kept, a round every second, one saga per batch: the test
+    // moves finishes two minutes back to make them due.
+    let system = seeded(|s| {
+        s.executor.policy.compensation_attempts = 1;
+        s.retention = orchestrator::prune::Retention {
+            keep: Some(Duration::from_secs(60)),
+            batch: 1,
+            interval: Duration::from_secs(1),
+        };
+    })
+    .await;
+    let endpoint = endpoint(&system);
+    let settle = |id: String, expected: OrderStatus| {
+        let system = &system;
+        async move {
+            let order = system.wait_settled(&id, SETTLE).await.unwrap();
+            assert_eq!(order.status(), expected, "{id}");
+            id
+        }
+    };
+    let completed = settle(
+        system.place("alice", &[("widget", 1)]).await.unwrap(),
+        OrderStatus::Completed,
+    )
+    .await;
+    let rejected = always("Charge", "FAIL_BEFORE", Code::FailedPrecondition);
+    system.fault("payment", rejected).await.unwrap();
+    let failed = settle(
+        system.place("alice", &[("widget", 2)]).await.unwrap(),
+        OrderStatus::Failed,
+    )
+    .await;
+    let release_down = always("Release", "FAIL_BEFORE", Code::Unavailable);
+    system.fault("inventory", release_down).await.unwrap();
+    let attention = settle(
+        system.place("alice", &[("widget", 3)]).await.unwrap(),
+        OrderStatus::NeedsAttention,
+    )
+    .await;
+    system.clear_faults().await.unwrap();
+    let recent = settle(
+        system.place("alice", &[("widget", 4)]).await.unwrap(),
+        OrderStatus::Completed,
+    )
+    .await;
+
+    // Export what finished before now: the three finished sagas, with
+    // their journals, one JSON document per line; not the one that needs
+    // attention.
+    let now = orchestrator::executor::now_epoch() + 1.0;
+    let before = sagactl::render::rfc3339(now);
+    let (code, stdout, stderr) = sagactl(
+        &endpoint,
+        &["export", "--finished-before", &before, "--page-size", "2"],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("exported 3 saga(s)"), "{stderr}");
+    let lines: Vec<Value> = stdout.lines().map(json).collect();
+    let mut exported: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["saga"]["saga_id"].as_str().unwrap(),
+                l["saga"]["status"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    exported.sort();
+    let mut expected = vec![
+        (completed.as_str(), "COMPLETED"),
+        (failed.as_str(), "FAILED"),
+        (recent.as_str(), "COMPLETED"),
+    ];
+    expected.sort();
+    assert_eq!(exported, expected);
+    for line in &lines {
+        assert!(line["finished_at"].is_string(), "{line}");
+        assert!(!line["journal"].as_array().unwrap().is_empty(), "{line}");
+    }
+    let (code, _, stderr) = sagactl(&endpoint, &["export", "--finished-before", "soon"]).await;
+    assert_eq!(code, 2, "a bad time is bad usage: {stderr}");
+
+    // Two of them finished past the retention: the pruner deletes them and
+    // their journals; the recent one and the one that needs attention stay.
+    for due in [&completed, &failed] {
+        system.age_finish(due, 120.0).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + SETTLE;
+    while system.saga_count().await.unwrap() > 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not pruned in {SETTLE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for gone in [&completed, &failed] {
+        let error = system.status(gone).await.unwrap_err();
+        let code = error
+            .downcast_ref::<tonic::Status>()
+            .map(tonic::Status::code);
+        assert_eq!(code, Some(Code::NotFound), "{gone}: {error}");
+        assert_eq!(system.journal_rows(gone).await.unwrap(), 0, "{gone}");
+    }
+    for kept in [&recent, &attention] {
+        system.status(kept).await.unwrap();
+        assert!(system.journal_rows(kept).await.unwrap() > 0, "{kept}");
+    }
+    let http = system.orchestrator.as_ref().unwrap().http_address();
+    let (_, metrics) = harness::http_get(http, "/metrics").await;
+    assert!(metrics.contains("saga_pruned_total 2"), "{metrics}");
+    assert!(metrics.contains("saga_retention_seconds 60"), "{metrics}");
 }

@@ -164,4 +164,21 @@ impl SagaStore for LossyStore {
     ) -> Result<Option<SagaRecord>, Error> {
         self.inner.find_by_key(customer_id, idempotency_key).await
     }
+
+    async fn prune_finished(&self, before: f64, limit: i64) -> Result<u64, Error> {
+        self.inner.prune_finished(before, limit).await
+    }
+
+    async fn oldest_finished(&self) -> Result<Option<f64>, Error> {
+        self.inner.oldest_finished().await
+    }
+
+    async fn finished_page(
+        &self,
+        before: f64,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<SagaRecord>, Error> {
+        self.inner.finished_page(before, after, limit).await
+    }
 }

@@ -64,6 +64,7 @@ pub fn test_settings(participants: &Participants) -> Settings {
         limits: common::limits::Limits::default(),
         reconcile_timeout: orchestrator::config::DEFAULT_RECONCILE_TIMEOUT,
         stuck_after: Duration::from_secs(60),
+        retention: orchestrator::prune::Retention::default(),
         shutdown_grace: Duration::from_secs(5),
         connection_idle_timeout: common::listen::DEFAULT_IDLE_TIMEOUT,
         tls: None,
@@ -393,6 +394,20 @@ impl System {
                 .expect("orchestrator running")
                 .channel(),
         )
+    }
+
+    /// Moves a finished saga's finish `seconds` into the past (to make it
+    /// due for the pruner).
+    pub async fn age_finish(&self, saga_id: &str, seconds: f64) -> Result<()> {
+        sqlx::query(
+            "UPDATE sagas SET finished_at = finished_at - make_interval(secs => $1)
+             WHERE saga_id = $2 AND finished_at IS NOT NULL",
+        )
+        .bind(seconds)
+        .bind(saga_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// How many sagas the orchestrator's database holds.

@@ -732,6 +732,28 @@ pub trait SagaStore: Send + Sync + 'static {
     /// one page of Reconcile's merge join.
     async fn sagas_by_id(&self, after: &str, limit: i64) -> Result<Vec<SagaBrief>, Error>;
 
+    /// Deletes up to `limit` finished sagas (COMPLETED, FAILED, CANCELLED:
+    /// never one in flight or NEEDS_ATTENTION) that finished before
+    /// `before` (epoch seconds), oldest first, with their journals, in one
+    /// short transaction; rows another replica is deleting are skipped
+    /// (PostgreSQL: `FOR UPDATE SKIP LOCKED`). Returns how many sagas.
+    /// Reads the index of finished sagas only.
+    async fn prune_finished(&self, before: f64, limit: i64) -> Result<u64, Error>;
+
+    /// When the saga that finished longest ago finished (epoch seconds),
+    /// if any is kept: the first entry of the index of finished sagas.
+    async fn oldest_finished(&self) -> Result<Option<f64>, Error>;
+
+    /// Up to `limit` finished sagas that finished before `before`, with
+    /// ids after `after` (empty: from the start), in saga-id order: a page
+    /// of an export.
+    async fn finished_page(
+        &self,
+        before: f64,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<SagaRecord>, Error>;
+
     /// The saga `customer_id` placed with `idempotency_key`, if any (keys
     /// are scoped to the customer).
     async fn find_by_key(

@@ -755,4 +755,55 @@ impl SagaStore for PgStore {
     ) -> Result<Option<SagaRecord>, Error> {
         find_by_key(&self.pool, customer_id, idempotency_key).await
     }
+
+    async fn prune_finished(&self, before: f64, limit: i64) -> Result<u64, Error> {
+        // One statement, so one transaction: the rows it picks are locked
+        // until it commits, and a replica pruning at the same time skips
+        // them and takes the next ones.
+        let pruned: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "WITH doomed AS (
+                 SELECT saga_id FROM sagas
+                 WHERE finished_at < to_timestamp($1) AND status IN {TERMINAL}
+                 ORDER BY finished_at LIMIT $2
+                 FOR UPDATE SKIP LOCKED),
+             journal AS (
+                 DELETE FROM saga_journal j USING doomed d WHERE j.saga_id = d.saga_id),
+             gone AS (
+                 DELETE FROM sagas s USING doomed d WHERE s.saga_id = d.saga_id RETURNING 1)
+             SELECT count(*) FROM gone"
+        )))
+        .bind(before)
+        .bind(limit)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(pruned).unwrap_or_default())
+    }
+
+    async fn oldest_finished(&self) -> Result<Option<f64>, Error> {
+        Ok(sqlx::query_scalar(
+            "SELECT extract(epoch FROM min(finished_at))::float8 FROM sagas
+             WHERE finished_at IS NOT NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn finished_page(
+        &self,
+        before: f64,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<SagaRecord>, Error> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {SAGA_COLUMNS} FROM sagas
+             WHERE finished_at < to_timestamp($1) AND status IN {TERMINAL} AND saga_id > $2
+             ORDER BY saga_id LIMIT $3"
+        )))
+        .bind(before)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(record).collect()
+    }
 }

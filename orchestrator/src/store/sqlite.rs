@@ -397,4 +397,60 @@ impl SagaStore for SqliteStore {
         .map(record)
         .transpose()
     }
+
+    async fn prune_finished(&self, before: f64, limit: i64) -> Result<u64, Error> {
+        // The same rows for both statements: one transaction, which holds
+        // the only write lock from its first statement on.
+        let doomed = format!(
+            "SELECT saga_id FROM sagas INDEXED BY sagas_finished
+             WHERE finished_at < ?1 AND status IN {TERMINAL}
+             ORDER BY finished_at, saga_id LIMIT ?2"
+        );
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM saga_journal WHERE saga_id IN ({doomed})"
+        )))
+        .bind(before)
+        .bind(limit)
+        .execute(&mut *tx)
+        .await?;
+        let pruned = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM sagas WHERE saga_id IN ({doomed})"
+        )))
+        .bind(before)
+        .bind(limit)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(pruned)
+    }
+
+    async fn oldest_finished(&self) -> Result<Option<f64>, Error> {
+        Ok(sqlx::query_scalar(
+            "SELECT min(finished_at) FROM sagas INDEXED BY sagas_finished
+             WHERE finished_at IS NOT NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn finished_page(
+        &self,
+        before: f64,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<SagaRecord>, Error> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {SAGA_COLUMNS} FROM sagas
+             WHERE finished_at < ?1 AND status IN {TERMINAL} AND saga_id > ?2
+             ORDER BY saga_id LIMIT ?3"
+        )))
+        .bind(before)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        records(&rows)
+    }
 }
