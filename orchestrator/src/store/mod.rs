@@ -546,6 +546,89 @@ pub struct ListFilter {
     pub limit: i64,
 }
 
+/// The SQL of a [`ListFilter`] in one dialect: only the filters that are
+/// set become conditions, so that each combination is a statement of its
+/// own, planned for the index that serves it (a filter written `($1 IS
+/// NULL OR ...)` gets one generic plan, which walks the primary key
+/// backwards through all of history when matches are rare). The stuck
+/// filter is bounded by the live sagas (`status NOT IN TERMINAL`, the
+/// partial index `sagas_stuck`), so `sagactl stuck` does not read the
+/// settled history either.
+pub(crate) struct ListQuery<'a> {
+    /// The whole statement.
+    pub(crate) sql: String,
+    /// What to bind, in order.
+    pub(crate) binds: Vec<ListBind<'a>>,
+}
+
+/// One value a [`ListQuery`] binds.
+pub(crate) enum ListBind<'a> {
+    Text(&'a str),
+    Seconds(f64),
+    Limit(i64),
+}
+
+/// How a dialect writes the conditions that differ.
+pub(crate) struct ListDialect {
+    /// `$` (PostgreSQL) or `?` (SQLite), followed by the bind's number.
+    pub(crate) placeholder: char,
+    /// Orders containing the product `{}` names.
+    pub(crate) product: &'static str,
+    /// Rows whose `{column}` is older than `{}` seconds.
+    pub(crate) older: fn(column: &str, seconds: &str) -> String,
+}
+
+impl<'a> ListQuery<'a> {
+    pub(crate) fn new(filter: &'a ListFilter, columns: &str, dialect: &ListDialect) -> Self {
+        let mut conditions: Vec<String> = Vec::new();
+        let mut binds = Vec::new();
+        let next = |bind: ListBind<'a>, binds: &mut Vec<ListBind<'a>>| {
+            binds.push(bind);
+            format!("{}{}", dialect.placeholder, binds.len())
+        };
+        if let Some(status) = filter.status {
+            let p = next(ListBind::Text(status.as_str()), &mut binds);
+            conditions.push(format!("status = {p}"));
+        }
+        if let Some(customer) = &filter.customer_id {
+            let p = next(ListBind::Text(customer), &mut binds);
+            conditions.push(format!("customer_id = {p}"));
+        }
+        if let Some(product) = &filter.product_id {
+            let p = next(ListBind::Text(product), &mut binds);
+            conditions.push(dialect.product.replace("{}", &p));
+        }
+        if let Some(age) = filter.older_than {
+            let p = next(ListBind::Seconds(age.as_secs_f64()), &mut binds);
+            conditions.push((dialect.older)("created_at", &p));
+        }
+        if let Some(stuck) = filter.stuck_after {
+            let p = next(ListBind::Seconds(stuck.as_secs_f64()), &mut binds);
+            conditions.push(format!(
+                "status NOT IN {TERMINAL} AND (status IN {NEEDS_ATTENTION} \
+                 OR (status NOT IN {SETTLED} AND {}))",
+                (dialect.older)("progress_at", &p)
+            ));
+        }
+        if let Some(before) = &filter.before_id {
+            let p = next(ListBind::Text(before), &mut binds);
+            conditions.push(format!("saga_id < {p}"));
+        }
+        let limit = next(ListBind::Limit(filter.limit), &mut binds);
+        let conditions = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conditions.join(" AND "))
+        };
+        Self {
+            sql: format!(
+                "SELECT {columns} FROM sagas{conditions} ORDER BY saga_id DESC LIMIT {limit}"
+            ),
+            binds,
+        }
+    }
+}
+
 /// Counts for the admin Stats call, read from live work only: the cost
 /// does not grow with the number of settled sagas.
 #[derive(Debug, Clone, Default, PartialEq)]

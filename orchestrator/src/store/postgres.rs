@@ -7,14 +7,12 @@ use std::time::Duration;
 use common::batch::Batcher;
 use sqlx::PgPool;
 use sqlx::postgres::PgRow;
-use sqlx::types::Json;
 
 use super::{
-    Claimable, Commit, CommitPlan, Due, JournalEntry, ListFilter, NEEDS_ATTENTION, NewSaga,
-    SETTLED, SagaBrief, SagaRecord, SagaStore, Stats, TERMINAL, brief, journal_entry, record,
+    Claimable, Commit, CommitPlan, Due, JournalEntry, ListBind, ListDialect, ListFilter, ListQuery,
+    NewSaga, SagaBrief, SagaRecord, SagaStore, Stats, TERMINAL, brief, journal_entry, record,
 };
 use crate::error::Error;
-use crate::saga::Status;
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres/orchestrator");
 
@@ -677,32 +675,21 @@ impl SagaStore for PgStore {
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<SagaRecord>, Error> {
-        let product = filter
-            .product_id
-            .as_ref()
-            .map(|p| serde_json::json!([{ "product_id": p }]));
-        let rows = sqlx::query(sql!(
-            "SELECT {SAGA_COLUMNS} FROM sagas
-             WHERE ($1::text IS NULL OR status = $1)
-               AND ($2::text IS NULL OR customer_id = $2)
-               AND ($3::jsonb IS NULL OR items @> $3)
-               AND ($4::float8 IS NULL OR created_at < now() - make_interval(secs => $4))
-               AND ($5::float8 IS NULL OR status IN {NEEDS_ATTENTION}
-                    OR (status NOT IN {SETTLED} AND progress_at < now() - make_interval(secs => $5)))
-               AND ($6::text IS NULL OR saga_id < $6)
-             ORDER BY saga_id DESC
-             LIMIT $7"
-        ))
-        .bind(filter.status.map(Status::as_str))
-        .bind(&filter.customer_id)
-        .bind(product.map(Json))
-        .bind(filter.older_than.map(|d| d.as_secs_f64()))
-        .bind(filter.stuck_after.map(|d| d.as_secs_f64()))
-        .bind(&filter.before_id)
-        .bind(filter.limit)
-        .fetch_all(&self.pool)
-        .await?;
-        records(&rows)
+        const DIALECT: ListDialect = ListDialect {
+            placeholder: '$',
+            product: "items @> jsonb_build_array(jsonb_build_object('product_id', {}::text))",
+            older: |column, seconds| format!("{column} < now() - make_interval(secs => {seconds})"),
+        };
+        let ListQuery { sql, binds } = ListQuery::new(filter, SAGA_COLUMNS, &DIALECT);
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for bind in binds {
+            query = match bind {
+                ListBind::Text(text) => query.bind(text),
+                ListBind::Seconds(seconds) => query.bind(seconds),
+                ListBind::Limit(limit) => query.bind(limit),
+            };
+        }
+        records(&query.fetch_all(&self.pool).await?)
     }
 
     async fn ready(&self) -> Result<String, String> {

@@ -10,12 +10,11 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::types::Json;
 
 use super::{
-    Claimable, Commit, CommitPlan, Due, JournalEntry, ListFilter, NEEDS_ATTENTION, NewSaga,
-    SETTLED, SagaBrief, SagaRecord, SagaStore, Stats, TERMINAL, brief, journal_entry, record,
+    Claimable, Commit, CommitPlan, Due, JournalEntry, ListBind, ListDialect, ListFilter, ListQuery,
+    NewSaga, SagaBrief, SagaRecord, SagaStore, Stats, TERMINAL, brief, journal_entry, record,
 };
 use crate::error::Error;
 use crate::executor::now_epoch;
-use crate::saga::Status;
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite/orchestrator");
 
@@ -312,31 +311,24 @@ impl SagaStore for SqliteStore {
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<SagaRecord>, Error> {
-        let now = now_epoch();
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {SAGA_COLUMNS} FROM sagas
-             WHERE (?1 IS NULL OR status = ?1)
-               AND (?2 IS NULL OR customer_id = ?2)
-               AND (?3 IS NULL OR EXISTS (SELECT 1 FROM json_each(sagas.items)
-                                         WHERE json_extract(value, '$.product_id') = ?3))
-               AND (?4 IS NULL OR created_at < ?8 - ?4)
-               AND (?5 IS NULL OR status IN {NEEDS_ATTENTION}
-                    OR (status NOT IN {SETTLED} AND progress_at < ?8 - ?5))
-               AND (?6 IS NULL OR saga_id < ?6)
-             ORDER BY saga_id DESC
-             LIMIT ?7"
-        )))
-        .bind(filter.status.map(Status::as_str))
-        .bind(&filter.customer_id)
-        .bind(&filter.product_id)
-        .bind(filter.older_than.map(|d| d.as_secs_f64()))
-        .bind(filter.stuck_after.map(|d| d.as_secs_f64()))
-        .bind(&filter.before_id)
-        .bind(filter.limit)
-        .bind(now)
-        .fetch_all(&self.pool)
-        .await?;
-        records(&rows)
+        const DIALECT: ListDialect = ListDialect {
+            placeholder: '?',
+            product: "EXISTS (SELECT 1 FROM json_each(sagas.items) \
+                      WHERE json_extract(value, '$.product_id') = {})",
+            older: |column, seconds| {
+                format!("{column} < (julianday('now') - 2440587.5) * 86400.0 - {seconds}")
+            },
+        };
+        let ListQuery { sql, binds } = ListQuery::new(filter, SAGA_COLUMNS, &DIALECT);
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for bind in binds {
+            query = match bind {
+                ListBind::Text(text) => query.bind(text),
+                ListBind::Seconds(seconds) => query.bind(seconds),
+                ListBind::Limit(limit) => query.bind(limit),
+            };
+        }
+        records(&query.fetch_all(&self.pool).await?)
     }
 
     async fn ready(&self) -> Result<String, String> {
