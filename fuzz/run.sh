@@ -22,6 +22,6 @@ for target in "${targets[@]}"; do
     echo "== $target: ${seconds}s"
     cargo fuzz run -O "$target" "corpus/$target" -- \
         -max_total_time="$seconds" -print_final_stats=1 2>&1 |
-        grep -E '^(#[0-9]+ +DONE|Done|stat::|==[0-9]+==|thread|SUMMARY)' || true
+        grep -E '^(#[0-9]+[[:space:]]+DONE|Done|stat::|==[0-9]+==|thread|SUMMARY)' || true
     echo "== $target: $(ls "corpus/$target" | wc -l) inputs in the corpus, $(ls "artifacts/$target" | wc -l) findings"
 done
