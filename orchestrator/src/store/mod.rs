@@ -551,9 +551,9 @@ pub struct ListFilter {
 /// own, planned for the index that serves it (a filter written `($1 IS
 /// NULL OR ...)` gets one generic plan, which walks the primary key
 /// backwards through all of history when matches are rare). The stuck
-/// filter is bounded by the live sagas (`status NOT IN TERMINAL`, the
-/// partial index `sagas_stuck`), so `sagactl stuck` does not read the
-/// settled history either.
+/// filter reads the live sagas only (`status NOT IN TERMINAL`, the partial
+/// index `sagas_stuck`, in a materialised CTE), so `sagactl stuck` does not
+/// read the settled history either.
 pub(crate) struct ListQuery<'a> {
     /// The whole statement.
     pub(crate) sql: String,
@@ -605,8 +605,7 @@ impl<'a> ListQuery<'a> {
         if let Some(stuck) = filter.stuck_after {
             let p = next(ListBind::Seconds(stuck.as_secs_f64()), &mut binds);
             conditions.push(format!(
-                "status NOT IN {TERMINAL} AND (status IN {NEEDS_ATTENTION} \
-                 OR (status NOT IN {SETTLED} AND {}))",
+                "(status IN {NEEDS_ATTENTION} OR (status NOT IN {SETTLED} AND {}))",
                 (dialect.older)("progress_at", &p)
             ));
         }
@@ -620,10 +619,20 @@ impl<'a> ListQuery<'a> {
         } else {
             format!(" WHERE {}", conditions.join(" AND "))
         };
+        // Stuck sagas are among the live ones: read those first, apart (a
+        // materialised CTE is planned on its own, over the partial index of
+        // live sagas), so the planner cannot walk the primary key backwards
+        // through the settled history looking for a page of them.
+        let from = if filter.stuck_after.is_some() {
+            format!(
+                "WITH live AS MATERIALIZED (SELECT * FROM sagas WHERE status NOT IN {TERMINAL}) \
+                 SELECT {columns} FROM live AS sagas"
+            )
+        } else {
+            format!("SELECT {columns} FROM sagas")
+        };
         Self {
-            sql: format!(
-                "SELECT {columns} FROM sagas{conditions} ORDER BY saga_id DESC LIMIT {limit}"
-            ),
+            sql: format!("{from}{conditions} ORDER BY saga_id DESC LIMIT {limit}"),
             binds,
         }
     }
