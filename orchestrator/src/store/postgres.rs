@@ -620,11 +620,19 @@ impl SagaStore for PgStore {
     }
 
     async fn release_leases(&self, owner: &str) -> Result<u64, Error> {
-        Ok(sqlx::query(
+        // Only a saga not terminal holds a lease (a settled commit releases
+        // it): look among the live sagas, read apart through their partial
+        // index, not through the settled history.
+        Ok(sqlx::query(sql!(
             "UPDATE sagas SET lease_owner = NULL, lease_expires_at = NULL
-             WHERE saga_id IN (SELECT saga_id FROM sagas WHERE lease_owner = $1
-                               ORDER BY saga_id FOR UPDATE)",
-        )
+             WHERE saga_id IN (
+                 SELECT saga_id FROM sagas
+                 WHERE saga_id IN (
+                     WITH live AS MATERIALIZED (
+                         SELECT saga_id, lease_owner FROM sagas WHERE status NOT IN {TERMINAL})
+                     SELECT saga_id FROM live WHERE lease_owner = $1)
+                 ORDER BY saga_id FOR UPDATE)"
+        ))
         .bind(owner)
         .execute(&self.pool)
         .await?

@@ -272,9 +272,12 @@ impl SagaStore for SqliteStore {
     }
 
     async fn release_leases(&self, owner: &str) -> Result<u64, Error> {
-        Ok(sqlx::query(
-            "UPDATE sagas SET lease_owner = NULL, lease_expires_at = NULL WHERE lease_owner = ?",
-        )
+        // Only a saga not terminal holds a lease (a settled commit releases
+        // it): the partial index of live sagas, not the settled history.
+        Ok(sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE sagas INDEXED BY sagas_stuck SET lease_owner = NULL, lease_expires_at = NULL
+             WHERE status NOT IN {TERMINAL} AND lease_owner = ?1"
+        )))
         .bind(owner)
         .execute(&self.pool)
         .await?
