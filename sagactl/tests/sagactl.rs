@@ -841,7 +841,9 @@ async fn finished_sagas_are_exported_as_json_lines_and_pruned_past_their_retenti
         assert!(system.journal_rows(kept).await.unwrap() > 0, "{kept}");
     }
     let http = system.orchestrator.as_ref().unwrap().http_address();
+    // Counters are per process, and only this test's pruner deletes
+    // anything (the other tests keep 30 days). The retention gauge is not
+    // checked here: every orchestrator of this test binary sets it.
     let (_, metrics) = harness::http_get(http, "/metrics").await;
     assert!(metrics.contains("saga_pruned_total 2"), "{metrics}");
-    assert!(metrics.contains("saga_retention_seconds 60"), "{metrics}");
 }
