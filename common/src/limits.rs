@@ -51,6 +51,9 @@ pub const DEFAULT_HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest request head (request line and headers) the HTTP port
 /// reads; a longer one is answered 431.
 pub const MAX_HTTP_HEADER_BYTES: usize = 8 * 1024;
+/// The largest request body the HTTP port reads (the console's operator
+/// requests are a few hundred bytes); a longer one is answered 413.
+pub const MAX_HTTP_BODY_BYTES: usize = 64 * 1024;
 
 /// The limits of one server's ports (the flags every server takes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]

@@ -289,6 +289,13 @@ pub fn render() -> String {
     text
 }
 
+/// The gRPC name of a code, e.g. `UNAVAILABLE` (google.rpc.Code's).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    proto::google::rpc::Code::try_from(code as i32)
+        .map(|c| c.as_str_name())
+        .unwrap_or("UNKNOWN")
+}
+
 /// The gRPC code name at the start of a failure detail
 /// (`"FAILED_PRECONDITION: out of stock"` gives `FAILED_PRECONDITION`), or
 /// `UNKNOWN`.

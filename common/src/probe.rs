@@ -1,8 +1,13 @@
 //! The HTTP port of every service (`--http-listen`): `GET /healthz` (the
 //! process is alive: 200, 503 while stopping), `GET /readyz` (a JSON body
 //! with the status of each dependency; 503 while not ready) and
-//! `GET /metrics` (Prometheus text). HTTP/1.0-style, one request per
-//! connection: a few lines instead of an HTTP framework. Accept errors are
+//! `GET /metrics` (Prometheus text), and any further routes the service
+//! gives it as an axum `Router` ([`Probes::routes`]: the orchestrator's web
+//! console). HTTP/1.0-style, one request per connection: the head is read
+//! here, under the limits below, then parsed (httparse) and, for a route,
+//! handed with its body (`content-length` only, at most
+//! [`MAX_HTTP_BODY_BYTES`], read within the same timeout; longer: 413) to
+//! the router, whose answer is written back whole. Accept errors are
 //! backed off and logged at most once a second ([`crate::listen`]). The
 //! request head (request line and headers, up to the blank line) is read
 //! within the header timeout (`--http-header-timeout`) or the connection
@@ -29,7 +34,7 @@ use tokio::sync::watch;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::limits::MAX_HTTP_HEADER_BYTES;
+use crate::limits::{MAX_HTTP_BODY_BYTES, MAX_HTTP_HEADER_BYTES};
 
 /// One dependency's status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,6 +151,9 @@ pub struct Probes {
     pub stopping: watch::Receiver<bool>,
     /// The metrics body.
     pub metrics: RenderMetrics,
+    /// Routes served beside the probes (every path but `/healthz`,
+    /// `/readyz` and `/metrics`); none: 404.
+    pub routes: Option<axum::Router>,
 }
 
 impl std::fmt::Debug for Probes {
@@ -205,14 +213,15 @@ enum HeadError {
 /// Reads a request head up to and including the blank line that ends it,
 /// all within `timeout` (one deadline for the whole head, however it
 /// trickles in) and in at most [`MAX_HTTP_HEADER_BYTES`]. Returns the
-/// buffer and the head's length in it.
+/// buffer, the head's length in it and how much of it was filled (the
+/// start of a body may have come with the head).
 async fn read_head<S: AsyncRead + Unpin>(
     stream: &mut S,
     timeout: Duration,
-) -> Result<([u8; MAX_HTTP_HEADER_BYTES], usize), HeadError> {
+) -> Result<([u8; MAX_HTTP_HEADER_BYTES], usize, usize), HeadError> {
     let mut buffer = [0u8; MAX_HTTP_HEADER_BYTES];
+    let mut filled = 0;
     let read = async {
-        let mut filled = 0;
         loop {
             if filled == buffer.len() {
                 return Err(HeadError::TooLarge);
@@ -238,7 +247,7 @@ async fn read_head<S: AsyncRead + Unpin>(
     let length = tokio::time::timeout(timeout, read)
         .await
         .map_err(|_| HeadError::TimedOut)??;
-    Ok((buffer, length))
+    Ok((buffer, length, filled))
 }
 
 /// Reads and drops what the peer still sends, for at most `timeout` and
@@ -258,19 +267,30 @@ async fn drain<S: AsyncRead + Unpin>(stream: &mut S, timeout: Duration) {
     .await;
 }
 
+/// A complete answer: status line, headers, body.
+fn response(code: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {code}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+const JSON: &str = "application/json";
+
 async fn answer<S>(mut stream: S, probes: &Probes, header_timeout: Duration) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (head, length) = match read_head(&mut stream, header_timeout).await {
+    let (head, length, filled) = match read_head(&mut stream, header_timeout).await {
         Ok(head) => head,
         Err(HeadError::TooLarge) => {
             let body = format!("the request head is longer than {MAX_HTTP_HEADER_BYTES} bytes\n");
-            let response = format!(
-                "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            send(&mut stream, &response, header_timeout).await?;
+            let answer = response("431 Request Header Fields Too Large", TEXT, body.as_bytes());
+            send(&mut stream, &answer, header_timeout).await?;
             drain(&mut stream, header_timeout).await;
             return Ok(());
         }
@@ -283,10 +303,9 @@ where
         Err(HeadError::Io(error)) => return Err(error),
     };
     let request = String::from_utf8_lossy(&head[..length]);
-    let path = request.split_whitespace().nth(1).unwrap_or("/");
+    let target = request.split_whitespace().nth(1).unwrap_or("/");
+    let path = target.split('?').next().unwrap_or(target);
     let stopping = *probes.stopping.borrow();
-    const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
-    const JSON: &str = "application/json";
     let (code, content_type, body) = match path {
         "/healthz" if stopping => ("503 Service Unavailable", TEXT, "stopping\n".to_owned()),
         "/healthz" => ("200 OK", TEXT, "ok\n".to_owned()),
@@ -299,28 +318,147 @@ where
             (code, JSON, probes.readiness.json(stopping))
         }
         "/metrics" => ("200 OK", TEXT, (probes.metrics)().await),
-        _ => (
-            "404 Not Found",
-            TEXT,
-            "try /healthz, /readyz or /metrics\n".to_owned(),
-        ),
+        _ => match &probes.routes {
+            Some(routes) => {
+                let answer = route(
+                    &mut stream,
+                    routes,
+                    &head[..length],
+                    &head[length..filled],
+                    header_timeout,
+                )
+                .await?;
+                return send(&mut stream, &answer, header_timeout).await;
+            }
+            None => (
+                "404 Not Found",
+                TEXT,
+                "try /healthz, /readyz or /metrics\n".to_owned(),
+            ),
+        },
     };
-    let response = format!(
-        "HTTP/1.1 {code}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
+    send(
+        &mut stream,
+        &response(code, content_type, body.as_bytes()),
+        header_timeout,
+    )
+    .await
+}
+
+/// Hands one request to `routes`: parses the head, reads the body that
+/// `content-length` announces (`early`: what came with the head) within
+/// `timeout`, and renders the router's answer. Requests the port cannot
+/// take are answered here: a malformed head 400, a chunked body 411, a
+/// body over [`MAX_HTTP_BODY_BYTES`] 413.
+async fn route<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    routes: &axum::Router,
+    head: &[u8],
+    early: &[u8],
+    timeout: Duration,
+) -> std::io::Result<Vec<u8>> {
+    use axum::http;
+    use tower::ServiceExt;
+
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let refuse = |code: &str, why: &str| Ok(response(code, TEXT, format!("{why}\n").as_bytes()));
+    match parsed.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Err(httparse::Error::TooManyHeaders) => {
+            return refuse(
+                "431 Request Header Fields Too Large",
+                "more than 64 request headers",
+            );
+        }
+        Ok(httparse::Status::Partial) | Err(_) => {
+            return refuse("400 Bad Request", "malformed request head");
+        }
+    }
+    let mut request = http::Request::builder()
+        .method(parsed.method.unwrap_or("GET"))
+        .uri(parsed.path.unwrap_or("/"));
+    let mut announced = 0usize;
+    for header in parsed.headers.iter() {
+        if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            return refuse(
+                "411 Length Required",
+                "chunked request bodies are not accepted; send content-length",
+            );
+        }
+        if header.name.eq_ignore_ascii_case("content-length") {
+            match std::str::from_utf8(header.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+            {
+                Some(length) => announced = length,
+                None => return refuse("400 Bad Request", "content-length is not a number"),
+            }
+        }
+        request = request.header(header.name, header.value);
+    }
+    if announced > MAX_HTTP_BODY_BYTES {
+        return refuse(
+            "413 Content Too Large",
+            &format!("the request body is longer than {MAX_HTTP_BODY_BYTES} bytes"),
+        );
+    }
+    let mut body = early[..early.len().min(announced)].to_vec();
+    if body.len() < announced {
+        let start = body.len();
+        body.resize(announced, 0);
+        tokio::time::timeout(timeout, stream.read_exact(&mut body[start..]))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no complete request body within the header timeout",
+                )
+            })??;
+    }
+    let request = match request.body(axum::body::Body::from(body)) {
+        Ok(request) => request,
+        Err(_) => return refuse("400 Bad Request", "malformed request head"),
+    };
+    let answer = match routes.clone().oneshot(request).await {
+        Ok(answer) => answer,
+        Err(never) => match never {},
+    };
+    let (parts, body) = answer.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .map_err(std::io::Error::other)?;
+    let reason = parts.status.canonical_reason().unwrap_or("");
+    let mut out = format!("HTTP/1.1 {} {reason}\r\n", parts.status.as_u16()).into_bytes();
+    for (name, value) in &parts.headers {
+        if name == http::header::CONTENT_LENGTH || name == http::header::CONNECTION {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(
+        format!(
+            "content-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
     );
-    send(&mut stream, &response, header_timeout).await
+    out.extend_from_slice(&body);
+    Ok(out)
 }
 
 /// Writes `response` and closes the sending side, within `timeout`: a peer
 /// that does not take the answer does not hold the socket.
 async fn send<S: AsyncWrite + Unpin>(
     stream: &mut S,
-    response: &str,
+    response: &[u8],
     timeout: Duration,
 ) -> std::io::Result<()> {
     tokio::time::timeout(timeout, async {
-        stream.write_all(response.as_bytes()).await?;
+        stream.write_all(response).await?;
         stream.shutdown().await
     })
     .await
@@ -443,7 +581,7 @@ mod tests {
             client.write_all(piece.as_bytes()).await.unwrap();
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let (head, length) = reader.await.unwrap().unwrap();
+        let (head, length, _) = reader.await.unwrap().unwrap();
         assert_eq!(&head[..length], b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n");
 
         // Exactly the limit is read; one byte more is too large.
@@ -458,7 +596,7 @@ mod tests {
             client.write_all(request.as_bytes()).await.unwrap();
             let read = read_head(&mut server, timeout).await;
             match (fits, read) {
-                (true, Ok((_, length))) => assert_eq!(length, size),
+                (true, Ok((_, length, _))) => assert_eq!(length, size),
                 (false, Err(HeadError::TooLarge)) => {}
                 (_, other) => panic!("{size} bytes: {other:?}"),
             }

@@ -270,11 +270,18 @@ impl pb::admin_service_server::AdminService for AdminApi {
                         .into_inner(),
                 ),
             },
+            product_id: match request.product_id {
+                id if id.is_empty() => None,
+                id => Some(
+                    Id::parse("product_id", id)
+                        .map_err(Error::from)?
+                        .into_inner(),
+                ),
+            },
             older_than: duration(request.older_than, "older_than")?,
             stuck_after: request.stuck_only.then_some(stuck_after),
             before_id: page_token(request.page_token)?,
             limit: limit + 1,
-            ..ListFilter::default()
         };
         let mut sagas = self.executor.store().list(&filter).await?;
         let next_page_token = if sagas.len() as i64 > limit {

@@ -622,12 +622,7 @@ fn absent_as_none<T>(reply: Result<T, Status>) -> Result<Option<T>, Status> {
     }
 }
 
-/// The gRPC name of a code, e.g. `UNAVAILABLE`.
-pub fn code_name(code: Code) -> &'static str {
-    proto::google::rpc::Code::try_from(code as i32)
-        .map(|c| c.as_str_name())
-        .unwrap_or("UNKNOWN")
-}
+pub use common::metrics::code_name;
 
 /// Transient codes are retried; everything else is a business rejection.
 pub fn classify(status: &Status) -> Outcome {

@@ -78,8 +78,8 @@ pub struct ServeArgs {
     )]
     pub fulfillment_url: String,
 
-    /// Address of the HTTP endpoint for probes and metrics (/healthz,
-    /// /metrics); off unless set.
+    /// Address of the HTTP port: the web console (/ui), probes and metrics
+    /// (/healthz, /readyz, /metrics); off unless set.
     #[arg(long, env = "ORCHESTRATOR_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
 

@@ -49,11 +49,16 @@ pub struct DevArgs {
     #[arg(long, default_value = "5s", value_parser = common::cli::parse_duration)]
     pub step_timeout: Duration,
 
-    /// Address of the HTTP endpoint for probes and metrics (/healthz,
-    /// /readyz, /metrics; the metrics of the participants in this process
-    /// too); off unless set.
+    /// Address of the HTTP port: the web console (/ui), probes and
+    /// metrics (/healthz, /readyz, /metrics; the metrics of the
+    /// participants in this process too). Default: the port after the
+    /// participants' (50055 with the default --listen).
     #[arg(long, env = "ORCHESTRATOR_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
+
+    /// No HTTP port: no console, probes or metrics.
+    #[arg(long, conflicts_with = "http_listen")]
+    pub no_http: bool,
 
     /// AdminService's tokens (--admin-token-file, --read-only-token-file).
     #[command(flatten)]
@@ -157,7 +162,7 @@ fn next_port(base: SocketAddr, offset: u16) -> Result<SocketAddr, Error> {
 async fn bind(address: SocketAddr, what: &str) -> Result<TcpListener, Error> {
     TcpListener::bind(address).await.map_err(|e| {
         Error::invalid(format!(
-            "cannot listen on {address} for {what}: {e} (the embedded mode needs --listen and the three ports after it free)"
+            "cannot listen on {address} for {what}: {e} (the embedded mode needs --listen and the four ports after it free: the participants and the HTTP port, which --http-listen moves and --no-http turns off)"
         ))
     })
 }
@@ -190,10 +195,6 @@ pub async fn run(
         false => None,
     };
     let orchestrator_listener = bind(args.listen, "the orchestrator").await?;
-    let http_listener = match args.http_listen {
-        Some(address) => Some(bind(address, "the HTTP port (--http-listen)").await?),
-        None => None,
-    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let registry = Arc::new(Registry::default());
     // Each participant the definitions name, in the order their steps
@@ -240,6 +241,15 @@ pub async fn run(
         )));
         addresses.insert(name, address);
     }
+    let http_address = match (args.no_http, args.http_listen) {
+        (true, _) => None,
+        (false, Some(address)) => Some(address),
+        (false, None) => Some(next_port(args.listen, addresses.len() as u16 + 1)?),
+    };
+    let http_listener = match http_address {
+        Some(address) => Some(bind(address, "the HTTP port (--http-listen)").await?),
+        None => None,
+    };
     let address_of = |name: &str| {
         addresses.get(name).copied().ok_or_else(|| {
             Error::invalid(format!("no saga definition names the participant {name}"))
@@ -270,6 +280,7 @@ pub async fn run(
         data_dir,
         tls.as_ref(),
         [inventory, payment, fulfillment],
+        http_address,
         seeded,
     );
     tracing::info!(
@@ -379,6 +390,7 @@ fn print_banner(
     data_dir: Option<&Path>,
     tls: Option<&DevTls>,
     [inventory, payment, fulfillment]: [SocketAddr; 3],
+    http: Option<SocketAddr>,
     seeded: bool,
 ) {
     let o = args.listen;
@@ -420,7 +432,7 @@ fn print_banner(
          \n  inventory     {inventory}\
          \n  payment       {payment}\
          \n  fulfillment   {fulfillment}\
-         \n  fault injection: {}\n\
+         \n  fault injection: {}\n{}\
          \nDemo data{}:\n  products:  {}\n  customers: {}\n\
          \nTry:\n\
          \n  {grpcurl} -d '{{\"customer_id\":\"alice\",\"items\":[{{\"product_id\":\"widget\",\"quantity\":2}}]}}' {o} saga.v1.OrderService/PlaceOrder\
@@ -432,6 +444,20 @@ fn print_banner(
             "on"
         } else {
             "off (start with --fault-injection to make steps fail)"
+        },
+        match http {
+            Some(http) => {
+                // A browser reaches an unspecified address as loopback.
+                let host = if http.ip().is_unspecified() {
+                    SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), http.port())
+                } else {
+                    http
+                };
+                format!(
+                    "\n  console       {scheme}://{host}/ui   (probes and metrics: /healthz, /readyz, /metrics)\n"
+                )
+            }
+            None => String::new(),
         },
         if seeded {
             " (seeded now)"

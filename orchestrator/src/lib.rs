@@ -21,6 +21,7 @@
 //! - [`server`]: connecting the store and serving until shutdown.
 //! - [`metrics`]: the metric names and what records them.
 //! - [`telemetry`]: the HTTP port: `/healthz`, `/readyz` and `/metrics`.
+//! - [`console`]: the web console on the HTTP port (`/ui`) and its JSON.
 //! - `dev` (feature `dev`): the embedded mode, every service in one process
 //!   on SQLite.
 //! - [`error`]: the one error type and its mapping to `tonic::Status`.
@@ -30,6 +31,7 @@ pub mod api;
 pub mod auth;
 pub mod clients;
 pub mod config;
+pub mod console;
 #[cfg(feature = "dev")]
 pub mod dev;
 pub mod error;

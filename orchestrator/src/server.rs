@@ -75,9 +75,13 @@ pub async fn serve(
         SERVICES.to_vec(),
     ));
     if let Some(http) = http_listener {
+        let console = crate::console::routes(
+            AdminApi::new(executor.clone(), settings.stuck_after),
+            AdminAuth::new(settings.admin.clone()),
+        );
         tokio::spawn(common::probe::serve_http(
             http,
-            crate::telemetry::probes(executor.clone(), readiness),
+            crate::telemetry::probes(executor.clone(), readiness, Some(console)),
             settings.limits.http_header_timeout,
             settings.tls.clone(),
         ));

@@ -31,8 +31,12 @@ pub const READINESS_EVERY: Duration = Duration::from_secs(1);
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The probes and metrics of `executor`, with `readiness` as checked by
-/// [`watch_readiness`].
-pub fn probes(executor: Arc<Executor>, readiness: Arc<Readiness>) -> Probes {
+/// [`watch_readiness`], and `routes` beside them (the web console).
+pub fn probes(
+    executor: Arc<Executor>,
+    readiness: Arc<Readiness>,
+    routes: Option<axum::Router>,
+) -> Probes {
     crate::metrics::describe();
     let stopping = executor.stopping();
     Probes {
@@ -42,6 +46,7 @@ pub fn probes(executor: Arc<Executor>, readiness: Arc<Readiness>) -> Probes {
             let executor = executor.clone();
             Box::pin(async move { render(&executor).await })
         }),
+        routes,
     }
 }
 

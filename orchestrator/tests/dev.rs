@@ -13,7 +13,8 @@ use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// A base port with the three after it free too.
+/// A base port with the four after it free too (the participants and the
+/// HTTP port).
 fn four_free_ports() -> u16 {
     for _ in 0..100 {
         let base = TcpListener::bind("127.0.0.1:0")
@@ -24,12 +25,12 @@ fn four_free_ports() -> u16 {
         if base > 65_000 {
             continue;
         }
-        let all_free = (0..4).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok());
+        let all_free = (0..5).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok());
         if all_free {
             return base;
         }
     }
-    panic!("no four consecutive free ports");
+    panic!("no five consecutive free ports");
 }
 
 struct DataDir(PathBuf);

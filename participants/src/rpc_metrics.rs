@@ -100,7 +100,7 @@ where
                     .map_or(Code::Ok, Code::from_i32),
                 Err(_) => Code::Internal,
             };
-            let code = code_name(code);
+            let code = common::metrics::code_name(code);
             let labels = [("service", service), ("method", method), ("code", code)];
             common::metrics::observe(
                 RPC_SECONDS,
@@ -111,28 +111,5 @@ where
             common::metrics::count(RPC_TOTAL, &labels, 1);
             response
         })
-    }
-}
-
-/// The canonical upper-case name of a gRPC code, as in the gRPC spec.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }

@@ -340,6 +340,7 @@ pub async fn serve_with_http(
                     common::metrics::render()
                 })
             }),
+            routes: None,
         };
         tokio::spawn(common::probe::serve_http(
             http,

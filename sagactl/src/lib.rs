@@ -146,6 +146,9 @@ pub enum Command {
         /// Only this customer's sagas.
         #[arg(long)]
         customer: Option<String>,
+        /// Only sagas of orders containing this product.
+        #[arg(long)]
+        product: Option<String>,
         /// Only sagas placed longer ago than this (e.g. 10m).
         #[arg(long, value_parser = parse_duration)]
         older_than: Option<Duration>,
@@ -571,6 +574,7 @@ pub async fn run(cli: Cli) -> Result<Done, Failure> {
         Command::List {
             status,
             customer,
+            product,
             older_than,
             limit,
             page_token,
@@ -586,6 +590,7 @@ pub async fn run(cli: Cli) -> Result<Done, Failure> {
                     page_token: page_token.unwrap_or_default(),
                     customer_id: customer.unwrap_or_default(),
                     stuck_after: None,
+                    product_id: product.unwrap_or_default(),
                 })?)
                 .await
                 .map_err(|s| client.fail(s))?

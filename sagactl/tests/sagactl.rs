@@ -643,14 +643,15 @@ async fn reconcile_works_on_the_embedded_mode() {
     use proto::saga::v1::GetOrderStatusRequest;
     use proto::saga::v1::order_service_client::OrderServiceClient;
 
-    // A base port with the three after it free (the participants').
+    // A base port with the four after it free (the participants' and the
+    // HTTP port's).
     let base = (0..100)
         .map(|_| free_port())
         .find(|&base| {
             base < 65_000
-                && (0..4).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
+                && (0..5).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
         })
-        .expect("four consecutive free ports");
+        .expect("five consecutive free ports");
     let endpoint = format!("http://127.0.0.1:{base}");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let dev = tokio::spawn(orchestrator::dev::run(
@@ -661,6 +662,7 @@ async fn reconcile_works_on_the_embedded_mode() {
             fault_injection: false,
             step_timeout: Duration::from_secs(5),
             http_listen: None,
+            no_http: false,
             tokens: Default::default(),
             retention: Default::default(),
             limits: Default::default(),

@@ -430,6 +430,35 @@ pub async fn http_get(address: std::net::SocketAddr, path: &str) -> (u16, String
     }
 }
 
+/// Sends `request` (a whole HTTP/1.1 request, head and body, as written)
+/// to an HTTP port: the status code and the whole answer, head included
+/// (code 0 when nothing answered).
+pub async fn http_raw(address: std::net::SocketAddr, request: &str) -> (u16, String) {
+    match tokio::net::TcpStream::connect(address).await {
+        Ok(mut stream) => {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let exchange = async {
+                stream.write_all(request.as_bytes()).await?;
+                let mut response = String::new();
+                stream.read_to_string(&mut response).await?;
+                std::io::Result::Ok(response)
+            };
+            match tokio::time::timeout(Duration::from_secs(10), exchange).await {
+                Ok(Ok(response)) => {
+                    let code = response
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|code| code.parse().ok())
+                        .unwrap_or(0);
+                    (code, response)
+                }
+                _ => (0, String::new()),
+            }
+        }
+        Err(_) => (0, String::new()),
+    }
+}
+
 /// `GET path` on a connected stream (plaintext or TLS): the status code
 /// and the body (code 0 when nothing answered within 10 s).
 async fn http_exchange<S>(mut stream: S, path: &str) -> (u16, String)

@@ -4,6 +4,7 @@
 mod admin;
 mod cancel;
 mod chaos;
+mod console;
 mod definitions;
 mod faults;
 mod fulfillment;
