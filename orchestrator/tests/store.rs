@@ -99,6 +99,35 @@ impl Backend {
         .await;
     }
 
+    /// The rows of `saga_products` for `saga_id`, read behind the store's
+    /// back (the same SQL on both).
+    async fn product_rows(&self, saga_id: &str) -> i64 {
+        let sql = "SELECT count(*) FROM saga_products WHERE saga_id = $1";
+        match (&self._db, &self.file) {
+            (Some(db), _) => {
+                let pool = sqlx::PgPool::connect(db.url()).await.unwrap();
+                let count = sqlx::query_scalar(sql)
+                    .bind(saga_id)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+                count
+            }
+            (None, Some(file)) => {
+                let pool = sqlx::SqlitePool::connect(&file.url()).await.unwrap();
+                let count = sqlx::query_scalar(sql)
+                    .bind(saga_id)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+                count
+            }
+            (None, None) => unreachable!("every backend has a database"),
+        }
+    }
+
     /// Runs one statement behind the store's back (`postgres` or `sqlite`,
     /// as the backend is), binding `value` and `saga_id`.
     async fn update<T>(&self, postgres: &str, sqlite: &str, value: T, saga_id: &str)
@@ -815,6 +844,9 @@ async fn an_idempotency_key_records_one_saga(backend: Backend) {
     assert!(!created);
     assert_eq!(second.saga_id, first.saga_id);
     assert!(store.load("s2").await.unwrap().is_none());
+    // The refused creation listed no products either.
+    assert_eq!(backend.product_rows("s2").await, 0);
+    assert_eq!(backend.product_rows("s1").await, 1);
     // No key: every call records a saga.
     store
         .create(&new_saga("s3", None), "r1", TTL)
@@ -1018,11 +1050,62 @@ async fn product_and_customer_filters(backend: Backend) {
         ids(ListFilter {
             status: Some(Status::Pending),
             before_id: Some("s2".into()),
-            ..all
+            ..all.clone()
         })
         .await,
         ["s1"]
     );
+    // The product filter pages (saga_products, read backwards from the
+    // page's start) and combines with every other filter.
+    let product = |id: &str| ListFilter {
+        product_id: Some(id.into()),
+        ..all.clone()
+    };
+    let cases: [(ListFilter, &[&str]); 6] = [
+        (
+            ListFilter {
+                before_id: Some("s2".into()),
+                ..product("widget")
+            },
+            &["s1"],
+        ),
+        (
+            ListFilter {
+                limit: 1,
+                ..product("widget")
+            },
+            &["s2"],
+        ),
+        (
+            ListFilter {
+                customer_id: Some("alice".into()),
+                status: Some(Status::Pending),
+                ..product("widget")
+            },
+            &["s1"],
+        ),
+        (
+            ListFilter {
+                customer_id: Some("alice".into()),
+                ..product("gadget")
+            },
+            &[],
+        ),
+        (
+            ListFilter {
+                stuck_after: Some(Duration::ZERO),
+                ..product("gadget")
+            },
+            &["s2"],
+        ),
+        (product("nothing"), &[]),
+    ];
+    for (filter, want) in cases {
+        assert_eq!(ids(filter.clone()).await, want, "{filter:?}");
+    }
+    // One row per product of each saga.
+    assert_eq!(backend.product_rows("s1").await, 1);
+    assert_eq!(backend.product_rows("s2").await, 2);
 }
 
 #[tokio::test]
@@ -1202,9 +1285,11 @@ async fn finished_sagas_past_the_cutoff_are_pruned_in_batches_with_their_journal
     assert_eq!(page("old-1", 1).await, ["old-2"]);
     assert!(page("old-3", 10).await.is_empty());
 
+    assert_eq!(backend.product_rows("old-2").await, 1);
     assert_eq!(store.prune_finished(cutoff, 1).await.unwrap(), 1);
     assert!(store.load("old-2").await.unwrap().is_none(), "oldest first");
     assert!(store.journal("old-2").await.unwrap().is_empty());
+    assert_eq!(backend.product_rows("old-2").await, 0, "its products too");
     assert_eq!(store.prune_finished(cutoff, 5).await.unwrap(), 2);
     assert_eq!(store.prune_finished(cutoff, 5).await.unwrap(), 0);
     for gone in ["old-1", "old-3"] {
@@ -1214,6 +1299,7 @@ async fn finished_sagas_past_the_cutoff_are_pruned_in_batches_with_their_journal
     for kept in ["recent", "attention", "active"] {
         assert!(store.load(kept).await.unwrap().is_some(), "{kept}");
         assert_eq!(store.journal(kept).await.unwrap().len(), 1, "{kept}");
+        assert_eq!(backend.product_rows(kept).await, 1, "{kept}");
     }
     // Even a cutoff in the future leaves what has no finish alone.
     assert_eq!(store.prune_finished(now + 60.0, 10).await.unwrap(), 1);

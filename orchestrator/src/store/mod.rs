@@ -572,8 +572,10 @@ pub(crate) enum ListBind<'a> {
 pub(crate) struct ListDialect {
     /// `$` (PostgreSQL) or `?` (SQLite), followed by the bind's number.
     pub(crate) placeholder: char,
-    /// Orders containing the product `{}` names.
-    pub(crate) product: &'static str,
+    /// The join of `saga_products` to `sagas` that reads the products
+    /// table first (SQLite's `CROSS JOIN` fixes the order; PostgreSQL's
+    /// planner chooses).
+    pub(crate) product_join: &'static str,
     /// Rows whose `{column}` is older than `{}` seconds.
     pub(crate) older: fn(column: &str, seconds: &str) -> String,
 }
@@ -594,9 +596,17 @@ impl<'a> ListQuery<'a> {
             let p = next(ListBind::Text(customer), &mut binds);
             conditions.push(format!("customer_id = {p}"));
         }
+        // The product filter reads saga_products, (product_id, saga_id)
+        // backwards from the page's start: a page costs a page, however
+        // many orders the product has had. Among the live sagas (stuck) it
+        // is a semi-join instead.
         if let Some(product) = &filter.product_id {
             let p = next(ListBind::Text(product), &mut binds);
-            conditions.push(dialect.product.replace("{}", &p));
+            conditions.push(if filter.stuck_after.is_some() {
+                format!("saga_id IN (SELECT saga_id FROM saga_products WHERE product_id = {p})")
+            } else {
+                format!("product_id = {p}")
+            });
         }
         if let Some(age) = filter.older_than {
             let p = next(ListBind::Seconds(age.as_secs_f64()), &mut binds);
@@ -627,6 +637,11 @@ impl<'a> ListQuery<'a> {
             format!(
                 "WITH live AS MATERIALIZED (SELECT * FROM sagas WHERE status NOT IN {TERMINAL}) \
                  SELECT {columns} FROM live AS sagas"
+            )
+        } else if filter.product_id.is_some() {
+            format!(
+                "SELECT {columns} FROM saga_products {} sagas USING (saga_id)",
+                dialect.product_join
             )
         } else {
             format!("SELECT {columns} FROM sagas")

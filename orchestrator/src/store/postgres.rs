@@ -277,19 +277,27 @@ async fn insert_sagas(pool: &PgPool, rows: &[CreateRow]) -> Result<Vec<SagaRecor
     sorted.sort_by(|a, b| a.idempotency_key.cmp(&b.idempotency_key));
     let rows = sorted;
     let column = |f: fn(&CreateRow) -> &str| rows.iter().map(|r| f(r)).collect::<Vec<_>>();
+    // The products of each saga created (not of one whose key was taken)
+    // go into saga_products in the same statement.
     let inserted = sqlx::query(sql!(
-        "INSERT INTO sagas (saga_id, idempotency_key, customer_id, items, status, state,
-                            lease_owner, lease_expires_at, definition_name, definition_version,
-                            trace_parent)
-         SELECT n.saga_id, n.idempotency_key, n.customer_id, n.items::jsonb, n.status,
-                n.state::jsonb, n.owner, now() + make_interval(secs => n.ttl),
-                n.definition_name, n.definition_version, n.trace_parent
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::text[], $8::float8[], $9::text[], $10::bigint[], $11::text[])
-              AS n(saga_id, idempotency_key, customer_id, items, status, state, owner, ttl,
-                   definition_name, definition_version, trace_parent)
-         ON CONFLICT (customer_id, idempotency_key) DO NOTHING
-         RETURNING {SAGA_COLUMNS}"
+        "WITH created AS (
+             INSERT INTO sagas (saga_id, idempotency_key, customer_id, items, status, state,
+                                lease_owner, lease_expires_at, definition_name,
+                                definition_version, trace_parent)
+             SELECT n.saga_id, n.idempotency_key, n.customer_id, n.items::jsonb, n.status,
+                    n.state::jsonb, n.owner, now() + make_interval(secs => n.ttl),
+                    n.definition_name, n.definition_version, n.trace_parent
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                         $7::text[], $8::float8[], $9::text[], $10::bigint[], $11::text[])
+                  AS n(saga_id, idempotency_key, customer_id, items, status, state, owner, ttl,
+                       definition_name, definition_version, trace_parent)
+             ON CONFLICT (customer_id, idempotency_key) DO NOTHING
+             RETURNING {SAGA_COLUMNS}),
+         products AS (
+             INSERT INTO saga_products (product_id, saga_id)
+             SELECT item ->> 'product_id', created.saga_id
+             FROM created, jsonb_array_elements(created.items) AS item)
+         SELECT * FROM created"
     ))
     .bind(column(|r| &r.saga_id))
     .bind(
@@ -685,7 +693,7 @@ impl SagaStore for PgStore {
     async fn list(&self, filter: &ListFilter) -> Result<Vec<SagaRecord>, Error> {
         const DIALECT: ListDialect = ListDialect {
             placeholder: '$',
-            product: "items @> jsonb_build_array(jsonb_build_object('product_id', {}::text))",
+            product_join: "JOIN",
             older: |column, seconds| format!("{column} < now() - make_interval(secs => {seconds})"),
         };
         let ListQuery { sql, binds } = ListQuery::new(filter, SAGA_COLUMNS, &DIALECT);
@@ -757,12 +765,16 @@ impl SagaStore for PgStore {
         // them and takes the next ones.
         let pruned: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "WITH doomed AS (
-                 SELECT saga_id FROM sagas
+                 SELECT saga_id, items FROM sagas
                  WHERE finished_at < to_timestamp($1) AND status IN {TERMINAL}
                  ORDER BY finished_at LIMIT $2
                  FOR UPDATE SKIP LOCKED),
              journal AS (
                  DELETE FROM saga_journal j USING doomed d WHERE j.saga_id = d.saga_id),
+             products AS (
+                 DELETE FROM saga_products p
+                 USING doomed d, jsonb_array_elements(d.items) AS item
+                 WHERE p.product_id = item ->> 'product_id' AND p.saga_id = d.saga_id),
              gone AS (
                  DELETE FROM sagas s USING doomed d WHERE s.saga_id = d.saga_id RETURNING 1)
              SELECT count(*) FROM gone"

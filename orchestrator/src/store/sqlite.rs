@@ -316,8 +316,7 @@ impl SagaStore for SqliteStore {
     async fn list(&self, filter: &ListFilter) -> Result<Vec<SagaRecord>, Error> {
         const DIALECT: ListDialect = ListDialect {
             placeholder: '?',
-            product: "EXISTS (SELECT 1 FROM json_each(sagas.items) \
-                      WHERE json_extract(value, '$.product_id') = {})",
+            product_join: "CROSS JOIN",
             older: |column, seconds| {
                 format!("{column} < (julianday('now') - 2440587.5) * 86400.0 - {seconds}")
             },
