@@ -13,7 +13,8 @@
 # three journal rows each, ids older than every real one; then VACUUM
 # ANALYZE. At each size it times, median of 11 calls, in milliseconds:
 # sagactl stats, a /metrics scrape, sagactl stuck, the first page of
-# ListSagas and ListOrders under each filter; then a closed loop at C=64
+# ListSagas (sagactl list) and ListOrders (grpcurl, whose own start-up is
+# most of its 100 ms) under each filter; then a closed loop at C=64
 # (8,000 orders) and C=1 (500), and the sweeper's claim query
 # (saga_sweep_duration_seconds over the C=64 run). One JSON line per size
 # goes to bench/runs/history-<date>.jsonl, and a table is printed.
@@ -151,6 +152,7 @@ for size in "${sizes[@]}"; do
   list_failed=$(median_ms "$sagactl" --endpoint "http://$O" list --status FAILED)
   list_attention=$(median_ms "$sagactl" --endpoint "http://$O" list --status NEEDS_ATTENTION)
   list_customer=$(median_ms "$sagactl" --endpoint "http://$O" list --customer hist-42)
+  list_product=$(median_ms "$sagactl" --endpoint "http://$O" list --product hist-p7)
   orders_any=$(list_orders '{}')
   orders_cancelled=$(list_orders '{"status":"ORDER_STATUS_CANCELLED"}')
   orders_customer=$(list_orders '{"customer_id":"hist-42"}')
@@ -162,14 +164,14 @@ for size in "${sizes[@]}"; do
   c1=$("$sagactl" --endpoint "http://$O" bench --inventory-url "http://127.0.0.1:$INVENTORY_PORT" \
     --payment-url "http://127.0.0.1:$PAYMENT_PORT" --quiet --output json --concurrency 1 --orders 500 | tail -1)
   python3 - "$size" "$c64" "$c1" "${sum0:-0}" "${count0:-0}" "${sum1:-0}" "${count1:-0}" \
-    "$stats" "$metrics" "$stuck" "$list_any" "$list_failed" "$list_attention" "$list_customer" \
+    "$stats" "$metrics" "$stuck" "$list_any" "$list_failed" "$list_attention" "$list_customer" "$list_product" \
     "$orders_any" "$orders_cancelled" "$orders_customer" "$orders_product" >>"$out" <<'PY'
 import json, sys
 a = sys.argv[1:]
 c64, c1 = json.loads(a[1]), json.loads(a[2])
 s0, n0, s1, n1 = map(float, a[3:7])
 names = ["stats", "metrics", "stuck", "list", "list_failed", "list_needs_attention",
-         "list_customer", "orders", "orders_cancelled", "orders_customer", "orders_product"]
+         "list_customer", "list_product", "orders", "orders_cancelled", "orders_customer", "orders_product"]
 print(json.dumps({
     "finished_sagas": int(a[0]),
     "c64_sagas_per_second": c64["sagas_per_second"],
