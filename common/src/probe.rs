@@ -279,6 +279,7 @@ fn response(code: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
 }
 
 const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+const PLAIN: &str = "text/plain; charset=utf-8";
 const JSON: &str = "application/json";
 
 async fn answer<S>(mut stream: S, probes: &Probes, header_timeout: Duration) -> std::io::Result<()>
@@ -289,7 +290,11 @@ where
         Ok(head) => head,
         Err(HeadError::TooLarge) => {
             let body = format!("the request head is longer than {MAX_HTTP_HEADER_BYTES} bytes\n");
-            let answer = response("431 Request Header Fields Too Large", TEXT, body.as_bytes());
+            let answer = response(
+                "431 Request Header Fields Too Large",
+                PLAIN,
+                body.as_bytes(),
+            );
             send(&mut stream, &answer, header_timeout).await?;
             drain(&mut stream, header_timeout).await;
             return Ok(());
@@ -362,7 +367,7 @@ async fn route<S: AsyncRead + Unpin>(
 
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut parsed = httparse::Request::new(&mut headers);
-    let refuse = |code: &str, why: &str| Ok(response(code, TEXT, format!("{why}\n").as_bytes()));
+    let refuse = |code: &str, why: &str| Ok(response(code, PLAIN, format!("{why}\n").as_bytes()));
     match parsed.parse(head) {
         Ok(httparse::Status::Complete(_)) => {}
         Err(httparse::Error::TooManyHeaders) => {
